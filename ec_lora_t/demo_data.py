@@ -1,0 +1,86 @@
+"""The demo creator: a deterministic synthetic feed written in the report's layout.
+
+`<root>/<shortcode>/img_XX.jpg` plus one `metadata.csv` per post with
+`shortcode, likes_count, comments_count, timestamp` (Unix seconds) and the post's own
+`caption` (alt text), as in report section 3.2.2.
+
+How engagement is generated (the only place; the visual part is `world.engagement_appeal`):
+
+    followers(t) = 8000 * (1 + 1.5 * t)                t = days since the first post / span
+    likes        = followers(t) * 0.05 * (0.2 + 1.6 * appeal) * LogNormal(0, noise)
+    comments     = likes * 0.03 * LogNormal(0, 0.3)
+
+where `appeal` is the mean `engagement_appeal` of the post's images. So engagement depends on
+what is visible (vivid outfits, bright pictures), on a follower-growth trend in time, and on noise.
+The creator has a personal style (caps and jackets) that drifts over time (from parks and
+studios to city streets); the drift is in scene and garment, not in the appeal itself, so a
+model of time alone explains only the follower trend.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from ec_lora_t import world
+
+FIRST_POST = datetime(2024, 3, 1, 12, 0, tzinfo=timezone.utc)
+SPAN_DAYS = 600
+_SHORTCODE_ALPHABET = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"))
+
+
+def season_of(month: int) -> str:
+    """Northern-hemisphere season of a month (report 3.3.2); drives the drawn season cue."""
+    return {12: "winter", 1: "winter", 2: "winter", 3: "spring", 4: "spring", 5: "spring",
+            6: "summer", 7: "summer", 8: "summer"}.get(month, "fall")
+
+
+def creator_preferences(time_fraction: float) -> dict[str, dict[str, float]]:
+    """The demo creator's personal style at a point of the feed (0 = first post, 1 = last)."""
+    return {
+        "accessory": {"cap": 4.0, "sunglasses": 1.5, "bag": 1.0, "none": 1.0},
+        "garment": {"jacket": 3.0 + 3.0 * time_fraction, "t-shirt": 2.0, "coat": 3.0 * (1 - time_fraction) + 0.5, "dress": 0.5},
+        "scene": {"park": 4.0 * (1 - time_fraction) + 0.5, "studio": 2.0 * (1 - time_fraction) + 0.5,
+                  "city street": 0.5 + 5.0 * time_fraction, "beach": 1.0},
+        "lighting": {"day": 2.0, "golden hour": 1.0, "night": 1.0},
+        "person": {"man": 1.0, "woman": 0.0},
+    }
+
+
+def write_demo_posts(root: str | Path, num_posts: int = 200, image_size: int = 64, seed: int = 7,
+                     noise: float = 0.15) -> dict[str, float]:
+    """Write the demo feed under `root`; return summary figures (posts, images, ...)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    days = np.sort(rng.uniform(0, SPAN_DAYS, size=num_posts))
+    days[0] = 0.0
+    num_images = 0
+    for post_index, day in enumerate(days):
+        time_fraction = day / SPAN_DAYS
+        timestamp = FIRST_POST.timestamp() + day * 86400.0
+        season = season_of(datetime.fromtimestamp(timestamp, tz=timezone.utc).month)
+        attributes = world.sample_attributes(rng, season=season, preferences=creator_preferences(time_fraction))
+        slides = int(rng.choice([1, 2, 3], p=[0.75, 0.15, 0.10]))  # carousels of 2-3 images
+        shortcode = "".join(rng.choice(_SHORTCODE_ALPHABET, size=11))
+        post_dir = root / shortcode
+        post_dir.mkdir(exist_ok=True)
+        appeals = []
+        for slide in range(slides):
+            slide_attributes = replace(attributes, offset_x=float(rng.uniform(-0.08, 0.08)) if slide else 0.0)
+            image = world.render(slide_attributes, size=image_size, seed=seed * 100003 + post_index * 7 + slide)
+            image.save(post_dir / f"img_{slide:02d}.jpg", quality=95)
+            appeals.append(world.engagement_appeal(image))
+        num_images += slides
+        followers = 8000.0 * (1.0 + 1.5 * time_fraction)
+        likes = followers * 0.05 * (0.2 + 1.6 * float(np.mean(appeals))) * rng.lognormal(0.0, noise)
+        comments = likes * 0.03 * rng.lognormal(0.0, 0.3)
+        with open(post_dir / "metadata.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["shortcode", "likes_count", "comments_count", "timestamp", "caption"])
+            writer.writerow([shortcode, int(round(likes)), int(round(comments)), int(timestamp), attributes.caption()])
+    return {"posts": num_posts, "images": num_images}

@@ -1,0 +1,219 @@
+"""A small synthetic visual world that looks like a creator's feed (embedded default only).
+
+Every image is drawn from a handful of attributes: a scene (background), a person figure
+with an outfit colour and garment, an accessory, the lighting and a season cue. Each image
+gets a caption built from its attributes ("a man in a red jacket with a cap on a city street
+at night"), so the demo needs no captioning model.
+
+The hidden engagement function lives here and only here: `engagement_appeal(image)` measures
+two visible properties on the pixels (how saturated the outfit in the middle of the frame
+is, and how bright the picture is). The demo creator's likes are driven by it, plus a
+follower-growth trend over time and noise (`ec_lora_t.demo_data`). Because it reads pixels,
+the evaluation can apply the very same function to generated images as ground truth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SCENES = ("city street", "beach", "park", "studio")
+LIGHTING = ("day", "golden hour", "night")
+OUTFIT_COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 40),
+    "orange": (245, 130, 20),
+    "yellow": (240, 215, 40),
+    "green": (40, 160, 60),
+    "blue": (35, 70, 210),
+    "purple": (130, 50, 170),
+    "pink": (240, 120, 180),
+    "black": (25, 25, 28),
+    "white": (235, 235, 235),
+    "grey": (128, 128, 128),
+}
+GARMENTS = ("jacket", "t-shirt", "coat", "dress")
+ACCESSORIES = ("none", "cap", "sunglasses", "bag")
+PERSONS = ("man", "woman")
+SEASONS = ("winter", "spring", "summer", "fall")
+
+# How much each lighting darkens or tints the whole picture (multiplier per RGB channel).
+_LIGHT_TINT = {"day": (1.0, 1.0, 1.0), "golden hour": (1.05, 0.85, 0.6), "night": (0.35, 0.38, 0.55)}
+_SKIN = (224, 172, 140)
+
+# The torso box (fractions of the image side): where the outfit colour is drawn and measured.
+TORSO_BOX = (0.38, 0.42, 0.62, 0.72)
+
+
+@dataclass(frozen=True)
+class SceneAttributes:
+    scene: str
+    lighting: str
+    person: str
+    outfit_colour: str
+    garment: str
+    accessory: str
+    season: str
+    offset_x: float = 0.0  # horizontal shift of the figure, fraction of the side (carousel variety)
+
+    def caption(self) -> str:
+        """A caption made from the attributes, as a creator's alt text might read."""
+        with_accessory = {
+            "none": "",
+            "cap": " with a cap",
+            "sunglasses": " with sunglasses",
+            "bag": " with a bag",
+        }[self.accessory]
+        at_light = {"day": "", "golden hour": " at golden hour", "night": " at night"}[self.lighting]
+        place = {"city street": "on a city street", "beach": "on a beach", "park": "in a park", "studio": "in a studio"}
+        return f"a {self.person} in a {self.outfit_colour} {self.garment}{with_accessory} {place[self.scene]}{at_light}"
+
+
+def _draw_background(draw: ImageDraw.ImageDraw, scene: str, side: int, rng: np.random.Generator) -> None:
+    horizon = int(side * 0.62)
+    if scene == "city street":
+        draw.rectangle([0, 0, side, horizon], fill=(150, 170, 195))
+        for left in range(0, side, side // 5):
+            top = int(side * rng.uniform(0.08, 0.3))
+            draw.rectangle([left, top, left + side // 6, horizon], fill=(95, 95, 105))
+            for wy in range(top + 3, horizon - 3, max(4, side // 12)):
+                draw.rectangle([left + 2, wy, left + 4, wy + 2], fill=(230, 220, 150))
+        draw.rectangle([0, horizon, side, side], fill=(70, 70, 75))
+    elif scene == "beach":
+        draw.rectangle([0, 0, side, int(side * 0.45)], fill=(120, 190, 240))
+        draw.rectangle([0, int(side * 0.45), side, horizon], fill=(30, 110, 190))
+        draw.rectangle([0, horizon, side, side], fill=(230, 205, 150))
+    elif scene == "park":
+        draw.rectangle([0, 0, side, horizon], fill=(150, 200, 235))
+        for cx in (side * 0.12, side * 0.85):
+            draw.rectangle([cx - 2, horizon - side * 0.25, cx + 2, horizon], fill=(100, 70, 40))
+            draw.ellipse([cx - side * 0.12, horizon - side * 0.45, cx + side * 0.12, horizon - side * 0.2], fill=(40, 120, 45))
+        draw.rectangle([0, horizon, side, side], fill=(80, 160, 70))
+    elif scene == "studio":
+        draw.rectangle([0, 0, side, side], fill=(205, 200, 195))
+        draw.rectangle([0, horizon, side, side], fill=(175, 170, 165))
+    else:
+        raise ValueError(f"unknown scene {scene!r}; expected one of {SCENES}")
+
+
+def _draw_season(draw: ImageDraw.ImageDraw, season: str, side: int, rng: np.random.Generator) -> None:
+    """Small season cues: snow, blossoms, a sun, falling leaves."""
+    dots = {"winter": (250, 250, 255), "spring": (250, 170, 200), "fall": (210, 110, 30)}
+    if season in dots:
+        for _ in range(side // 4):
+            x, y = rng.uniform(0, side, size=2)
+            r = max(1, side // 64)
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=dots[season])
+    elif season == "summer":
+        r = side * 0.07
+        draw.ellipse([side * 0.82 - r, side * 0.1 - r, side * 0.82 + r, side * 0.1 + r], fill=(255, 225, 60))
+
+
+def _draw_person(draw: ImageDraw.ImageDraw, attributes: SceneAttributes, side: int) -> None:
+    s = side
+    cx = s * (0.5 + attributes.offset_x)
+    colour = OUTFIT_COLOURS[attributes.outfit_colour]
+    x0, y0, x1, y1 = TORSO_BOX
+    dx = attributes.offset_x * s
+    # legs
+    draw.rectangle([x0 * s + dx + s * 0.03, y1 * s, cx - s * 0.01, s * 0.92], fill=(45, 45, 60))
+    draw.rectangle([cx + s * 0.01, y1 * s, x1 * s + dx - s * 0.03, s * 0.92], fill=(45, 45, 60))
+    # garment: a dress flares to the knees, a coat is longer, a t-shirt has short sleeves
+    if attributes.garment == "dress":
+        draw.polygon([(x0 * s + dx, y0 * s), (x1 * s + dx, y0 * s), (x1 * s + dx + s * 0.06, s * 0.84),
+                      (x0 * s + dx - s * 0.06, s * 0.84)], fill=colour)
+    else:
+        bottom = y1 + (0.08 if attributes.garment == "coat" else 0.0)
+        draw.rectangle([x0 * s + dx, y0 * s, x1 * s + dx, bottom * s], fill=colour)
+    sleeve = 0.12 if attributes.garment == "t-shirt" else 0.26
+    arm_colour = colour if attributes.garment != "dress" else _SKIN
+    draw.rectangle([x0 * s + dx - s * 0.06, y0 * s, x0 * s + dx, (y0 + sleeve) * s], fill=arm_colour)
+    draw.rectangle([x1 * s + dx, y0 * s, x1 * s + dx + s * 0.06, (y0 + sleeve) * s], fill=arm_colour)
+    # head and hair (longer hair for the woman figure)
+    head_r = s * 0.09
+    head_cy = y0 * s - head_r * 1.05
+    if attributes.person == "woman":
+        draw.rectangle([cx - head_r * 1.1, head_cy - head_r * 0.6, cx + head_r * 1.1, head_cy + head_r * 1.6], fill=(70, 40, 25))
+    draw.ellipse([cx - head_r, head_cy - head_r, cx + head_r, head_cy + head_r], fill=_SKIN)
+    if attributes.accessory == "cap":
+        draw.chord([cx - head_r * 1.05, head_cy - head_r * 1.25, cx + head_r * 1.05, head_cy + head_r * 0.4], 180, 360, fill=(20, 20, 20))
+        draw.rectangle([cx, head_cy - head_r * 0.45, cx + head_r * 1.6, head_cy - head_r * 0.2], fill=(20, 20, 20))
+    elif attributes.accessory == "sunglasses":
+        draw.rectangle([cx - head_r * 0.8, head_cy - head_r * 0.25, cx + head_r * 0.8, head_cy + head_r * 0.15], fill=(10, 10, 10))
+    elif attributes.accessory == "bag":
+        draw.rectangle([x1 * s + dx + s * 0.01, s * 0.55, x1 * s + dx + s * 0.12, s * 0.68], fill=(120, 70, 30))
+
+
+def render(attributes: SceneAttributes, size: int = 64, seed: int = 0) -> Image.Image:
+    """Draw one RGB image of the world at `size` x `size` pixels (4x supersampled, then reduced)."""
+    rng = np.random.default_rng(seed)
+    side = size * 4
+    image = Image.new("RGB", (side, side))
+    draw = ImageDraw.Draw(image)
+    _draw_background(draw, attributes.scene, side, rng)
+    _draw_person(draw, attributes, side)
+    _draw_season(draw, attributes.season, side, rng)
+    pixels = np.asarray(image, dtype=np.float32) * np.array(_LIGHT_TINT[attributes.lighting], dtype=np.float32)
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    return image.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def sample_attributes(rng: np.random.Generator, season: str | None = None, preferences: dict | None = None) -> SceneAttributes:
+    """Draw attributes; `preferences` maps an attribute name to {value: weight} to bias the draw."""
+    preferences = preferences or {}
+
+    def choose(name: str, options: tuple[str, ...]) -> str:
+        weights = np.array([preferences.get(name, {}).get(option, 1.0) for option in options], dtype=float)
+        return str(rng.choice(options, p=weights / weights.sum()))
+
+    return SceneAttributes(
+        scene=choose("scene", SCENES),
+        lighting=choose("lighting", LIGHTING),
+        person=choose("person", PERSONS),
+        outfit_colour=choose("outfit_colour", tuple(OUTFIT_COLOURS)),
+        garment=choose("garment", GARMENTS),
+        accessory=choose("accessory", ACCESSORIES),
+        season=season if season is not None else choose("season", SEASONS),
+    )
+
+
+def _torso_region(pixels: np.ndarray) -> np.ndarray:
+    height, width = pixels.shape[:2]
+    x0, y0, x1, y1 = TORSO_BOX
+    return pixels[int(y0 * height) : int(y1 * height), int(x0 * width) : int(x1 * width)]
+
+
+def outfit_saturation(image: Image.Image) -> float:
+    """Mean HSV saturation in the torso box, in [0, 1] (vivid outfits score high, black/white/grey low)."""
+    region = _torso_region(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
+    high, low = region.max(axis=-1), region.min(axis=-1)
+    saturation = np.where(high > 1e-6, (high - low) / np.maximum(high, 1e-6), 0.0)
+    return float(saturation.mean())
+
+
+def mean_brightness(image: Image.Image) -> float:
+    """Mean luma (ITU-R BT.601) of the whole image, in [0, 1]."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return float((pixels @ np.array([0.299, 0.587, 0.114], dtype=np.float32)).mean())
+
+
+def engagement_appeal(image: Image.Image) -> float:
+    """THE hidden engagement function of the demo world, in [0, 1], measured on pixels.
+
+    appeal = 0.6 * outfit_saturation + 0.4 * mean_brightness
+
+    The demo audience likes vivid outfits in bright pictures. A figure's saturated outfit is
+    about 0.8-0.9 saturation, black/white/grey about 0; day scenes are about 0.55-0.65 bright,
+    night scenes about 0.2.
+    """
+    return 0.6 * outfit_saturation(image) + 0.4 * mean_brightness(image)
+
+
+def dominant_outfit_colour(image: Image.Image) -> str:
+    """The named outfit colour closest (in RGB) to the median colour of the torso box."""
+    region = _torso_region(np.asarray(image.convert("RGB"), dtype=np.float32))
+    median = np.median(region.reshape(-1, 3), axis=0)
+    names = list(OUTFIT_COLOURS)
+    distances = [np.linalg.norm(median - np.array(OUTFIT_COLOURS[name])) for name in names]
+    return names[int(np.argmin(distances))]

@@ -1,0 +1,56 @@
+"""Stage `latents`: VAE latents of every image and text embeddings of every caption, cached for training."""
+
+import argparse
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors.torch import save_file
+
+from ec_lora_t.ingest import load_rgb_image
+from ec_lora_t.latents import build_latent_cache
+from ec_lora_t.models import load_components
+from stages._common import load_params, write_metrics
+
+INDEX_COLUMNS = ["shortcode", "image_index", "image_path", "normalized_engagement", "normalized_time"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--features", required=True, help="data/features/train.parquet")
+    parser.add_argument("--out", required=True, help="latents.safetensors to write")
+    parser.add_argument("--index", required=True, help="index.parquet: the row order of the tensors")
+    parser.add_argument("--metrics", required=True)
+    args = parser.parse_args()
+    model_params = load_params("model")
+    params = load_params("latents")
+
+    started = time.perf_counter()
+    table = pd.read_parquet(args.features)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    components = load_components(model_params["pretrained"], device=device)
+    cache = build_latent_cache(
+        components,
+        images=[load_rgb_image(path) for path in table["image_path"]],
+        captions=table["full_caption"].tolist(),
+        engagement_time=table[["normalized_engagement", "normalized_time"]].to_numpy(),
+        resolution=model_params["resolution"],
+        batch_size=params["batch_size"],
+    )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    save_file(cache, args.out, metadata={"pretrained": str(model_params["pretrained"])})
+    table[INDEX_COLUMNS].to_parquet(args.index, index=False)
+    write_metrics(
+        args.metrics,
+        {
+            "images": len(table),
+            "latent_shape": list(cache["latent_mean"].shape[1:]),
+            "text_embedding_shape": list(cache["text_embeddings"].shape[1:]),
+            "seconds": time.perf_counter() - started,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

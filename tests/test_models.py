@@ -1,0 +1,26 @@
+import torch
+from diffusers import StableDiffusionPipeline
+
+from ec_lora_t.models import encode_prompts, load_components, vae_scale_factor
+
+
+def test_tokenizer_matches_stable_diffusion_ids(tiny_sd_dir):
+    components = load_components(tiny_sd_dir)
+    # Reference ids of SD's CLIPTokenizer for this prompt (ENV-NOTES / CLIP vocabulary).
+    assert components.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert components.tokenizer.model_max_length == 77
+
+
+def test_components_load_frozen_and_encode(tiny_sd_dir):
+    components = load_components(tiny_sd_dir)
+    assert not any(p.requires_grad for p in components.unet.parameters())
+    embeddings = encode_prompts(components.tokenizer, components.text_encoder, ["a cat", "a dog"])
+    assert embeddings.shape == (2, 77, components.text_encoder.config.hidden_size)
+    assert not torch.allclose(embeddings[0], embeddings[1])
+    assert vae_scale_factor(components.vae) == 4
+
+
+def test_same_folder_loads_as_pipeline(tiny_sd_dir):
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
+    image = pipe("a cat", num_inference_steps=2, height=32, width=32, output_type="np").images[0]
+    assert image.shape == (32, 32, 3)
