@@ -27,16 +27,11 @@ from pathlib import Path
 import numpy as np
 
 from ec_lora_t import world
+from ec_lora_t.captioning import season_of
 
 FIRST_POST = datetime(2024, 3, 1, 12, 0, tzinfo=timezone.utc)
 SPAN_DAYS = 600
 _SHORTCODE_ALPHABET = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"))
-
-
-def season_of(month: int) -> str:
-    """Northern-hemisphere season of a month (report 3.3.2); drives the drawn season cue."""
-    return {12: "winter", 1: "winter", 2: "winter", 3: "spring", 4: "spring", 5: "spring",
-            6: "summer", 7: "summer", 8: "summer"}.get(month, "fall")
 
 
 def creator_preferences(time_fraction: float) -> dict[str, dict[str, float]]:
@@ -63,7 +58,7 @@ def write_demo_posts(root: str | Path, num_posts: int = 200, image_size: int = 6
     for post_index, day in enumerate(days):
         time_fraction = day / SPAN_DAYS
         timestamp = FIRST_POST.timestamp() + day * 86400.0
-        season = season_of(datetime.fromtimestamp(timestamp, tz=timezone.utc).month)
+        season = season_of(datetime.fromtimestamp(timestamp, tz=timezone.utc))  # drives the drawn season cue
         attributes = world.sample_attributes(rng, season=season, preferences=creator_preferences(time_fraction))
         slides = int(rng.choice([1, 2, 3], p=[0.75, 0.15, 0.10]))  # carousels of 2-3 images
         shortcode = "".join(rng.choice(_SHORTCODE_ALPHABET, size=11))

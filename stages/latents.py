@@ -32,7 +32,8 @@ def main() -> None:
     components = load_components(model_params["pretrained"], device=device)
     cache = build_latent_cache(
         components,
-        images=[load_rgb_image(path) for path in table["image_path"]],
+        # ingest already enforced the size limit; don't apply a second, different one here
+        images=[load_rgb_image(path, max_image_pixels=None) for path in table["image_path"]],
         captions=table["full_caption"].tolist(),
         engagement_time=table[["normalized_engagement", "normalized_time"]].to_numpy(),
         resolution=model_params["resolution"],

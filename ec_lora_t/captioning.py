@@ -1,0 +1,310 @@
+"""Captions with style and season tags (report section 3.3).
+
+Each image gets a short description, from BLIP (3.3.1) or from the post's own text, and is
+wrapped as ``(<style_tag> style) <caption> (<season>)`` (3.3.2). Seasons come from the
+post's UTC month with the report's Northern mapping, or the Southern one on request.
+
+BLIP captions are cached by image content hash (SHA-256 of the file bytes) in an
+append-only JSON Lines file per model, so a rerun after adding posts captions only the new
+images, and an interrupted run keeps every finished batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import pandas as pd
+import pyarrow as pa
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ec_lora_t.ingest import DEFAULT_MAX_IMAGE_PIXELS, clean_text, load_rgb_image
+
+HEMISPHERES = ("north", "south")
+CAPTION_SOURCES = ("blip", "post_text")
+DEFAULT_BLIP_MODEL = "Salesforce/blip-image-captioning-base"
+
+# Report 3.3.2, Northern Hemisphere: Dec-Feb winter, Mar-May spring, Jun-Aug summer,
+# Sep-Nov fall. The Southern Hemisphere has the opposite season in the same month.
+_NORTH_SEASON_BY_MONTH = {
+    12: "winter", 1: "winter", 2: "winter",
+    3: "spring", 4: "spring", 5: "spring",
+    6: "summer", 7: "summer", 8: "summer",
+    9: "fall", 10: "fall", 11: "fall",
+}
+_OPPOSITE_SEASON = {"winter": "summer", "summer": "winter", "spring": "fall", "fall": "spring"}
+
+CAPTIONS_SCHEMA = pa.schema(
+    [
+        pa.field("image_path", pa.string(), nullable=False),
+        pa.field("image_sha256", pa.string(), nullable=False),
+        pa.field("caption", pa.string(), nullable=False),
+        pa.field("season", pa.string(), nullable=False),
+        pa.field("full_caption", pa.string(), nullable=False),
+        pa.field("caption_source", pa.string(), nullable=False),  # blip | post_text
+    ]
+)
+
+
+def season_of(timestamp: Any, hemisphere: str = "north") -> str:
+    """Season of a post time (UTC month): ``winter``, ``spring``, ``summer`` or ``fall``."""
+    if hemisphere not in HEMISPHERES:
+        raise ValueError(f"hemisphere must be one of {HEMISPHERES}, got {hemisphere!r}")
+    moment = pd.Timestamp(timestamp)
+    if moment.tzinfo is not None:
+        moment = moment.tz_convert("UTC")
+    season = _NORTH_SEASON_BY_MONTH[moment.month]
+    return season if hemisphere == "north" else _OPPOSITE_SEASON[season]
+
+
+def format_full_caption(caption: str, style_tag: str, season: str) -> str:
+    """``(<style_tag> style) <caption> (<season>)``, the conditioning text of report 3.3.2."""
+    return f"({style_tag} style) {caption.strip()} ({season})"
+
+
+def caption_from_post_text(text: str | None, max_words: int) -> str | None:
+    """A caption from a post's own text, or None when nothing usable is left.
+
+    Hashtags and @mentions are dropped (they name accounts and trends, not what is in the
+    picture), whitespace is collapsed, and the text is cut to ``max_words`` words so the
+    season tag after it is not truncated away by CLIP's 77-token limit.
+    """
+    text = clean_text(text)
+    if text is None:
+        return None
+    words = [word for word in re.split(r"\s+", text) if word and not word.startswith(("#", "@"))]
+    if not words:
+        return None
+    return " ".join(words[:max_words])
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Captioner(Protocol):
+    """Anything that turns a batch of RGB images into one caption each."""
+
+    def __call__(self, images: Sequence[Image.Image]) -> list[str]: ...
+
+
+class BlipCaptioner:
+    """BLIP image captioning through transformers (report 3.3.1).
+
+    Loads ``BlipForConditionalGeneration`` and ``BlipProcessor`` with ``from_pretrained``
+    from a hub id or a local folder; runs on the GPU in fp16 when there is one. The image
+    processor is the slow (PIL) one, which needs no torchvision.
+    """
+
+    def __init__(self, model: Any, processor: Any, device: str, max_new_tokens: int):
+        self.model = model
+        self.processor = processor
+        self.device = device
+        self.max_new_tokens = max_new_tokens
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | Path, max_new_tokens: int = 30, device: str | None = None
+    ) -> "BlipCaptioner":
+        import torch
+        import transformers
+        from transformers import BlipForConditionalGeneration, BlipProcessor
+
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        # The PIL image processor needs no torchvision; transformers 5 renamed both options.
+        if int(transformers.__version__.split(".")[0]) >= 5:
+            processor_options, model_options = {"backend": "pil"}, {"dtype": dtype}
+        else:
+            processor_options, model_options = {"use_fast": False}, {"torch_dtype": dtype}
+        processor = BlipProcessor.from_pretrained(str(name_or_path), **processor_options)
+        model = BlipForConditionalGeneration.from_pretrained(str(name_or_path), **model_options)
+        model.to(device).eval()
+        return cls(model, processor, device, max_new_tokens)
+
+    def __call__(self, images: Sequence[Image.Image]) -> list[str]:
+        import torch
+
+        inputs = self.processor(images=list(images), return_tensors="pt")
+        pixel_values = inputs["pixel_values"].to(self.device, dtype=self.model.dtype)
+        with torch.inference_mode():
+            generated = self.model.generate(pixel_values=pixel_values, max_new_tokens=self.max_new_tokens)
+        return [text.strip() for text in self.processor.batch_decode(generated, skip_special_tokens=True)]
+
+
+def model_cache_key(name_or_path: str | Path, max_new_tokens: int) -> str:
+    """What makes two BLIP captions of one image interchangeable: the model and the length.
+
+    For a local folder the weight files' names, sizes and modification times count too,
+    so retraining a model in place does not serve stale captions.
+    """
+    identity: dict[str, Any] = {"model": str(name_or_path), "max_new_tokens": int(max_new_tokens)}
+    folder = Path(name_or_path)
+    if folder.is_dir():
+        identity["files"] = sorted(
+            (f.name, f.stat().st_size, f.stat().st_mtime_ns)
+            for f in folder.iterdir()
+            if f.suffix in (".safetensors", ".bin", ".json")
+        )
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class CaptionCache:
+    """Captions by image SHA-256 for one model key, in ``<cache_dir>/blip-<key>.jsonl``.
+
+    Append-only: each finished batch adds lines, so a crash loses at most one batch; a
+    last line cut short by a crash is ignored when reading.
+    """
+
+    def __init__(self, cache_dir: str | Path, model_key: str):
+        self.path = Path(cache_dir) / f"blip-{model_key}.jsonl"
+        self._captions: dict[str, str] = {}
+        if self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    entry = json.loads(line)
+                    self._captions[entry["sha256"]] = entry["caption"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+
+    def __len__(self) -> int:
+        return len(self._captions)
+
+    def __contains__(self, sha256: str) -> bool:
+        return sha256 in self._captions
+
+    def get(self, sha256: str) -> str | None:
+        return self._captions.get(sha256)
+
+    def add(self, captions: dict[str, str]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as stream:
+            for sha256, caption in captions.items():
+                stream.write(json.dumps({"sha256": sha256, "caption": caption}) + "\n")
+        self._captions.update(captions)
+
+
+def caption_images(
+    images_by_sha: dict[str, str | Path],
+    captioner_factory: Callable[[], Captioner],
+    cache: CaptionCache,
+    batch_size: int = 16,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    progress: bool = True,
+) -> tuple[dict[str, str], int]:
+    """Captions for every ``sha256 -> image path``, generating only those not cached.
+
+    The captioner is built only when something is missing, so a fully cached rerun never
+    loads the model. Returns (captions by sha256, number of images captioned now).
+    """
+    missing = [(sha, path) for sha, path in images_by_sha.items() if sha not in cache]
+    if missing:
+        captioner = captioner_factory()
+        with tqdm(total=len(missing), desc="captioning", unit="img", disable=not progress) as bar:
+            for start in range(0, len(missing), batch_size):
+                batch = missing[start : start + batch_size]
+                images = [load_rgb_image(path, max_image_pixels) for _, path in batch]
+                texts = captioner(images)
+                if len(texts) != len(batch):
+                    raise RuntimeError(f"captioner returned {len(texts)} captions for {len(batch)} images")
+                cache.add({sha: text for (sha, _), text in zip(batch, texts)})
+                bar.update(len(batch))
+    return {sha: cache.get(sha) for sha in images_by_sha}, len(missing)
+
+
+@dataclass
+class CaptionResult:
+    table: pa.Table
+    metrics: dict[str, Any]
+
+
+def build_captions(
+    posts: pd.DataFrame,
+    source: str,
+    style_tag: str,
+    hemisphere: str = "north",
+    model: str | Path | None = DEFAULT_BLIP_MODEL,
+    cache_dir: str | Path | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 30,
+    captioner_factory: Callable[[], Captioner] | None = None,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    progress: bool = True,
+) -> CaptionResult:
+    """Caption every image of the ingest table and tag it with style and season.
+
+    ``source="blip"`` captions every image with the model. ``source="post_text"`` uses the
+    post's own text (caption or alt text, see :func:`caption_from_post_text`); an image
+    whose post has no usable text falls back to BLIP when ``model`` is set, and is left
+    out (counted in the metrics as ``uncaptioned``) when ``model`` is None or empty.
+    ``captioner_factory`` replaces the BLIP loader (tests count calls through it).
+    """
+    if source not in CAPTION_SOURCES:
+        raise ValueError(f"caption source must be one of {CAPTION_SOURCES}, got {source!r}")
+    if source == "blip" and not model:
+        raise ValueError("caption source 'blip' needs a model (a hub id or a local folder)")
+    if not style_tag or not str(style_tag).strip():
+        raise ValueError("style_tag must be a non-empty string")
+    for column in ("image_path", "timestamp", "post_text"):
+        if column not in posts.columns:
+            raise ValueError(f"posts table has no column {column!r}; columns: {list(posts.columns)}")
+
+    image_paths = posts["image_path"].astype(str).tolist()
+    shas = [file_sha256(path) for path in image_paths]
+    if source == "post_text":
+        texts = [caption_from_post_text(text, max_new_tokens) for text in posts["post_text"].tolist()]
+    else:
+        texts = [None] * len(image_paths)
+    needs_model = {sha: path for sha, path, text in zip(shas, image_paths, texts) if text is None}
+
+    blip_captions: dict[str, str] = {}
+    generated = cached = 0
+    if needs_model and model:
+        if cache_dir is None:
+            raise ValueError("cache_dir is required when captioning with a model")
+        cache = CaptionCache(cache_dir, model_cache_key(model, max_new_tokens))
+        factory = captioner_factory or (lambda: BlipCaptioner.from_pretrained(model, max_new_tokens))
+        blip_captions, generated = caption_images(
+            needs_model, factory, cache, batch_size, max_image_pixels, progress
+        )
+        cached = len(needs_model) - generated
+
+    rows: dict[str, list[Any]] = {name: [] for name in CAPTIONS_SCHEMA.names}
+    uncaptioned: list[str] = []
+    for path, sha, text, timestamp in zip(image_paths, shas, texts, posts["timestamp"]):
+        caption, caption_source = (text, "post_text") if text is not None else (blip_captions.get(sha), "blip")
+        if not caption:
+            uncaptioned.append(path)
+            continue
+        season = season_of(timestamp, hemisphere)
+        rows["image_path"].append(path)
+        rows["image_sha256"].append(sha)
+        rows["caption"].append(caption)
+        rows["season"].append(season)
+        rows["full_caption"].append(format_full_caption(caption, style_tag, season))
+        rows["caption_source"].append(caption_source)
+    table = pa.Table.from_pydict(rows, schema=CAPTIONS_SCHEMA)
+    metrics = {
+        "source": source,
+        "images": len(image_paths),
+        "captioned": table.num_rows,
+        "from_post_text": rows["caption_source"].count("post_text"),
+        "from_model": rows["caption_source"].count("blip"),
+        # Distinct images (by content hash) the model captioned now / found in the cache.
+        "model_generated": generated,
+        "model_cache_hits": cached,
+        "uncaptioned": len(uncaptioned),
+        "uncaptioned_paths": uncaptioned[:20],
+        "seasons": {season: rows["season"].count(season) for season in ("winter", "spring", "summer", "fall")},
+    }
+    return CaptionResult(table=table, metrics=metrics)

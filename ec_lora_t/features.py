@@ -1,0 +1,332 @@
+"""Engagement and time features (report sections 3.4 and 3.5).
+
+``total_engagement = likes + w * comments`` (w = 3 in the report) is scaled to [0, 1] by
+one of three normalisations:
+
+* ``minmax``: the report's min-max scaling;
+* ``log_minmax``: min-max of ``log1p(total_engagement)``, for heavy-tailed engagement where a
+  few viral posts would squeeze every other post near 0;
+* ``rank``: the post's mid-rank among the training posts (ties share the average rank),
+  min-max scaled to [0, 1]; new values between training values are interpolated linearly.
+
+``days_since_earliest_post`` (fractional days) is min-max scaled into ``normalized_time``.
+The vector ``engagement_time = [normalized_engagement, normalized_time]`` feeds the ECM.
+
+Statistics are fitted per post, not per image: a ten-slide carousel is one post and must not
+count ten times in a rank. Degenerate data has a defined result instead of a division by
+zero: when all training posts share one engagement value, or their times span less than
+:data:`MIN_TIME_SPAN_DAYS`, that component is :data:`DEGENERATE_LEVEL` (0.5, the middle of
+the range: "no information") for every post and every later query.
+
+:class:`EngagementTimeNormalizer` holds the fitted statistics, is saved as JSON, and turns a
+user's raw numbers into the vector::
+
+    EngagementTimeNormalizer.from_json(path).vector(likes=5000, comments=120, date="2025-06-01")
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from ec_lora_t.ingest import parse_timestamp
+
+NORMALIZATIONS = ("minmax", "log_minmax", "rank")
+DEFAULT_COMMENT_WEIGHT = 3.0
+DEGENERATE_LEVEL = 0.5
+# Posts within less than a day of each other carry no time trend worth a [0, 1] axis.
+MIN_TIME_SPAN_DAYS = 1.0
+SECONDS_PER_DAY = 86_400.0
+STATS_FORMAT_VERSION = 1
+
+FEATURES_SCHEMA = pa.schema(
+    [
+        pa.field("shortcode", pa.string(), nullable=False),
+        pa.field("image_index", pa.int64(), nullable=False),
+        pa.field("image_path", pa.string(), nullable=False),
+        pa.field("likes_count", pa.int64(), nullable=False),
+        pa.field("comments_count", pa.int64(), nullable=False),
+        pa.field("timestamp", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("post_text", pa.string(), nullable=True),
+        pa.field("source_format", pa.string(), nullable=False),
+        pa.field("image_sha256", pa.string(), nullable=False),
+        pa.field("caption", pa.string(), nullable=False),
+        pa.field("season", pa.string(), nullable=False),
+        pa.field("full_caption", pa.string(), nullable=False),
+        pa.field("total_engagement", pa.float64(), nullable=False),
+        pa.field("normalized_engagement", pa.float32(), nullable=False),
+        pa.field("days_since_earliest_post", pa.float64(), nullable=False),
+        pa.field("normalized_time", pa.float32(), nullable=False),
+        pa.field("engagement_time", pa.list_(pa.float32(), 2), nullable=False),
+    ]
+)
+
+
+def total_engagement(likes: Any, comments: Any, comment_weight: float = DEFAULT_COMMENT_WEIGHT) -> np.ndarray:
+    """``likes + comment_weight * comments`` (report 3.4.1), float64."""
+    likes = np.asarray(likes, dtype=np.float64)
+    comments = np.asarray(comments, dtype=np.float64)
+    if np.any(likes < 0) or np.any(comments < 0):
+        raise ValueError("likes and comments must be non-negative")
+    return likes + comment_weight * comments
+
+
+def _to_utc_seconds(dates: Any) -> np.ndarray:
+    """Seconds since the epoch (float64) of one date or a sequence of dates.
+
+    Strings, numbers and datetimes are read by :func:`ec_lora_t.ingest.parse_timestamp`
+    (naive times are UTC), so a query date means what a metadata timestamp means.
+    """
+    if isinstance(dates, pd.Series) and pd.api.types.is_datetime64_any_dtype(dates):
+        series = dates.dt.tz_localize("UTC") if dates.dt.tz is None else dates.dt.tz_convert("UTC")
+        return (series - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy(dtype=np.float64)
+    if isinstance(dates, (str, bytes)) or not isinstance(dates, (Sequence, np.ndarray, pd.Series, pd.Index)):
+        dates = [dates]
+    return np.array([parse_timestamp(date, "date").timestamp() for date in dates], dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class EngagementTimeNormalizer:
+    """Fitted statistics that map raw engagement and dates to ``engagement_time``.
+
+    ``engagement_low``/``engagement_high`` are the range in the normalisation's own space
+    (raw totals for minmax, ``log1p`` of them for log_minmax). For rank, ``rank_values`` are
+    the distinct training totals, ascending, and ``rank_levels`` their normalised mid-ranks.
+    """
+
+    comment_weight: float
+    normalization: str
+    engagement_low: float
+    engagement_high: float
+    earliest_timestamp: pd.Timestamp  # UTC, day 0 of days_since_earliest_post
+    span_days: float  # days from the earliest to the latest training post
+    num_posts: int
+    rank_values: tuple[float, ...] = field(default=(), repr=False)
+    rank_levels: tuple[float, ...] = field(default=(), repr=False)
+
+    # -- fitting ------------------------------------------------------------------------
+
+    @classmethod
+    def fit(
+        cls,
+        likes: Any,
+        comments: Any,
+        timestamps: Any,
+        comment_weight: float = DEFAULT_COMMENT_WEIGHT,
+        normalization: str = "minmax",
+    ) -> "EngagementTimeNormalizer":
+        """Fit on one entry per post (deduplicate carousels before calling)."""
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+        if not comment_weight >= 0:
+            raise ValueError(f"comment_weight must be >= 0, got {comment_weight!r}")
+        totals = total_engagement(likes, comments, comment_weight)
+        seconds = _to_utc_seconds(timestamps)
+        if totals.size == 0 or totals.size != seconds.size:
+            raise ValueError(f"need one timestamp per post and at least one post, got {totals.size} and {seconds.size}")
+        values = np.log1p(totals) if normalization == "log_minmax" else totals
+        rank_values: tuple[float, ...] = ()
+        rank_levels: tuple[float, ...] = ()
+        if normalization == "rank":
+            distinct, levels = _mid_rank_levels(totals)
+            rank_values, rank_levels = tuple(distinct.tolist()), tuple(levels.tolist())
+        earliest = float(seconds.min())
+        return cls(
+            comment_weight=float(comment_weight),
+            normalization=normalization,
+            engagement_low=float(values.min()),
+            engagement_high=float(values.max()),
+            earliest_timestamp=pd.Timestamp(earliest, unit="s", tz="UTC").floor("us"),
+            span_days=(float(seconds.max()) - earliest) / SECONDS_PER_DAY,
+            num_posts=int(totals.size),
+            rank_values=rank_values,
+            rank_levels=rank_levels,
+        )
+
+    # -- properties of the fit ------------------------------------------------------------
+
+    @property
+    def engagement_is_degenerate(self) -> bool:
+        return self.engagement_high <= self.engagement_low
+
+    @property
+    def time_is_degenerate(self) -> bool:
+        return self.span_days < MIN_TIME_SPAN_DAYS
+
+    # -- transforms ---------------------------------------------------------------------
+
+    def normalize_engagement(self, totals: Any, clip: bool = True) -> np.ndarray:
+        """normalized_engagement (float64) of total engagement values."""
+        totals = np.asarray(totals, dtype=np.float64)
+        if self.engagement_is_degenerate:
+            return np.full(totals.shape, DEGENERATE_LEVEL)
+        if self.normalization == "rank":
+            # np.interp holds the end levels (0 and 1) outside the training range.
+            return np.interp(totals, self.rank_values, self.rank_levels)
+        values = np.log1p(totals) if self.normalization == "log_minmax" else totals
+        scaled = (values - self.engagement_low) / (self.engagement_high - self.engagement_low)
+        return np.clip(scaled, 0.0, 1.0) if clip else scaled
+
+    def days_since_earliest(self, dates: Any) -> np.ndarray:
+        """days_since_earliest_post (fractional, float64); negative before the first post."""
+        return (_to_utc_seconds(dates) - self.earliest_timestamp.timestamp()) / SECONDS_PER_DAY
+
+    def normalize_time(self, dates: Any, clip: bool = True) -> np.ndarray:
+        """normalized_time (float64) of dates (strings, datetimes, epoch numbers)."""
+        days = self.days_since_earliest(dates)
+        if self.time_is_degenerate:
+            return np.full(days.shape, DEGENERATE_LEVEL)
+        scaled = days / self.span_days
+        return np.clip(scaled, 0.0, 1.0) if clip else scaled
+
+    def vector(self, likes: float, comments: float = 0, date: Any = None, clip: bool = True) -> np.ndarray:
+        """The ``engagement_time`` vector (float32, shape (2,)) of raw numbers.
+
+        ``date`` is an ISO string (``"2025-06-01"``), a datetime or an epoch number; None
+        means the latest training post. Values beyond the training range saturate at 0 or 1
+        unless ``clip=False`` (rank always saturates: it has no scale to extrapolate).
+        """
+        if date is None:
+            date = self.earliest_timestamp + pd.Timedelta(days=self.span_days)
+        engagement = self.normalize_engagement(total_engagement([likes], [comments], self.comment_weight), clip)
+        time = self.normalize_time(date, clip)
+        return np.array([engagement[0], time[0]], dtype=np.float32)
+
+    # -- persistence --------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": STATS_FORMAT_VERSION,
+            "comment_weight": self.comment_weight,
+            "normalization": self.normalization,
+            "num_posts": self.num_posts,
+            "engagement": {
+                "low": self.engagement_low,
+                "high": self.engagement_high,
+                "space": "log1p(total_engagement)" if self.normalization == "log_minmax" else "total_engagement",
+                "degenerate": self.engagement_is_degenerate,
+                "rank_values": list(self.rank_values),
+                "rank_levels": list(self.rank_levels),
+            },
+            "time": {
+                "earliest_timestamp": self.earliest_timestamp.isoformat(),
+                "span_days": self.span_days,
+                "degenerate": self.time_is_degenerate,
+            },
+            "degenerate_level": DEGENERATE_LEVEL,
+            "min_time_span_days": MIN_TIME_SPAN_DAYS,
+        }
+
+    @classmethod
+    def from_dict(cls, stats: dict[str, Any]) -> "EngagementTimeNormalizer":
+        version = stats.get("format_version")
+        if version != STATS_FORMAT_VERSION:
+            raise ValueError(f"normalisation statistics format {version!r}, expected {STATS_FORMAT_VERSION}")
+        engagement, time = stats["engagement"], stats["time"]
+        return cls(
+            comment_weight=float(stats["comment_weight"]),
+            normalization=stats["normalization"],
+            engagement_low=float(engagement["low"]),
+            engagement_high=float(engagement["high"]),
+            earliest_timestamp=pd.Timestamp(time["earliest_timestamp"]).tz_convert("UTC"),
+            span_days=float(time["span_days"]),
+            num_posts=int(stats["num_posts"]),
+            rank_values=tuple(float(v) for v in engagement.get("rank_values", [])),
+            rank_levels=tuple(float(v) for v in engagement.get("rank_levels", [])),
+        )
+
+    def to_json(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "EngagementTimeNormalizer":
+        path = Path(path)
+        try:
+            stats = json.loads(path.read_text())
+            return cls.from_dict(stats)
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{path}: not usable normalisation statistics ({error})") from error
+
+
+def _mid_rank_levels(totals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct values (ascending) and their mid-ranks min-max scaled to [0, 1].
+
+    Tied posts share the average of the ranks they occupy; the smallest value gets 0 and
+    the largest 1 even when tied. One distinct value is the degenerate case (handled by
+    the caller).
+    """
+    distinct, counts = np.unique(totals, return_counts=True)
+    if distinct.size == 1:
+        return distinct, np.array([DEGENERATE_LEVEL])
+    first_rank = np.concatenate([[0], np.cumsum(counts)[:-1]])  # 0-based rank of each group's first
+    mid_rank = first_rank + (counts - 1) / 2.0
+    return distinct, (mid_rank - mid_rank[0]) / (mid_rank[-1] - mid_rank[0])
+
+
+@dataclass
+class FeatureResult:
+    table: pa.Table
+    normalizer: EngagementTimeNormalizer
+    metrics: dict[str, Any]
+
+
+def build_feature_table(
+    posts: pd.DataFrame,
+    captions: pd.DataFrame,
+    comment_weight: float = DEFAULT_COMMENT_WEIGHT,
+    normalization: str = "minmax",
+) -> FeatureResult:
+    """Join the ingest and caption tables on image_path and add the engagement-time features.
+
+    Images without a caption (the caption stage left them out) are not in the table and
+    are counted in the metrics. Statistics are fitted on the posts that remain.
+    """
+    missing = [c for c in ("shortcode", "image_path", "likes_count", "comments_count", "timestamp") if c not in posts]
+    if missing:
+        raise ValueError(f"posts table lacks column(s) {missing}")
+    caption_columns = ["image_path", "image_sha256", "caption", "season", "full_caption"]
+    missing = [c for c in caption_columns if c not in captions]
+    if missing:
+        raise ValueError(f"captions table lacks column(s) {missing}")
+    table = posts.merge(captions[caption_columns], on="image_path", how="inner", validate="one_to_one")
+    if table.empty:
+        raise ValueError("no image of the posts table has a caption: nothing to train on")
+    table = table.sort_values(["timestamp", "shortcode", "image_index"], kind="stable").reset_index(drop=True)
+
+    per_post = table.drop_duplicates("shortcode")
+    normalizer = EngagementTimeNormalizer.fit(
+        per_post["likes_count"], per_post["comments_count"], per_post["timestamp"], comment_weight, normalization
+    )
+    table["total_engagement"] = total_engagement(table["likes_count"], table["comments_count"], normalizer.comment_weight)
+    table["normalized_engagement"] = normalizer.normalize_engagement(table["total_engagement"]).astype(np.float32)
+    table["days_since_earliest_post"] = normalizer.days_since_earliest(table["timestamp"])
+    table["normalized_time"] = normalizer.normalize_time(table["timestamp"]).astype(np.float32)
+    table["engagement_time"] = list(table[["normalized_engagement", "normalized_time"]].to_numpy(np.float32))
+    if "post_text" not in table:
+        table["post_text"] = None
+    if "source_format" not in table:
+        table["source_format"] = "unknown"
+    arrow = pa.Table.from_pandas(table[FEATURES_SCHEMA.names], schema=FEATURES_SCHEMA, preserve_index=False)
+    metrics = {
+        "normalization": normalization,
+        "comment_weight": normalizer.comment_weight,
+        "images": arrow.num_rows,
+        "posts": normalizer.num_posts,
+        "images_without_caption": int(len(posts) - len(table)),
+        "engagement_degenerate": normalizer.engagement_is_degenerate,
+        "time_degenerate": normalizer.time_is_degenerate,
+        "total_engagement_min": float(table["total_engagement"].min()),
+        "total_engagement_max": float(table["total_engagement"].max()),
+        "span_days": normalizer.span_days,
+        "normalized_engagement_mean": float(table["normalized_engagement"].mean()),
+        "normalized_time_mean": float(table["normalized_time"].mean()),
+    }
+    return FeatureResult(table=arrow, normalizer=normalizer, metrics=metrics)

@@ -1,0 +1,53 @@
+"""Stage `caption`: BLIP (or the post's own text) captions with style and season tags."""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from ec_lora_t.captioning import build_captions
+from stages._common import load_params, write_metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--posts", required=True, help="posts.parquet from the ingest stage")
+    parser.add_argument("--out", required=True, help="captions.parquet to write")
+    parser.add_argument("--cache", required=True, help="caption cache folder (kept between runs)")
+    parser.add_argument("--metrics", required=True)
+    args = parser.parse_args(argv)
+    params = load_params("caption")
+
+    started = time.perf_counter()
+    posts = pd.read_parquet(args.posts)
+    result = build_captions(
+        posts,
+        source=params["source"],
+        style_tag=params["style_tag"],
+        hemisphere=params.get("hemisphere", "north"),
+        model=params.get("model") or None,
+        cache_dir=args.cache,
+        batch_size=int(params.get("batch_size", 16)),
+        max_new_tokens=int(params.get("max_new_tokens", 30)),
+        # Ingest already rejected images over its own ingest.max_image_pixels.
+        max_image_pixels=None,
+    )
+    metrics = {**result.metrics, "seconds": time.perf_counter() - started}
+    write_metrics(args.metrics, metrics)
+    if metrics["uncaptioned"]:
+        print(
+            f"caption: {metrics['uncaptioned']} image(s) have no post text and caption.model is empty; "
+            f"left out: {metrics['uncaptioned_paths']}",
+            file=sys.stderr,
+        )
+    if result.table.num_rows == 0:
+        sys.exit(f"caption: no image of {args.posts} could be captioned (source {params['source']})")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(result.table, args.out)
+
+
+if __name__ == "__main__":
+    main()

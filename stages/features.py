@@ -1,0 +1,36 @@
+"""Stage `features`: weighted engagement, normalised time and the engagement_time vector."""
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from ec_lora_t.features import build_feature_table
+from stages._common import load_params, write_metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--posts", required=True, help="posts.parquet from the ingest stage")
+    parser.add_argument("--captions", required=True, help="captions.parquet from the caption stage")
+    parser.add_argument("--out", required=True, help="train.parquet to write (schema: docs/schema.md)")
+    parser.add_argument("--stats", required=True, help="normalization.json: statistics for later queries")
+    parser.add_argument("--metrics", required=True)
+    args = parser.parse_args(argv)
+    params = load_params("features")
+
+    result = build_feature_table(
+        pd.read_parquet(args.posts),
+        pd.read_parquet(args.captions),
+        comment_weight=float(params.get("comment_weight", 3)),
+        normalization=params.get("normalization", "minmax"),
+    )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(result.table, args.out)
+    result.normalizer.to_json(args.stats)
+    write_metrics(args.metrics, result.metrics)
+
+
+if __name__ == "__main__":
+    main()

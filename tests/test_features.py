@@ -1,0 +1,202 @@
+"""Engagement and time features: each normalisation, degenerate ranges, saved statistics."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ec_lora_t.features import (
+    DEGENERATE_LEVEL,
+    FEATURES_SCHEMA,
+    EngagementTimeNormalizer,
+    build_feature_table,
+    total_engagement,
+)
+from stages import features as features_stage
+
+DAY = 86_400
+T0 = 1_704_067_200  # 2024-01-01T00:00:00Z
+
+
+def _times(*days):
+    return pd.Series(pd.to_datetime([T0 + d * DAY for d in days], unit="s", utc=True))
+
+
+def test_total_engagement_weights_comments():
+    assert total_engagement([10, 0], [2, 5]).tolist() == [16.0, 15.0]
+    assert total_engagement([10], [2], comment_weight=0.5).tolist() == [11.0]
+    with pytest.raises(ValueError):
+        total_engagement([-1], [0])
+
+
+def test_minmax_matches_the_report_formula():
+    normalizer = EngagementTimeNormalizer.fit([100, 200, 400], [0, 0, 0], _times(0, 10, 40))
+    assert normalizer.normalize_engagement([100, 200, 400]).tolist() == [0.0, 1 / 3, 1.0]
+    assert normalizer.days_since_earliest(_times(0, 10, 40)).tolist() == [0.0, 10.0, 40.0]
+    assert normalizer.normalize_time(_times(0, 10, 40)).tolist() == [0.0, 0.25, 1.0]
+
+
+def test_log_minmax_scales_log1p():
+    normalizer = EngagementTimeNormalizer.fit([0, 9, 99], [0, 0, 0], _times(0, 1, 2), normalization="log_minmax")
+    assert np.allclose(normalizer.normalize_engagement([0, 9, 99]), [0.0, 0.5, 1.0])
+
+
+def test_rank_gives_mid_ranks_with_ties_and_interpolates_between():
+    normalizer = EngagementTimeNormalizer.fit([10, 20, 20, 1000, 5], [0] * 5, _times(0, 1, 2, 3, 4), normalization="rank")
+    # sorted: 5 (rank 0), 10 (1), 20 20 (2, 3 -> 2.5), 1000 (4); n - 1 = 4
+    assert normalizer.normalize_engagement([5, 10, 20, 1000]).tolist() == [0.0, 0.25, 0.625, 1.0]
+    assert normalizer.normalize_engagement([15]).tolist() == [pytest.approx(0.4375)]
+    assert normalizer.normalize_engagement([0, 10**9]).tolist() == [0.0, 1.0]
+
+
+@pytest.mark.parametrize("normalization", ["minmax", "log_minmax", "rank"])
+@pytest.mark.parametrize(
+    "likes, comments, days",
+    [([500], [7], [0]), ([50, 50, 50], [2, 2, 2], [0, 5, 9]), ([10, 20, 30], [0, 0, 0], [0, 0, 0])],
+    ids=["one_post", "all_counts_equal", "all_on_one_day"],
+)
+def test_degenerate_ranges_give_the_documented_middle_level(normalization, likes, comments, days):
+    normalizer = EngagementTimeNormalizer.fit(likes, comments, _times(*days), normalization=normalization)
+    engagement = normalizer.normalize_engagement(total_engagement(likes, comments))
+    time = normalizer.normalize_time(_times(*days))
+    assert np.all(np.isfinite(engagement)) and np.all(np.isfinite(time))
+    if len(set(zip(likes, comments))) == 1:
+        assert normalizer.engagement_is_degenerate and np.all(engagement == DEGENERATE_LEVEL)
+    if len(set(days)) == 1:
+        assert normalizer.time_is_degenerate and np.all(time == DEGENERATE_LEVEL)
+        assert normalizer.vector(likes=1, date="2030-01-01")[1] == DEGENERATE_LEVEL
+
+
+def test_posts_hours_apart_count_as_one_day():
+    times = pd.Series(pd.to_datetime([T0, T0 + 3600 * 20], unit="s", utc=True))
+    assert EngagementTimeNormalizer.fit([1, 2], [0, 0], times).time_is_degenerate
+
+
+@pytest.mark.parametrize("normalization", ["minmax", "log_minmax", "rank"])
+def test_vector_from_saved_statistics_matches_the_table(tmp_path, normalization):
+    likes, comments, days = [120, 5000, 800, 40], [3, 120, 10, 0], [0, 100, 200, 400]
+    normalizer = EngagementTimeNormalizer.fit(likes, comments, _times(*days), normalization=normalization)
+    normalizer.to_json(tmp_path / "normalization.json")
+    loaded = EngagementTimeNormalizer.from_json(tmp_path / "normalization.json")
+    assert loaded == normalizer
+    date = (pd.Timestamp(T0, unit="s", tz="UTC") + pd.Timedelta(days=100)).strftime("%Y-%m-%d")
+    vector = loaded.vector(likes=5000, comments=120, date=date)
+    assert vector.dtype == np.float32 and vector.shape == (2,)
+    assert vector[0] == pytest.approx(normalizer.normalize_engagement(total_engagement([5000], [120]))[0])
+    assert vector[1] == pytest.approx(0.25)
+    assert loaded.vector(likes=5000, comments=120)[1] == 1.0  # no date: the latest post
+
+
+def test_vector_saturates_outside_the_training_range_unless_asked_not_to():
+    normalizer = EngagementTimeNormalizer.fit([100, 200], [0, 0], _times(0, 10))
+    assert normalizer.vector(likes=300, date="2030-01-01").tolist() == [1.0, 1.0]
+    assert normalizer.vector(likes=0, date="2020-01-01").tolist() == [0.0, 0.0]
+    assert normalizer.vector(likes=300, date=_times(20)[0], clip=False).tolist() == [2.0, 2.0]
+
+
+def test_vector_reads_dates_like_the_ingest_does():
+    normalizer = EngagementTimeNormalizer.fit([1, 2], [0, 0], _times(0, 10))
+    day5 = T0 + 5 * DAY
+    for date in ["2024-01-06", "2024-01-06T00:00:00Z", day5, day5 * 1000, pd.Timestamp(day5, unit="s")]:
+        assert normalizer.vector(likes=1, date=date)[1] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="date"):
+        normalizer.vector(likes=1, date="sometime")
+
+
+def test_unusable_statistics_file_names_itself(tmp_path):
+    path = tmp_path / "normalization.json"
+    path.write_text('{"format_version": 99}')
+    with pytest.raises(ValueError, match=str(path)):
+        EngagementTimeNormalizer.from_json(path)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 10**7), st.integers(0, 10**5), st.integers(0, 3000)), min_size=1, max_size=30),
+    st.sampled_from(["minmax", "log_minmax", "rank"]),
+)
+def test_normalised_values_lie_in_unit_range_and_keep_the_order(posts, normalization):
+    likes, comments, days = map(list, zip(*posts))
+    normalizer = EngagementTimeNormalizer.fit(likes, comments, _times(*days), normalization=normalization)
+    totals = total_engagement(likes, comments)
+    engagement = normalizer.normalize_engagement(totals)
+    time = normalizer.normalize_time(_times(*days))
+    for values in (engagement, time):
+        assert np.all((values >= 0) & (values <= 1))
+    order = np.argsort(totals, kind="stable")
+    assert np.all(np.diff(engagement[order]) >= 0)
+    if not normalizer.engagement_is_degenerate:
+        assert engagement[order[0]] == 0.0 and engagement[order[-1]] == 1.0
+
+
+# --- the table and the stage ----------------------------------------------------------------
+
+
+def _tables(num_posts=4):
+    posts = pd.DataFrame(
+        {
+            "shortcode": [f"P{i}" for i in range(num_posts)] + ["P0"],  # P0 is a 2-image carousel
+            "image_index": [0] * num_posts + [1],
+            "image_path": [f"posts/P{i}/0.jpg" for i in range(num_posts)] + ["posts/P0/1.jpg"],
+            "likes_count": [100 * (i + 1) for i in range(num_posts)] + [100],
+            "comments_count": [i for i in range(num_posts)] + [0],
+            "timestamp": pd.to_datetime([T0 + 30 * i * DAY for i in range(num_posts)] + [T0], unit="s", utc=True),
+            "post_text": ["text"] * (num_posts + 1),
+            "source_format": ["report"] * (num_posts + 1),
+        }
+    )
+    captions = pd.DataFrame(
+        {
+            "image_path": posts["image_path"],
+            "image_sha256": [f"{i:064x}" for i in range(num_posts + 1)],
+            "caption": ["a person"] * (num_posts + 1),
+            "season": ["winter"] * (num_posts + 1),
+            "full_caption": ["(x style) a person (winter)"] * (num_posts + 1),
+            "caption_source": ["post_text"] * (num_posts + 1),
+        }
+    )
+    return posts, captions
+
+
+def test_feature_table_has_the_documented_schema_and_fits_per_post():
+    posts, captions = _tables()
+    result = build_feature_table(posts, captions, comment_weight=3, normalization="rank")
+    assert result.table.schema == FEATURES_SCHEMA
+    frame = result.table.to_pandas()
+    assert len(frame) == 5 and result.normalizer.num_posts == 4
+    # Rank among 4 posts, not 5 images: the carousel's two rows share P0's level 0.
+    assert np.allclose(sorted(frame["normalized_engagement"]), [0.0, 0.0, 1 / 3, 2 / 3, 1.0])
+    assert frame["total_engagement"].tolist()[:2] == [100.0, 100.0]
+    assert np.allclose(np.stack(frame["engagement_time"]), frame[["normalized_engagement", "normalized_time"]])
+    assert frame["days_since_earliest_post"].max() == 90.0
+
+
+def test_images_without_a_caption_are_left_out_and_counted():
+    posts, captions = _tables()
+    result = build_feature_table(posts, captions.iloc[1:], normalization="minmax")
+    assert result.table.num_rows == 4 and result.metrics["images_without_caption"] == 1
+
+
+def test_stage_writes_table_statistics_and_metrics(tmp_path, monkeypatch):
+    posts, captions = _tables()
+    posts.to_parquet(tmp_path / "posts.parquet")
+    captions.to_parquet(tmp_path / "captions.parquet")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"features": {"comment_weight": 3, "normalization": "log_minmax"}}))
+    monkeypatch.chdir(tmp_path)
+    features_stage.main(["--posts", "posts.parquet", "--captions", "captions.parquet", "--out", "out/train.parquet",
+                         "--stats", "out/normalization.json", "--metrics", "metrics/features.json"])
+    table = pq.read_table(tmp_path / "out/train.parquet")
+    assert table.schema == FEATURES_SCHEMA
+    normalizer = EngagementTimeNormalizer.from_json(tmp_path / "out/normalization.json")
+    frame = table.to_pandas()
+    recomputed = [normalizer.vector(likes=r.likes_count, comments=r.comments_count, date=r.timestamp) for r in frame.itertuples()]
+    assert np.allclose(np.stack(recomputed), np.stack(frame["engagement_time"]), atol=1e-6)
+    metrics = json.loads((tmp_path / "metrics/features.json").read_text())
+    assert metrics["normalization"] == "log_minmax" and metrics["images"] == 5 and metrics["posts"] == 4
