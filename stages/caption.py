@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params("caption")
 
     started = time.perf_counter()
+    # DVC declares the cache as an output: it must exist even when no model was called.
+    Path(args.cache).mkdir(parents=True, exist_ok=True)
     posts = pd.read_parquet(args.posts)
     result = build_captions(
         posts,
