@@ -40,5 +40,76 @@ def build_tiny_base(
     typer.echo(f"saved to {build_tiny_stable_diffusion(out, seed=seed, resolution=resolution, save_dtype=save_dtype)}")
 
 
+DEFAULT_PRETRAINED = "models/tiny-sd-random"  # the embedded default of params.yaml's model.pretrained
+DEFAULT_ADAPTER = Path("data/train/adapter")
+DEFAULT_STATS = Path("data/features/normalization.json")
+
+
+def _pair(name_a: str, values_a: list, name_b: str, values_b: list) -> list[tuple]:
+    """Pair two repeated options; a single value of the second is used for every first."""
+    if len(values_b) == 1:
+        values_b = values_b * len(values_a)
+    if len(values_a) != len(values_b):
+        raise typer.BadParameter(f"give one {name_b} or one per {name_a} ({len(values_a)} {name_a}, {len(values_b)} {name_b})")
+    return list(zip(values_a, values_b))
+
+
+def _vectors(engagement: list[float], time: list[float], likes: list[int], comments: list[int], date: list[str],
+             stats: Path) -> list[tuple[float, float]]:
+    """The (normalized_engagement, normalized_time) rows asked for, directly or as raw values."""
+    if engagement and likes:
+        raise typer.BadParameter("give either --engagement/--time or --likes/--comments/--date, not both")
+    if engagement:
+        return [(float(e), float(t)) for e, t in _pair("--engagement", engagement, "--time", time or [0.5])]
+    if not likes:
+        raise typer.BadParameter("give --engagement (with --time) or --likes (with --comments and --date)")
+    from ec_lora_t.features import EngagementTimeNormalizer
+
+    normalizer = EngagementTimeNormalizer.from_json(stats)
+    rows = _pair("--likes", likes, "--comments", comments or [0])
+    dates = [d for _, d in _pair("--likes", likes, "--date", date or [None])]
+    return [tuple(float(v) for v in normalizer.vector(likes=l, comments=c, date=d)) for (l, c), d in zip(rows, dates)]
+
+
+@app.command()
+def generate(
+    prompt: Annotated[list[str], typer.Option(help="Prompt; repeat for several.")],
+    engagement: Annotated[list[float], typer.Option(help="Normalised engagement in [0, 1]; repeat for several.")] = [],
+    time: Annotated[list[float], typer.Option(help="Normalised time in [0, 1]: one, or one per --engagement.")] = [],
+    likes: Annotated[list[int], typer.Option(help="Raw likes, converted with --stats; repeat for several.")] = [],
+    comments: Annotated[list[int], typer.Option(help="Raw comments: one, or one per --likes.")] = [],
+    date: Annotated[list[str], typer.Option(help="Post date (ISO, e.g. 2025-06-01): one, or one per --likes.")] = [],
+    seed: Annotated[list[int], typer.Option(help="Sampling seed; repeat for several.")] = [42],
+    out: Annotated[Path, typer.Option(help="Folder for the PNGs.")] = Path("generated"),
+    adapter: Annotated[Path, typer.Option(help="Trained adapter folder.")] = DEFAULT_ADAPTER,
+    pretrained: Annotated[str, typer.Option(help="Base model: hub id or diffusers folder.")] = DEFAULT_PRETRAINED,
+    stats: Annotated[Path, typer.Option(help="Normalisation statistics of the features stage.")] = DEFAULT_STATS,
+    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 30,
+    guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
+    mode: Annotated[str, typer.Option(help="ec_lora | plain_lora (ECM off) | base (no adapter).")] = "ec_lora",
+) -> None:
+    """Generate images for every prompt x vector x seed, in one batch; the vector goes into the PNG metadata."""
+    from ec_lora_t.generation import generate as generate_pngs
+
+    vectors = _vectors(engagement, time, likes, comments, date, stats)
+    paths = generate_pngs(pretrained, adapter, prompt, vectors, seed, out, num_inference_steps=steps,
+                          guidance_scale=guidance_scale, mode=mode)
+    typer.echo("\n".join(str(path) for path in paths))
+
+
+@app.command()
+def export(
+    engagement: Annotated[float, typer.Option(help="Normalised engagement in [0, 1] to bake in.")],
+    time: Annotated[float, typer.Option(help="Normalised time in [0, 1] to bake in.")],
+    out: Annotated[Path, typer.Option(help="The .safetensors LoRA file to write.")] = Path("ec_lora_t_export.safetensors"),
+    format: Annotated[str, typer.Option(help="diffusers (PEFT keys) | kohya (A1111, ComfyUI).")] = "diffusers",
+    adapter: Annotated[Path, typer.Option(help="Trained adapter folder.")] = DEFAULT_ADAPTER,
+) -> None:
+    """Bake the ECM scales for one vector into a plain LoRA file that standard tools load."""
+    from ec_lora_t.export import export_lora
+
+    typer.echo(f"wrote {export_lora(adapter, (engagement, time), out, format=format)}")
+
+
 if __name__ == "__main__":
     app()

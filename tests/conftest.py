@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import pytest
 import torch
 
-# Two cores on CI: don't oversubscribe them with intra-op threads.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# The test models are tiny: one intra-op thread is faster than two fighting over CI's 2 cores.
+torch.set_num_threads(1)
 warnings.filterwarnings("ignore", message=".*requires torchvision.*")
 
 
@@ -19,3 +18,22 @@ def tiny_sd_dir(tmp_path_factory):
     from ec_lora_t.models import build_tiny_stable_diffusion
 
     return build_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny-sd") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def adapter_dir(tiny_sd_dir, tmp_path_factory):
+    """A 'trained' adapter for the tiny UNet: random B and ECM output layer, so vectors matter."""
+    from diffusers import UNet2DConditionModel
+
+    from ec_lora_t.lora import ECLoRAConfig, build_ecm, ec_lora_layers, inject_ec_lora, save_adapter
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet")
+    config = ECLoRAConfig(rank=4, alpha=8, ecm_hidden_size=16)
+    inject_ec_lora(unet, config)
+    ecm = build_ecm(config)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for layer in ec_lora_layers(unet).values():
+            layer.lora_B.weight.copy_(0.5 * torch.randn(layer.lora_B.weight.shape, generator=generator))
+        ecm.mlp[-1].weight.copy_(2.0 * torch.randn(ecm.mlp[-1].weight.shape, generator=generator))
+    return save_adapter(tmp_path_factory.mktemp("adapter") / "adapter", unet, ecm, config)

@@ -1,0 +1,55 @@
+"""The Engagement Conditioning Module (report 3.1.1, 4.3.2).
+
+An MLP f_psi from the engagement-time vector e = [normalized_engagement, normalized_time]
+to one dynamic scale per EC-LoRA layer: Linear(2, h), ReLU, then (depth - 1) times
+Linear(h, h), ReLU, then a linear output layer Linear(h, num_layers) with no activation.
+The report uses h = 128 and depth 2. Weights and computation stay fp32.
+
+Initialisation of the output layer (our choice; the report used PyTorch's default): zero
+weights and bias 1, so every scale is exactly 1 for every vector at step 0. With LoRA's
+B = 0 that makes step 0 the base model, and as B grows it starts as plain LoRA with the
+report's alpha / r. With the default init the scales would start as small random numbers
+of either sign around 0, which shrinks and randomly flips each layer's LoRA update before
+any learning happens. The hidden layers keep the default init so that different vectors
+give different hidden features, which is what the output layer learns to map to
+different scales once B is non-zero (the output weights receive gradient as soon as the
+LoRA update does).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+ENGAGEMENT_TIME_DIM = 2  # [normalized_engagement, normalized_time]
+
+
+class EngagementConditioningModule(nn.Module):
+    def __init__(self, num_layers: int, hidden_size: int = 128, depth: int = 2) -> None:
+        super().__init__()
+        if num_layers < 1 or hidden_size < 1 or depth < 1:
+            raise ValueError(
+                f"ECM needs num_layers, hidden_size and depth >= 1, got {num_layers}, {hidden_size}, {depth}"
+            )
+        self.num_layers = num_layers
+        blocks: list[nn.Module] = []
+        in_features = ENGAGEMENT_TIME_DIM
+        for _ in range(depth):
+            blocks += [nn.Linear(in_features, hidden_size, dtype=torch.float32), nn.ReLU()]
+            in_features = hidden_size
+        output = nn.Linear(in_features, num_layers, dtype=torch.float32)
+        nn.init.zeros_(output.weight)
+        nn.init.ones_(output.bias)
+        blocks.append(output)
+        self.mlp = nn.Sequential(*blocks)
+
+    def forward(self, engagement_time: torch.Tensor) -> torch.Tensor:
+        """(batch, 2) engagement-time vectors -> (batch, num_layers) dynamic scales, fp32."""
+        if engagement_time.ndim != 2 or engagement_time.shape[1] != ENGAGEMENT_TIME_DIM:
+            raise ValueError(
+                f"engagement_time must have shape (batch, {ENGAGEMENT_TIME_DIM}), got {tuple(engagement_time.shape)}"
+            )
+        device = self.mlp[0].weight.device
+        # The ECM stays fp32 even inside an autocast region (report 3.1.1).
+        with torch.autocast(device_type=device.type, enabled=False):
+            return self.mlp(engagement_time.to(device=device, dtype=torch.float32))

@@ -1,0 +1,80 @@
+"""Export an EC-LoRA-T adapter at one engagement-time vector as a plain LoRA file.
+
+At a fixed vector e every layer's update is a constant s_k(e) * (alpha / r) * B_k A_k x, so
+baking that factor into B gives an ordinary LoRA with scale 1 (alpha = rank):
+
+    A' = A,   B' = s_k(e) * (alpha / r) * B
+
+Formats:
+    diffusers  PEFT key names as diffusers' `load_lora_weights` reads them:
+               `unet.<module>.lora_A.weight` (r, in), `unet.<module>.lora_B.weight` (out, r)
+    kohya      the same weights through diffusers' `convert_state_dict_to_kohya`:
+               `lora_unet_<module with _>.lora_down.weight` / `.lora_up.weight` / `.alpha`,
+               the layout AUTOMATIC1111 and ComfyUI load (alpha = rank, so their scale is 1)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers.utils import convert_state_dict_to_kohya
+from safetensors.torch import save_file
+
+from ec_lora_t.conditioning import ecm_scales
+from ec_lora_t.ecm import EngagementConditioningModule
+from ec_lora_t.lora import ECLoRAConfig, load_adapter_weights, load_ecm
+
+EXPORT_FORMATS = ("diffusers", "kohya")
+
+
+def baked_lora_state_dict(
+    config: ECLoRAConfig,
+    lora_state: dict[str, torch.Tensor],
+    ecm: EngagementConditioningModule,
+    engagement_time: tuple[float, float],
+    prefix: str = "unet",
+) -> dict[str, torch.Tensor]:
+    """PEFT-named LoRA weights with the static and dynamic scale for `engagement_time` in B."""
+    with torch.no_grad():
+        scales = ecm_scales(ecm, torch.tensor([engagement_time], dtype=torch.float32))[0]  # (K,)
+    baked: dict[str, torch.Tensor] = {}
+    for index, name in enumerate(config.layer_names):
+        lora_a = lora_state[f"{name}.lora_A.weight"].to(torch.float32)
+        lora_b = lora_state[f"{name}.lora_B.weight"].to(torch.float32)
+        baked[f"{prefix}.{name}.lora_A.weight"] = lora_a.contiguous()
+        baked[f"{prefix}.{name}.lora_B.weight"] = (lora_b * (scales[index] * config.static_scale)).contiguous()
+    return baked
+
+
+def export_lora(
+    adapter_dir: str | Path,
+    engagement_time: tuple[float, float],
+    out_path: str | Path,
+    format: str = "diffusers",
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write `out_path` (.safetensors): the adapter at `engagement_time` as a plain LoRA file."""
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"format must be one of {EXPORT_FORMATS}, got {format!r}")
+    engagement_time = tuple(float(v) for v in engagement_time)
+    if len(engagement_time) != 2:
+        raise ValueError(f"engagement_time must be (normalized_engagement, normalized_time), got {engagement_time}")
+    adapter_dir = Path(adapter_dir)
+    config, lora_state, ecm_state = load_adapter_weights(adapter_dir)
+    ecm = load_ecm(config, ecm_state, source=str(adapter_dir))
+    state = baked_lora_state_dict(config, lora_state, ecm, engagement_time)
+    if format == "kohya":
+        state = convert_state_dict_to_kohya(state)
+    state = {key: value.to(dtype) if value.is_floating_point() else value for key, value in state.items()}
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        "format": "pt",
+        "ec_lora_t_engagement_time": json.dumps(list(engagement_time)),
+        "ec_lora_t_rank": str(config.rank),
+        "ec_lora_t_source": str(adapter_dir),
+    }
+    save_file(state, out_path, metadata=metadata)
+    return out_path

@@ -1,0 +1,222 @@
+"""Generating images with an EC-LoRA-T adapter at chosen engagement-time vectors.
+
+A row is (prompt, vector, seed). Rows are generated together in batches, each with its own
+seeded generator for the initial latents and the deterministic DDIM sampler (eta = 0), so
+a row's image does not depend on which rows share its batch. Modes:
+    ec_lora     the ECM's scales for each row's vector
+    plain_lora  the same LoRA with every dynamic scale 1 (the ECM bypassed)
+    base        the adapter off (scale 0): the pretrained model
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from ec_lora_t.conditioning import MODES, engagement_conditioning
+from ec_lora_t.ecm import ENGAGEMENT_TIME_DIM, EngagementConditioningModule
+from ec_lora_t.lora import ECLoRAConfig, load_adapter
+
+
+@dataclass
+class ECLoRAPipeline:
+    """A diffusers StableDiffusionPipeline whose UNet carries an EC-LoRA adapter (or none)."""
+
+    pipeline: StableDiffusionPipeline
+    ecm: EngagementConditioningModule | None = None
+    config: ECLoRAConfig | None = None
+    adapter_dir: Path | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipeline.unet.device
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_pipeline(
+    pretrained: str,
+    adapter_dir: str | Path | None = None,
+    device: str | torch.device | None = None,
+    torch_dtype: torch.dtype | None = None,
+) -> ECLoRAPipeline:
+    """Load the pretrained pipeline (DDIM sampling) and, when given, inject the saved adapter.
+
+    Defaults: CUDA in fp16 when available, else CPU in fp32. The LoRA matrices and the ECM
+    stay fp32 whatever the pipeline's dtype.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    if torch_dtype is None:
+        torch_dtype = torch.float16 if device.type == "cuda" else torch.float32
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        str(pretrained), torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
+    )
+    # DDIM with eta = 0 is deterministic after the initial noise: one seed fixes an image.
+    pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+    ecm = config = None
+    if adapter_dir is not None:
+        adapter_dir = Path(adapter_dir)
+        config, ecm = load_adapter(adapter_dir, pipeline.unet)
+        ecm.to(device).eval()
+    pipeline.to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    return ECLoRAPipeline(pipeline=pipeline, ecm=ecm, config=config, adapter_dir=adapter_dir)
+
+
+def _engagement_rows(engagement_time: torch.Tensor | Sequence | None, num_rows: int) -> torch.Tensor | None:
+    if engagement_time is None:
+        return None
+    engagement_time = torch.as_tensor(engagement_time, dtype=torch.float32)
+    if engagement_time.shape != (num_rows, ENGAGEMENT_TIME_DIM):
+        raise ValueError(
+            f"engagement_time must have shape ({num_rows}, {ENGAGEMENT_TIME_DIM}) (one vector per prompt), "
+            f"got {tuple(engagement_time.shape)}"
+        )
+    return engagement_time
+
+
+@torch.no_grad()
+def generate_images(
+    pipeline: ECLoRAPipeline,
+    prompts: list[str],
+    engagement_time: torch.Tensor | None,
+    seeds: list[int],
+    *,
+    num_inference_steps: int,
+    guidance_scale: float,
+    mode: str = "ec_lora",
+    batch_size: int = 8,
+    negative_prompt: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+) -> list[Image.Image]:
+    """One image per row (prompts[i], engagement_time[i], seeds[i]), in row order.
+
+    `engagement_time` (N, 2) is required in mode "ec_lora" and ignored otherwise. Rows are
+    generated `batch_size` at a time; the result does not depend on `batch_size`.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    num_rows = len(prompts)
+    if len(seeds) != num_rows:
+        raise ValueError(f"got {num_rows} prompts but {len(seeds)} seeds; give one seed per row")
+    vectors = _engagement_rows(engagement_time, num_rows)
+    has_adapter = pipeline.ecm is not None
+    if mode != "base" and not has_adapter:
+        raise ValueError(f"mode {mode!r} needs an adapter: load_pipeline(..., adapter_dir=...)")
+    if mode == "ec_lora" and vectors is None:
+        raise ValueError("mode 'ec_lora' needs engagement_time, one (normalized_engagement, normalized_time) per row")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+    images: list[Image.Image] = []
+    for start in range(0, num_rows, batch_size):
+        rows = slice(start, start + batch_size)
+        # A generator per row: the row's initial latents come from its own seed alone.
+        # CPU generators give the same noise on every device.
+        generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds[rows]]
+        call = dict(
+            prompt=list(prompts[rows]),
+            negative_prompt=[negative_prompt] * len(generators) if negative_prompt is not None else None,
+            generator=generators,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            height=height,
+            width=width,
+            output_type="pil",
+        )
+        if has_adapter:
+            chunk_vectors = vectors[rows] if vectors is not None and mode == "ec_lora" else None
+            with engagement_conditioning(pipeline.pipeline.unet, pipeline.ecm, chunk_vectors, mode=mode):
+                images += pipeline.pipeline(**call).images
+        else:
+            images += pipeline.pipeline(**call).images
+    return images
+
+
+def save_png(image: Image.Image, path: str | Path, metadata: dict[str, Any]) -> Path:
+    """Save a PNG with each metadata item as a text chunk (non-strings as JSON)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = PngInfo()
+    for key, value in metadata.items():
+        info.add_text(str(key), value if isinstance(value, str) else json.dumps(value))
+    image.save(path, format="PNG", pnginfo=info)
+    return path
+
+
+def read_png_metadata(path: str | Path) -> dict[str, str]:
+    """The PNG's text chunks (as written by `save_png`)."""
+    with Image.open(path) as image:
+        return dict(image.text)
+
+
+def generate(
+    pretrained: str,
+    adapter_dir: str | Path | None,
+    prompts: Sequence[str],
+    vectors: Sequence[tuple[float, float]],
+    seeds: Sequence[int],
+    out_dir: str | Path,
+    *,
+    num_inference_steps: int = 30,
+    guidance_scale: float = 7.5,
+    mode: str = "ec_lora",
+    batch_size: int = 8,
+    device: str | None = None,
+) -> list[Path]:
+    """The `ec-lora-t generate` core: every prompt x vector x seed, in one batched run, to PNGs.
+
+    Files are `<row>_e<engagement>_t<time>_seed<seed>.png` in `out_dir`, with the vector,
+    prompt, seed, mode and sampler settings in the PNG text chunks.
+    """
+    if not prompts or not seeds:
+        raise ValueError("give at least one prompt and one seed")
+    if mode == "ec_lora" and not vectors:
+        raise ValueError("give at least one engagement-time vector")
+    # Without the ECM (plain_lora, base) the vector does nothing: one row per prompt and seed.
+    vector_rows = [tuple(v) for v in vectors] if mode == "ec_lora" else [(float("nan"), float("nan"))]
+    rows = list(itertools.product(prompts, vector_rows, seeds))
+    pipeline = load_pipeline(pretrained, adapter_dir, device=device)
+    engagement_time = torch.tensor([vector for _, vector, _ in rows], dtype=torch.float32)
+    images = generate_images(
+        pipeline,
+        [prompt for prompt, _, _ in rows],
+        engagement_time if mode == "ec_lora" else None,
+        [seed for _, _, seed in rows],
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        mode=mode,
+        batch_size=batch_size,
+    )
+    out_dir = Path(out_dir)
+    paths = []
+    for index, ((prompt, (engagement, time), seed), image) in enumerate(zip(rows, images)):
+        metadata = {
+            "prompt": prompt,
+            "seed": seed,
+            "mode": mode,
+            "num_inference_steps": num_inference_steps,
+            "guidance_scale": guidance_scale,
+            "pretrained": str(pretrained),
+            "adapter": str(adapter_dir) if adapter_dir is not None else "",
+        }
+        if mode == "ec_lora":
+            metadata |= {"normalized_engagement": engagement, "normalized_time": time,
+                         "engagement_time": [engagement, time]}
+            name = f"{index:03d}_e{engagement:.3f}_t{time:.3f}_seed{seed}.png"
+        else:
+            name = f"{index:03d}_{mode}_seed{seed}.png"
+        paths.append(save_png(image, out_dir / name, metadata))
+    return paths

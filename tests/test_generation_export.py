@@ -1,0 +1,137 @@
+"""Generation with the tiny pipeline, PNG metadata, and export to plain LoRA files."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from ec_lora_t.conditioning import engagement_conditioning
+from ec_lora_t.export import baked_lora_state_dict, export_lora
+from ec_lora_t.generation import generate, generate_images, load_pipeline, read_png_metadata, save_png
+from ec_lora_t.lora import ECLoRAConfig, build_ecm, ec_lora_layers, inject_ec_lora, load_adapter_weights, save_adapter
+from ec_lora_toys import WIDTH, make_toy, randomize_adapter, toy_with_adapter
+
+PROMPTS = ["a person in a red coat (winter)", "a city street at night (summer)", "a bowl of fruit (spring)"]
+VECTORS = torch.tensor([[0.9, 0.1], [0.1, 0.8], [0.5, 0.5]])
+SEEDS = [3, 11, 42]
+SAMPLING = dict(num_inference_steps=3, guidance_scale=5.0)
+
+
+@pytest.fixture(autouse=True)
+def one_intra_op_thread():
+    """One thread: on the shared 2-core machine, two threads per tiny op were far slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ec_pipeline(tiny_sd_dir, adapter_dir):
+    return load_pipeline(str(tiny_sd_dir), adapter_dir, device="cpu")
+
+
+def pixels(images) -> np.ndarray:
+    return np.stack([np.asarray(image, dtype=np.int16) for image in images])
+
+
+def test_rows_do_not_depend_on_their_batch_mates(ec_pipeline):
+    batched = pixels(generate_images(ec_pipeline, PROMPTS, VECTORS, SEEDS, **SAMPLING, batch_size=3))
+    for row in range(3):
+        rows = slice(row, row + 1)
+        alone = pixels(generate_images(ec_pipeline, PROMPTS[rows], VECTORS[rows], SEEDS[rows], **SAMPLING))
+        assert np.abs(batched[row] - alone[0]).max() <= 1, row
+    # The vector changes the image: same prompt and seed, two vectors.
+    pair = pixels(generate_images(ec_pipeline, PROMPTS[:1] * 2, VECTORS[:2], SEEDS[:1] * 2, **SAMPLING))
+    assert np.abs(pair[0] - pair[1]).mean() > 1.0
+
+
+def test_modes_base_and_plain_lora(tiny_sd_dir, ec_pipeline):
+    base_pipeline = load_pipeline(str(tiny_sd_dir), None, device="cpu")
+    plain_model = pixels(generate_images(base_pipeline, PROMPTS[:2], None, SEEDS[:2], **SAMPLING, mode="base"))
+    adapter_off = pixels(generate_images(ec_pipeline, PROMPTS[:2], None, SEEDS[:2], **SAMPLING, mode="base"))
+    assert np.array_equal(plain_model, adapter_off)
+    plain_lora = pixels(generate_images(ec_pipeline, PROMPTS[:2], None, SEEDS[:2], **SAMPLING, mode="plain_lora"))
+    assert np.abs(plain_lora - adapter_off).mean() > 1.0
+    with pytest.raises(ValueError, match="needs an adapter"):
+        generate_images(base_pipeline, PROMPTS[:1], VECTORS[:1], SEEDS[:1], **SAMPLING)
+    with pytest.raises(ValueError, match=r"shape \(2, 2\)"):
+        generate_images(ec_pipeline, PROMPTS[:2], VECTORS, SEEDS[:2], **SAMPLING)
+
+
+def test_png_metadata_round_trip(tmp_path):
+    from PIL import Image
+
+    path = save_png(Image.new("RGB", (4, 4)), tmp_path / "sub" / "x.png",
+                    {"prompt": "a coat", "seed": 42, "engagement_time": [0.8, 0.5]})
+    assert read_png_metadata(path) == {"prompt": "a coat", "seed": "42", "engagement_time": "[0.8, 0.5]"}
+
+
+def test_generate_writes_one_png_per_prompt_vector_seed(tiny_sd_dir, adapter_dir, tmp_path):
+    paths = generate(str(tiny_sd_dir), adapter_dir, PROMPTS[:1], [(0.8, 0.5), (0.2, 0.5)], [42], tmp_path,
+                     **SAMPLING, device="cpu")
+    assert [p.name for p in paths] == ["000_e0.800_t0.500_seed42.png", "001_e0.200_t0.500_seed42.png"]
+    metadata = read_png_metadata(paths[1])
+    assert metadata["prompt"] == PROMPTS[0] and metadata["seed"] == "42"
+    assert metadata["engagement_time"] == "[0.2, 0.5]" and metadata["normalized_engagement"] == "0.2"
+
+
+def test_baked_lora_equals_the_conditioned_one_on_a_toy():
+    model, ecm, config = toy_with_adapter()
+    randomize_adapter(model, ecm)
+    lora_state = {k: v.clone() for k, v in model.state_dict().items() if ".lora_" in k}
+    vector = (0.7, 0.3)
+    baked = baked_lora_state_dict(config, lora_state, ecm, vector, prefix="toy")
+    reference = make_toy()  # the same base weights
+    for name in config.layer_names:  # merge W' = W + B' A into the plain model
+        base = reference.get_submodule(name)
+        with torch.no_grad():
+            base.weight += baked[f"toy.{name}.lora_B.weight"] @ baked[f"toy.{name}.lora_A.weight"]
+    sample = torch.randn(2, 5, WIDTH)
+    with engagement_conditioning(model, ecm, torch.tensor([vector, vector])):
+        conditioned = model(sample)
+    assert torch.allclose(reference(sample), conditioned, atol=1e-5)
+
+
+def loaded_lora_keys(unet) -> set[str]:
+    from peft.utils import get_peft_model_state_dict
+
+    return set(get_peft_model_state_dict(unet, adapter_name="default_0"))
+
+
+@pytest.mark.parametrize("export_format", ["diffusers", "kohya"])
+def test_exported_file_loads_without_missing_keys_and_matches(
+    tiny_sd_dir, adapter_dir, ec_pipeline, tmp_path, export_format, caplog
+):
+    vector = (0.8, 0.5)
+    path = export_lora(adapter_dir, vector, tmp_path / f"lora-{export_format}.safetensors", format=export_format)
+    exported = load_file(path)
+    if export_format == "kohya":
+        assert all(k.startswith("lora_unet_") for k in exported)
+        assert {k.rsplit(".", 1)[-1] for k in exported} == {"alpha"} | {"weight"}
+    else:
+        assert all(k.startswith("unet.") and ".lora_" in k for k in exported)
+
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, requires_safety_checker=False)
+    pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+    pipeline.set_progress_bar_config(disable=True)
+    with caplog.at_level(logging.WARNING):
+        pipeline.load_lora_weights(str(path.parent), weight_name=path.name)
+    # diffusers warns "... led to unexpected keys ..." / "... led to missing keys ..." on a mismatch.
+    assert not [r for r in caplog.records if "unexpected keys" in r.getMessage() or "missing keys" in r.getMessage()]
+    config, _, _ = load_adapter_weights(adapter_dir)
+    expected = {f"{name}.lora_{m}.weight" for name in config.layer_names for m in "AB"}
+    assert loaded_lora_keys(pipeline.unet) == expected  # every layer loaded, nothing extra
+
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in SEEDS[:2]]
+    plain_file = pixels(pipeline(prompt=PROMPTS[:2], generator=generators, **SAMPLING).images)
+    ec_lora = pixels(generate_images(ec_pipeline, PROMPTS[:2], torch.tensor([vector, vector]), SEEDS[:2], **SAMPLING))
+    assert np.abs(plain_file - ec_lora).max() <= 1
+    other_vectors = torch.tensor([[0.1, 0.9]] * 2)
+    other_vector = pixels(generate_images(ec_pipeline, PROMPTS[:2], other_vectors, SEEDS[:2], **SAMPLING))
+    assert np.abs(plain_file - other_vector).mean() > 1.0  # the match is specific to the vector

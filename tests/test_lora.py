@@ -1,0 +1,163 @@
+"""EC-LoRA layer, injection, ECM and adapter files, on a toy module with UNet-like names."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from ec_lora_t.conditioning import engagement_conditioning
+from ec_lora_t.ecm import EngagementConditioningModule
+from ec_lora_t.lora import (
+    ADAPTER_CONFIG_NAME,
+    ECLoRAConfig,
+    ECLoRALinear,
+    ec_lora_layers,
+    inject_ec_lora,
+    load_adapter,
+    lora_parameters,
+    save_adapter,
+)
+from ec_lora_toys import WIDTH, make_toy, randomize_adapter, toy_with_adapter
+
+
+def test_injection_wraps_targets_without_copying_base_weights():
+    model = make_toy()
+    base_weights = {name: module.weight for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    config = ECLoRAConfig(rank=4, alpha=8)
+    layers = inject_ec_lora(model, config)
+
+    expected = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj", "ff.net.2"]
+    assert list(layers) == expected
+    assert list(config.layer_names) == expected
+    assert isinstance(model.proj_in, nn.Linear) and not isinstance(model.proj_in, ECLoRALinear)
+    for index, (name, layer) in enumerate(layers.items()):
+        assert layer.ecm_index == index
+        assert layer.base_layer.weight is base_weights[name]  # wrapped, not cloned
+        assert layer.lora_A.weight.dtype == torch.float32
+        assert torch.count_nonzero(layer.lora_B.weight) == 0
+        assert torch.count_nonzero(layer.lora_A.weight) > 0
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{name}.lora_{m}.weight" for name in expected for m in "AB"}
+
+
+def test_injection_rejects_no_match_and_double_injection():
+    with pytest.raises(ValueError, match="matches target_modules"):
+        inject_ec_lora(make_toy(), ECLoRAConfig(target_modules=("to_nothing",)))
+    model, _, config = toy_with_adapter()
+    with pytest.raises(ValueError, match="already has EC-LoRA"):
+        inject_ec_lora(model, ECLoRAConfig())
+
+
+def test_ecm_starts_at_scale_one_and_shapes():
+    ecm = EngagementConditioningModule(num_layers=5, hidden_size=16, depth=3)
+    vectors = torch.tensor([[0.0, 0.0], [0.3, 0.9], [1.0, 1.0]])
+    scales = ecm(vectors)
+    assert scales.shape == (3, 5) and scales.dtype == torch.float32
+    assert torch.equal(scales, torch.ones(3, 5))
+    linear_layers = [m for m in ecm.mlp if isinstance(m, nn.Linear)]
+    assert len(linear_layers) == 4  # depth 3 hidden layers + output
+    with pytest.raises(ValueError, match="shape"):
+        ecm(torch.zeros(3, 3))
+
+
+def test_step_zero_is_the_base_model():
+    reference = make_toy()
+    model, ecm, _ = toy_with_adapter()
+    sample = torch.randn(3, 5, WIDTH)
+    with engagement_conditioning(model, ecm, torch.rand(3, 2)):
+        assert torch.allclose(model(sample), reference(sample), atol=1e-6)
+
+
+def test_only_lora_and_ecm_parameters_change_after_training_steps():
+    model, ecm, _ = toy_with_adapter()
+    before = {name: p.detach().clone() for name, p in [*model.named_parameters(), *ecm.named_parameters()]}
+    trainable = lora_parameters(model) + list(ecm.parameters())
+    optimizer = torch.optim.SGD(trainable, lr=0.5)
+    sample, target = torch.randn(4, 5, WIDTH), torch.randn(4, 5, WIDTH)
+    vectors = torch.tensor([[0.1, 0.2], [0.9, 0.1], [0.5, 0.5], [0.0, 1.0]])
+    # Step 1 moves B off zero; from step 2 on A and the ECM output layer (zero at init) get
+    # gradient, and from step 3 on the ECM's hidden layers too.
+    for _ in range(3):
+        with engagement_conditioning(model, ecm, vectors):
+            loss = nn.functional.mse_loss(model(sample), target)
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    after = dict([*model.named_parameters(), *ecm.named_parameters()])
+    for name, value in before.items():
+        changed = not torch.equal(value, after[name])
+        expected_trainable = ".lora_" in name or name.startswith("mlp.")
+        assert changed == expected_trainable, name
+
+
+def test_zero_scale_gives_the_base_output():
+    reference = make_toy()
+    model, ecm, _ = toy_with_adapter()
+    randomize_adapter(model, ecm)
+    sample = torch.randn(2, 5, WIDTH)
+    with engagement_conditioning(model, mode="base"):
+        assert torch.equal(model(sample), reference(sample))
+    with torch.no_grad():  # an ECM that outputs 0 for every layer
+        ecm.mlp[-1].weight.zero_()
+        ecm.mlp[-1].bias.zero_()
+    with engagement_conditioning(model, ecm, torch.rand(2, 2)):
+        assert torch.allclose(model(sample), reference(sample), atol=1e-6)
+    with engagement_conditioning(model, mode="plain_lora"):
+        assert not torch.allclose(model(sample), reference(sample), atol=1e-3)  # the adapter does act
+
+
+def test_plain_lora_equals_ec_lora_with_unit_scales():
+    model, ecm, _ = toy_with_adapter()
+    randomize_adapter(model)  # ECM still at its init: every scale is 1
+    sample = torch.randn(2, 5, WIDTH)
+    with engagement_conditioning(model, ecm, torch.tensor([[0.2, 0.4], [1.0, 0.0]])):
+        conditioned = model(sample)
+    with engagement_conditioning(model, mode="plain_lora"):
+        plain = model(sample)
+    assert torch.allclose(conditioned, plain, atol=1e-6)
+
+
+def test_base_layer_in_bf16_keeps_fp32_lora_and_output_dtype():
+    model, ecm, _ = toy_with_adapter()
+    for layer in ec_lora_layers(model).values():
+        layer.base_layer.to(torch.bfloat16)
+    model.proj_in.to(torch.bfloat16)
+    randomize_adapter(model, ecm)
+    with engagement_conditioning(model, ecm, torch.rand(2, 2)):
+        output = model(torch.randn(2, 5, WIDTH, dtype=torch.bfloat16))
+    assert output.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in lora_parameters(model))
+
+
+def test_save_load_round_trip(tmp_path):
+    model, ecm, config = toy_with_adapter()
+    randomize_adapter(model, ecm)
+    save_adapter(tmp_path / "adapter", model, ecm, config)
+    saved_config = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG_NAME).read_text())
+    assert saved_config["layer_names"] == list(config.layer_names)
+
+    loaded_model = make_toy()
+    loaded_config, loaded_ecm = load_adapter(tmp_path / "adapter", loaded_model)
+    assert loaded_config == config
+    sample, vectors = torch.randn(3, 5, WIDTH), torch.rand(3, 2)
+    with engagement_conditioning(model, ecm, vectors):
+        original = model(sample)
+    with engagement_conditioning(loaded_model, loaded_ecm, vectors):
+        restored = loaded_model(sample)
+    assert torch.equal(original, restored)
+
+
+def test_load_rejects_other_architecture_and_missing_files(tmp_path):
+    model, ecm, config = toy_with_adapter()
+    save_adapter(tmp_path / "adapter", model, ecm, config)
+    other = make_toy()
+    other.attn1.to_k = nn.Identity()  # a different architecture: one target layer fewer
+    with pytest.raises(ValueError, match="differ from the adapter's layer_names"):
+        load_adapter(tmp_path / "adapter", other)
+    (tmp_path / "adapter" / "ecm.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="ecm.safetensors"):
+        load_adapter(tmp_path / "adapter", make_toy())

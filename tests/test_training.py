@@ -1,0 +1,185 @@
+"""Training from cached latents on the tiny UNet: resume, non-finite loss, cache errors, the stage."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from diffusers import DDPMScheduler, UNet2DConditionModel
+
+from ec_lora_t.lora import ADAPTER_WEIGHTS_NAME, ECM_WEIGHTS_NAME, ECLoRAConfig
+from ec_lora_t.training import (
+    NonFiniteLossError,
+    TrainingConfig,
+    list_checkpoints,
+    load_latent_cache,
+    train_ec_lora,
+)
+
+LORA = dict(rank=4, alpha=8, ecm_hidden_size=16)
+# 5 images in batches of 2 with 2-batch accumulation: 3 batches (last one short) and
+# 2 optimizer steps per epoch, so resuming must get the accumulation boundary right.
+TRAINING = dict(epochs=3, batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-2, mixed_precision="no")
+MICRO_TEXT_WIDTH = 8
+
+
+def micro_unet() -> UNet2DConditionModel:
+    """A seeded UNet small enough for many CPU steps (diffusers' get_dummy_components style)."""
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, block_out_channels=(4, 8), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=MICRO_TEXT_WIDTH, norm_num_groups=2, attention_head_dim=2,
+    )
+
+
+def write_cache(path, num_images=5, latent_size=8, text_width=MICRO_TEXT_WIDTH, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {
+        "latent_mean": torch.randn(num_images, 4, latent_size, latent_size, generator=generator),
+        "latent_std": 0.1 * torch.rand(num_images, 4, latent_size, latent_size, generator=generator),
+        "text_embeddings": torch.randn(num_images, 77, text_width, generator=generator),
+        "engagement_time": torch.rand(num_images, 2, generator=generator),
+    }
+    save_file(tensors, path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def one_intra_op_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine two
+    threads per op made these steps 10-50x slower (contention), so run them on one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cache_path(tmp_path_factory):
+    return write_cache(tmp_path_factory.mktemp("cache") / "latents.safetensors")
+
+
+def run_training(cache_path, checkpoints, adapter_dir=None, on_step=None, **overrides):
+    return train_ec_lora(
+        micro_unet(),
+        DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+        load_latent_cache(cache_path),
+        ECLoRAConfig(**LORA),
+        TrainingConfig(**{**TRAINING, **overrides}),
+        checkpoints,
+        adapter_dir=adapter_dir,
+        on_step=on_step,
+        log=lambda message: None,
+    )
+
+
+def test_resumed_run_ends_like_an_uninterrupted_one(cache_path, tmp_path):
+    straight = run_training(cache_path, tmp_path / "straight-ckpt", tmp_path / "straight")
+    assert straight.steps == 6 and len(straight.losses) == 6
+    assert all(torch.isfinite(torch.tensor(straight.losses)))
+
+    def crash_in_epoch_two(step, loss):
+        if step == 3:
+            raise KeyboardInterrupt  # the run is killed after epoch 1's checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cache_path, tmp_path / "resumed-ckpt", on_step=crash_in_epoch_two)
+    assert [p.name for p in list_checkpoints(tmp_path / "resumed-ckpt")] == ["epoch-0001"]
+
+    resumed = run_training(cache_path, tmp_path / "resumed-ckpt", tmp_path / "resumed")
+    assert resumed.resumed_from_epoch == 1
+    assert resumed.losses == straight.losses
+    assert resumed.images_per_second > 0  # epoch 1's timing came with the checkpoint
+    for name in (ADAPTER_WEIGHTS_NAME, ECM_WEIGHTS_NAME):
+        expected, actual = load_file(tmp_path / "straight" / name), load_file(tmp_path / "resumed" / name)
+        assert expected.keys() == actual.keys()
+        for key in expected:
+            assert torch.equal(expected[key], actual[key]), key
+    # The adapter really trained: B left zero and the ECM left its constant-1 start.
+    lora = load_file(tmp_path / "straight" / ADAPTER_WEIGHTS_NAME)
+    assert all(torch.count_nonzero(v) > 0 for k, v in lora.items() if k.endswith("lora_B.weight"))
+    ecm = load_file(tmp_path / "straight" / ECM_WEIGHTS_NAME)
+    assert torch.count_nonzero(ecm[max(k for k in ecm if k.endswith("weight"))]) > 0
+    # Only the newest checkpoints are kept (limit 2).
+    assert [p.name for p in list_checkpoints(tmp_path / "straight-ckpt")] == ["epoch-0002", "epoch-0003"]
+
+
+def test_checkpoints_from_other_params_are_not_resumed(cache_path, tmp_path):
+    run_training(cache_path, tmp_path / "ckpt", epochs=1)
+    other = run_training(cache_path, tmp_path / "ckpt", epochs=1, learning_rate=1e-3)
+    assert other.resumed_from_epoch == 0
+
+
+def test_non_finite_loss_stops_with_the_step(cache_path, tmp_path):
+    unet = micro_unet()
+    with torch.no_grad():
+        unet.conv_out.bias.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"at optimizer step 1 \(epoch 1, batch 1\)"):
+        train_ec_lora(
+            unet, DDPMScheduler(), load_latent_cache(cache_path), ECLoRAConfig(**LORA),
+            TrainingConfig(**TRAINING), tmp_path / "ckpt", log=lambda message: None,
+        )
+    assert list_checkpoints(tmp_path / "ckpt") == []
+
+
+def test_bad_latent_cache_names_the_file_and_problem(tmp_path):
+    path = write_cache(tmp_path / "latents.safetensors")
+    tensors = load_file(path)
+    del tensors["engagement_time"]
+    save_file(tensors, tmp_path / "no-vector.safetensors")
+    with pytest.raises(ValueError, match=r"no-vector.safetensors: missing tensors \['engagement_time'\]"):
+        load_latent_cache(tmp_path / "no-vector.safetensors")
+    tensors = load_file(path)
+    tensors["engagement_time"] = torch.rand(4, 2)
+    save_file(tensors, tmp_path / "short.safetensors")
+    with pytest.raises(ValueError, match=r"short.safetensors: engagement_time must be \(5, 2\)"):
+        load_latent_cache(tmp_path / "short.safetensors")
+    with pytest.raises(FileNotFoundError, match="run the latents stage"):
+        load_latent_cache(tmp_path / "absent.safetensors")
+
+
+def test_train_stage_writes_adapter_plot_and_metrics(tiny_sd_dir, tmp_path):
+    from stages.train import main
+
+    cache_path = write_cache(tmp_path / "latents.safetensors", text_width=32)  # the tiny SD's text width
+
+    params = {
+        "model": {"pretrained": str(tiny_sd_dir)},
+        "train": {
+            "lora_rank": 4, "lora_alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"],
+            "ecm_hidden_size": 8, "ecm_depth": 2, "learning_rate": 1e-3, "weight_decay": 1e-2,
+            "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8, "lr_warmup_ratio": 0.1, "epochs": 2,
+            "batch_size": 4, "gradient_accumulation_steps": 1, "mixed_precision": "auto",
+            "gradient_checkpointing": True, "seed": 42,
+        },
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "adapter"
+    main([
+        "--latents", str(cache_path), "--out", str(out), "--checkpoints", str(tmp_path / "ckpt"),
+        "--loss-plot", str(tmp_path / "plots" / "loss.csv"), "--metrics", str(tmp_path / "metrics.json"),
+        "--params", str(tmp_path / "params.yaml"),
+    ])
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["rank"] == 4
+    assert all(name.endswith(("to_q", "to_k", "to_v", "to_out.0")) for name in config["layer_names"])
+    rows = list(csv.DictReader(open(tmp_path / "plots" / "loss.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]  # 5 images in batches of 4, 2 epochs
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and metrics["mixed_precision"] == "no"
+    assert metrics["final_loss"] == pytest.approx(float(rows[-1]["loss"]), rel=1e-4)
+    assert metrics["images_per_second"] > 0 and metrics["peak_memory_mb"] > 0
+
+    params["train"]["lora_dropout"] = 0.1  # a typo or unsupported key is an error, not ignored
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ValueError, match="unknown keys in section 'train': \\['lora_dropout'\\]"):
+        main([
+            "--latents", str(cache_path), "--out", str(out), "--checkpoints", str(tmp_path / "ckpt"),
+            "--loss-plot", str(tmp_path / "loss.csv"), "--metrics", str(tmp_path / "m.json"),
+            "--params", str(tmp_path / "params.yaml"),
+        ])
