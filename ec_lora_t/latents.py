@@ -69,5 +69,5 @@ def build_latent_cache(
         "latent_mean": latent_mean.contiguous(),
         "latent_std": latent_std.contiguous(),
         "text_embeddings": text_embeddings.contiguous(),
-        "engagement_time": torch.tensor(np.asarray(engagement_time, dtype=np.float32)),
+        "engagement_time": torch.tensor(np.ascontiguousarray(engagement_time, dtype=np.float32)),
     }

@@ -14,7 +14,7 @@ the evaluation can apply the very same function to generated images as ground tr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -39,8 +39,17 @@ PERSONS = ("man", "woman")
 SEASONS = ("winter", "spring", "summer", "fall")
 
 # How much each lighting darkens or tints the whole picture (multiplier per RGB channel).
-_LIGHT_TINT = {"day": (1.0, 1.0, 1.0), "golden hour": (1.05, 0.85, 0.6), "night": (0.35, 0.38, 0.55)}
+LIGHT_TINT: dict[str, tuple[float, float, float]] = {
+    "day": (1.0, 1.0, 1.0),
+    "golden hour": (1.05, 0.85, 0.6),
+    "night": (0.35, 0.38, 0.55),
+}
 _SKIN = (224, 172, 140)
+
+# Caption phrases of the attributes; `ec_lora_t.attribute_check` reads prompts with the same table.
+SCENE_PHRASES = {"city street": "on a city street", "beach": "on a beach", "park": "in a park", "studio": "in a studio"}
+LIGHTING_PHRASES = {"day": "", "golden hour": " at golden hour", "night": " at night"}
+ACCESSORY_PHRASES = {"none": "", "cap": " with a cap", "sunglasses": " with sunglasses", "bag": " with a bag"}
 
 # The torso box (fractions of the image side): where the outfit colour is drawn and measured.
 TORSO_BOX = (0.38, 0.42, 0.62, 0.72)
@@ -59,15 +68,10 @@ class SceneAttributes:
 
     def caption(self) -> str:
         """A caption made from the attributes, as a creator's alt text might read."""
-        with_accessory = {
-            "none": "",
-            "cap": " with a cap",
-            "sunglasses": " with sunglasses",
-            "bag": " with a bag",
-        }[self.accessory]
-        at_light = {"day": "", "golden hour": " at golden hour", "night": " at night"}[self.lighting]
-        place = {"city street": "on a city street", "beach": "on a beach", "park": "in a park", "studio": "in a studio"}
-        return f"a {self.person} in a {self.outfit_colour} {self.garment}{with_accessory} {place[self.scene]}{at_light}"
+        return (
+            f"a {self.person} in a {self.outfit_colour} {self.garment}{ACCESSORY_PHRASES[self.accessory]}"
+            f" {SCENE_PHRASES[self.scene]}{LIGHTING_PHRASES[self.lighting]}"
+        )
 
 
 def _draw_background(draw: ImageDraw.ImageDraw, scene: str, side: int, rng: np.random.Generator) -> None:
@@ -154,7 +158,7 @@ def render(attributes: SceneAttributes, size: int = 64, seed: int = 0) -> Image.
     _draw_background(draw, attributes.scene, side, rng)
     _draw_person(draw, attributes, side)
     _draw_season(draw, attributes.season, side, rng)
-    pixels = np.asarray(image, dtype=np.float32) * np.array(_LIGHT_TINT[attributes.lighting], dtype=np.float32)
+    pixels = np.asarray(image, dtype=np.float32) * np.array(LIGHT_TINT[attributes.lighting], dtype=np.float32)
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
     return image.resize((size, size), Image.Resampling.LANCZOS)
 
@@ -176,6 +180,41 @@ def sample_attributes(rng: np.random.Generator, season: str | None = None, prefe
         accessory=choose("accessory", ACCESSORIES),
         season=season if season is not None else choose("season", SEASONS),
     )
+
+
+# Share of the general sample drawn like a carousel's later slide (figure shifted sideways).
+_GENERAL_SAMPLE_SHIFTED = 0.3
+_MAX_OFFSET = 0.08
+
+
+def general_sample_item(seed: int, index: int) -> tuple[SceneAttributes, int]:
+    """Attributes and render seed of image `index` of the general sample `seed` (for pretraining).
+
+    Uniform over every attribute (no creator, no engagement). Each image has its own random
+    stream, so the sample is the same however it is split between processes.
+    """
+    rng = np.random.default_rng([seed, index])
+    attributes = sample_attributes(rng)
+    if rng.uniform() < _GENERAL_SAMPLE_SHIFTED:
+        attributes = replace(attributes, offset_x=float(rng.uniform(-_MAX_OFFSET, _MAX_OFFSET)))
+    return attributes, int(rng.integers(2**31))
+
+
+def render_general_sample(seed: int, indices: range, size: int = 64, out_size: int | None = None) -> np.ndarray:
+    """Render images `indices` of the general sample `seed`: uint8 (len(indices), S, S, 3).
+
+    With `out_size`, each image is then resized to `out_size` px with PIL's bilinear filter, as
+    `ec_lora_t.latents.image_to_pixel_values` resizes the demo posts (square images need no crop).
+    """
+    side = out_size or size
+    pixels = np.empty((len(indices), side, side, 3), dtype=np.uint8)
+    for row, index in enumerate(indices):
+        attributes, render_seed = general_sample_item(seed, index)
+        image = render(attributes, size=size, seed=render_seed)
+        if out_size is not None and out_size != size:
+            image = image.resize((out_size, out_size), Image.Resampling.BILINEAR)
+        pixels[row] = np.asarray(image)
+    return pixels
 
 
 def _torso_region(pixels: np.ndarray) -> np.ndarray:
