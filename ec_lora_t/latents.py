@@ -53,21 +53,39 @@ def build_latent_cache(
     engagement_time: np.ndarray,
     resolution: int,
     batch_size: int = 32,
+    generic_captions: Sequence[str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Encode images and captions once; the tensors the `train` stage reads, in input order."""
+    """Encode images and captions once; the tensors the `train` stage reads, in input order.
+
+    `generic_captions` (the style tag and season without the description) are encoded too,
+    as `generic_text_embeddings`, for training with caption dropout.
+    """
     if not (len(images) == len(captions) == len(engagement_time)):
         raise ValueError("images, captions and engagement_time must have the same length")
     pixel_values = torch.stack([image_to_pixel_values(image, resolution) for image in images])
     latent_mean, latent_std = encode_images(components.vae, pixel_values, batch_size)
-    text_embeddings = torch.cat(
-        [
-            encode_prompts(components.tokenizer, components.text_encoder, list(captions[start : start + batch_size])).float().cpu()
-            for start in range(0, len(captions), batch_size)
-        ]
-    )
-    return {
+
+    def embed(texts: Sequence[str]) -> torch.Tensor:
+        return torch.cat(
+            [
+                encode_prompts(components.tokenizer, components.text_encoder, list(texts[start : start + batch_size])).float().cpu()
+                for start in range(0, len(texts), batch_size)
+            ]
+        ).contiguous()
+
+    cache = {
         "latent_mean": latent_mean.contiguous(),
         "latent_std": latent_std.contiguous(),
-        "text_embeddings": text_embeddings.contiguous(),
+        "text_embeddings": embed(captions),
         "engagement_time": torch.tensor(np.ascontiguousarray(engagement_time, dtype=np.float32)),
     }
+    if generic_captions is not None:
+        if len(generic_captions) != len(captions):
+            raise ValueError("generic_captions must have one entry per caption")
+        cache["generic_text_embeddings"] = embed(generic_captions)
+    return cache
+
+
+def generic_caption(full_caption: str, caption: str) -> str:
+    """The full caption without its description: `(<style> style) (<season>)`."""
+    return " ".join(full_caption.replace(caption, " ", 1).split())

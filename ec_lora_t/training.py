@@ -54,6 +54,8 @@ from ec_lora_t.lora import (
 MIXED_PRECISION_CHOICES = ("auto", "no", "fp16", "bf16")
 COMPUTE_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CACHE_TENSORS = ("latent_mean", "latent_std", "text_embeddings", "engagement_time")
+# Written by the latents stage since caption dropout; older caches train without it.
+OPTIONAL_CACHE_TENSORS = ("generic_text_embeddings",)
 TRAINING_STATE_TENSORS = "training_state.safetensors"
 TRAINING_STATE_JSON = "training_state.json"
 CHECKPOINT_NAME = re.compile(r"^epoch-(\d{4,})$")
@@ -81,6 +83,12 @@ class TrainingConfig:
     seed: int = 42
     # Keep only the newest checkpoints (None: keep all); the run resumes from the newest.
     checkpoints_total_limit: int | None = 2
+    # Probability that a sample trains on its generic caption (style tag and season only)
+    # instead of its full caption. 0 is the report's setup. Why it matters: a full caption
+    # already names what engagement depends on (the outfit, the light), so the vector adds
+    # nothing the text does not say and the model learns to ignore it; with the generic
+    # caption only the vector tells the model which kind of picture to draw.
+    caption_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in MIXED_PRECISION_CHOICES:
@@ -90,6 +98,8 @@ class TrainingConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.lr_warmup_ratio < 1.0:
             raise ValueError(f"lr_warmup_ratio must be in [0, 1), got {self.lr_warmup_ratio}")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
 
 
 @dataclass
@@ -100,6 +110,10 @@ class LatentCache:
     latent_std: torch.Tensor  # (N, 4, h, w) fp32, times the VAE scaling factor
     text_embeddings: torch.Tensor  # (N, 77, D)
     engagement_time: torch.Tensor  # (N, 2) [normalized_engagement, normalized_time]
+    generic_text_embeddings: torch.Tensor | None = None  # (N, 77, D) style tag + season only
+
+    def tensor_names(self) -> tuple[str, ...]:
+        return CACHE_TENSORS + tuple(name for name in OPTIONAL_CACHE_TENSORS if getattr(self, name) is not None)
 
     def __len__(self) -> int:
         return self.latent_mean.shape[0]
@@ -107,7 +121,7 @@ class LatentCache:
     def fingerprint(self) -> str:
         """sha256 of the tensors: a checkpoint made on other data must not be resumed."""
         digest = hashlib.sha256()
-        for name in CACHE_TENSORS:
+        for name in self.tensor_names():
             tensor = getattr(self, name).detach().to("cpu", torch.float32).contiguous()
             digest.update(name.encode() + str(tuple(tensor.shape)).encode())
             digest.update(tensor.numpy().tobytes())
@@ -135,7 +149,13 @@ def validate_latent_cache(cache: LatentCache, source: str = "latent cache") -> L
             f"{source}: engagement_time must be ({num_images}, {ENGAGEMENT_TIME_DIM}), "
             f"got {tuple(cache.engagement_time.shape)}"
         )
-    for name in CACHE_TENSORS:
+    generic = cache.generic_text_embeddings
+    if generic is not None and generic.shape != cache.text_embeddings.shape:
+        raise ValueError(
+            f"{source}: generic_text_embeddings {tuple(generic.shape)} differs from "
+            f"text_embeddings {tuple(cache.text_embeddings.shape)}"
+        )
+    for name in cache.tensor_names():
         tensor = getattr(cache, name)
         if not tensor.is_floating_point():
             raise ValueError(f"{source}: {name} must be a float tensor, got {tensor.dtype}")
@@ -159,7 +179,8 @@ def load_latent_cache(path: str | Path) -> LatentCache:
     missing = [name for name in CACHE_TENSORS if name not in tensors]
     if missing:
         raise ValueError(f"{path}: missing tensors {missing}; it has {sorted(tensors)}")
-    return validate_latent_cache(LatentCache(**{name: tensors[name] for name in CACHE_TENSORS}), source=str(path))
+    present = CACHE_TENSORS + tuple(name for name in OPTIONAL_CACHE_TENSORS if name in tensors)
+    return validate_latent_cache(LatentCache(**{name: tensors[name] for name in present}), source=str(path))
 
 
 class CachedLatentsDataset(Dataset):
@@ -170,7 +191,7 @@ class CachedLatentsDataset(Dataset):
         return len(self.cache)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {name: getattr(self.cache, name)[index] for name in CACHE_TENSORS}
+        return {name: getattr(self.cache, name)[index] for name in self.cache.tensor_names()}
 
 
 def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
@@ -221,6 +242,7 @@ def diffusion_training_step(
     batch: dict[str, torch.Tensor],
     generator: torch.Generator,
     mode: str = "ec_lora",
+    caption_dropout: float = 0.0,
 ) -> torch.Tensor:
     """Forward and backward of one micro-batch; returns the detached loss.
 
@@ -247,12 +269,17 @@ def diffusion_training_step(
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
         raise ValueError(f"unsupported scheduler prediction_type {prediction_type!r}")
-    # 4./5./6. Cached text embeddings and the vector; the UNet predicts the noise.
+    # 4. Cached text embeddings; with caption dropout some samples get their generic caption.
+    text_embeddings = batch["text_embeddings"]
+    if caption_dropout > 0.0:
+        dropped = torch.rand(latents.shape[0], generator=generator, device=device) < caption_dropout
+        text_embeddings = torch.where(dropped[:, None, None], batch["generic_text_embeddings"], text_embeddings)
+    # 5./6. The vector conditions the adapters; the UNet predicts the noise.
     with engagement_conditioning(accelerator.unwrap_model(unet), ecm, batch["engagement_time"], mode=mode):
         noise_pred = unet(
             noisy_latents.to(compute_dtype),
             timesteps,
-            encoder_hidden_states=batch["text_embeddings"].to(compute_dtype),
+            encoder_hidden_states=text_embeddings.to(compute_dtype),
             return_dict=False,
         )[0]
         loss = F.mse_loss(noise_pred.float(), target.float())
@@ -388,6 +415,10 @@ def train_ec_lora(
     checkpoints_dir = Path(checkpoints_dir)
     validate_latent_cache(cache)
     _check_cache_fits_unet(cache, unet)
+    if training.caption_dropout > 0 and cache.generic_text_embeddings is None:
+        raise ValueError(
+            "caption_dropout > 0 needs generic_text_embeddings in the latent cache; rerun the latents stage"
+        )
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     mixed_precision = resolve_mixed_precision(training.mixed_precision, device_type)
@@ -464,7 +495,9 @@ def train_ec_lora(
         window_losses: list[torch.Tensor] = []
         for batch_index, batch in enumerate(dataloader):
             with accelerator.accumulate(unet, ecm):
-                loss = diffusion_training_step(accelerator, unet, ecm, noise_scheduler, batch, generator)
+                loss = diffusion_training_step(
+                    accelerator, unet, ecm, noise_scheduler, batch, generator, caption_dropout=training.caption_dropout
+                )
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(
                         f"loss is {loss.item()} at optimizer step {global_step + 1} (epoch {epoch + 1}, "

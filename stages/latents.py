@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from ec_lora_t.ingest import load_rgb_image
-from ec_lora_t.latents import build_latent_cache
+from ec_lora_t.latents import build_latent_cache, generic_caption
 from ec_lora_t.models import load_components
 from stages._common import load_params, write_metrics
 
@@ -38,6 +38,7 @@ def main() -> None:
         engagement_time=table[["normalized_engagement", "normalized_time"]].to_numpy(),
         resolution=model_params["resolution"],
         batch_size=params["batch_size"],
+        generic_captions=[generic_caption(full, caption) for full, caption in zip(table["full_caption"], table["caption"])],
     )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     save_file(cache, args.out, metadata={"pretrained": str(model_params["pretrained"])})

@@ -24,3 +24,10 @@ def test_same_folder_loads_as_pipeline(tiny_sd_dir):
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
     image = pipe("a cat", num_inference_steps=2, height=32, width=32, output_type="np").images[0]
     assert image.shape == (32, 32, 3)
+
+
+def test_generic_caption_keeps_style_tag_and_season():
+    from ec_lora_t.latents import generic_caption
+
+    full = "(democreator style) a man in a red jacket on a beach (summer)"
+    assert generic_caption(full, "a man in a red jacket on a beach") == "(democreator style) (summer)"

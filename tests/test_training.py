@@ -183,3 +183,43 @@ def test_train_stage_writes_adapter_plot_and_metrics(tiny_sd_dir, tmp_path):
             "--loss-plot", str(tmp_path / "loss.csv"), "--metrics", str(tmp_path / "m.json"),
             "--params", str(tmp_path / "params.yaml"),
         ])
+
+
+def test_caption_dropout_swaps_in_the_generic_caption():
+    """p=1 trains every sample on its generic caption, p=0 never does (same noise either way)."""
+    from accelerate import Accelerator
+
+    from ec_lora_t.lora import build_ecm, inject_ec_lora
+    from ec_lora_t.training import diffusion_training_step
+
+    unet = micro_unet()
+    config = ECLoRAConfig(**LORA)
+    inject_ec_lora(unet, config)
+    ecm = build_ecm(config)
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    generator = torch.Generator().manual_seed(1)
+    batch = {
+        "latent_mean": torch.randn(3, 4, 8, 8, generator=generator),
+        "latent_std": torch.zeros(3, 4, 8, 8),
+        "text_embeddings": torch.randn(3, 77, MICRO_TEXT_WIDTH, generator=generator),
+        "generic_text_embeddings": torch.randn(3, 77, MICRO_TEXT_WIDTH, generator=generator),
+        "engagement_time": torch.rand(3, 2, generator=generator),
+    }
+    generic_batch = {**batch, "text_embeddings": batch["generic_text_embeddings"]}
+    accelerator = Accelerator(cpu=True)
+
+    def loss(step_batch, dropout):
+        # the dropout draw comes after the noise and timesteps: p=0 and p=1 see the same noise
+        return diffusion_training_step(accelerator, unet, ecm, scheduler, step_batch, torch.Generator().manual_seed(7),
+                                       caption_dropout=dropout).item()
+
+    assert loss(batch, 0.0) != loss(generic_batch, 0.0)
+    assert loss(batch, 1.0) == pytest.approx(loss(generic_batch, 0.0))
+    assert loss(batch, 1e-9) == pytest.approx(loss(batch, 0.0))
+
+
+def test_caption_dropout_needs_generic_embeddings(tmp_path):
+    cache = load_latent_cache(write_cache(tmp_path / "latents.safetensors"))
+    with pytest.raises(ValueError, match="generic_text_embeddings"):
+        train_ec_lora(micro_unet(), DDPMScheduler(num_train_timesteps=1000), cache, ECLoRAConfig(**LORA),
+                      TrainingConfig(**TRAINING, caption_dropout=0.5), tmp_path / "checkpoints")
