@@ -1,0 +1,340 @@
+"""The engagement sweep (report 5.1.3) and the metrics that say whether conditioning works.
+
+The report generated five images (one prompt, one seed, engagement 0 to 1), scored each with
+the latent regressor, and read the five numbers by eye. Five numbers from one seed cannot
+tell an effect from noise, so the sweep here runs P prompts x S seeds x the engagement targets
+(plus a time sweep at fixed engagement), through the EC-LoRA-T adapter and, with the same
+prompts and seeds, through the plain LoRA (ECM scales fixed at 1) and the base model.
+
+Per mode, the scores of the generated images against the targets give: the Spearman
+correlation over all images, a permutation p-value for it, the least-squares slope, the
+predicted range over the target range, and the table of mean and spread per target. The
+verdict (`controls_signal`) needs all three: a positive, significant Spearman for EC-LoRA-T
+that is also stronger than the plain LoRA's and the base model's. Key names and definitions
+are documented in docs/metrics.md.
+
+`generate_sweep` and `latent_means` produce and encode the images; `sweep_report` turns a
+scored table into the metrics, so that it can be tested on tables whose answer is known.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from diffusers import AutoencoderKL
+from diffusers.utils import make_image_grid
+from PIL import Image
+from scipy import stats
+
+from ec_lora_t.conditioning import MODES
+from ec_lora_t.generation import ECLoRAPipeline, generate_images
+from ec_lora_t.latents import encode_images, image_to_pixel_values
+
+# Modes whose output does not depend on the engagement-time vector: one image per (prompt, seed).
+MODES_WITHOUT_VECTOR = ("plain_lora", "base")
+# The verdict's significance level for the one-sided permutation test.
+SIGNIFICANCE_LEVEL = 0.05
+PLAN_COLUMNS = ["sweep", "prompt_index", "prompt", "seed", "target_engagement", "target_time"]
+
+
+def sweep_plan(
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    engagement_targets: Sequence[float],
+    time: float,
+    time_targets: Sequence[float] = (),
+    fixed_engagement: float = 0.5,
+) -> pd.DataFrame:
+    """Rows to generate: prompts x seeds x engagement targets at `time`, then prompts x seeds x
+    time targets at `fixed_engagement` (the time sweep; left out when `time_targets` is empty).
+
+    Columns: sweep ("engagement" | "time"), prompt_index, prompt, seed, target_engagement, target_time.
+    """
+    if not prompts or not seeds:
+        raise ValueError("the sweep needs at least one prompt and one seed")
+    if len(set(engagement_targets)) < 2:
+        raise ValueError(f"the engagement sweep needs at least 2 distinct targets, got {list(engagement_targets)}")
+    if time_targets and len(set(time_targets)) < 2:
+        raise ValueError(f"the time sweep needs at least 2 distinct targets (or none), got {list(time_targets)}")
+    for name, values in (("prompts", prompts), ("seeds", seeds), ("engagement_targets", engagement_targets),
+                         ("time_targets", time_targets)):
+        if len(set(values)) != len(values):
+            raise ValueError(f"{name} has duplicates: {list(values)}")
+    for name, values in (
+        ("engagement_targets", engagement_targets),
+        ("time_targets", time_targets),
+        ("time", [time]),
+        ("fixed_engagement", [fixed_engagement]),
+    ):
+        outside = [v for v in values if not 0.0 <= float(v) <= 1.0]
+        if outside:
+            # The ECM was trained on min-max normalised values; outside [0, 1] is extrapolation.
+            raise ValueError(f"{name} must lie in [0, 1], got {outside}")
+    rows = []
+    for (prompt_index, prompt), seed in itertools.product(enumerate(prompts), seeds):
+        rows += [("engagement", prompt_index, prompt, int(seed), float(e), float(time)) for e in engagement_targets]
+        rows += [("time", prompt_index, prompt, int(seed), float(fixed_engagement), float(t)) for t in time_targets]
+    return pd.DataFrame(rows, columns=PLAN_COLUMNS)
+
+
+def spearman(target: np.ndarray, predicted: np.ndarray) -> float:
+    """Spearman rank correlation over all images; NaN where either side is constant."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        return float(stats.spearmanr(target, predicted).statistic)
+
+
+def slope(target: np.ndarray, predicted: np.ndarray) -> float:
+    """Least-squares slope of predicted on target: 1 for a predictor that tracks the target 1:1."""
+    target = np.asarray(target, dtype=np.float64)
+    if np.ptp(target) == 0:
+        raise ValueError("slope needs at least 2 distinct targets")
+    return float(stats.linregress(target, np.asarray(predicted, dtype=np.float64)).slope)
+
+
+def target_table(target: np.ndarray, predicted: np.ndarray) -> pd.DataFrame:
+    """Per target: mean, population std and count of the predictions (the report's table, with spread)."""
+    frame = pd.DataFrame({"target": np.asarray(target, dtype=np.float64), "predicted": predicted})
+    table = frame.groupby("target")["predicted"].agg(mean="mean", std=lambda v: float(np.std(v)), n="size")
+    return table.reset_index()
+
+
+def range_ratio(target: np.ndarray, predicted: np.ndarray) -> float:
+    """(max - min of the per-target mean prediction) / (max - min target).
+
+    Per-target means, not single images, so that seed-to-seed noise does not pass for range.
+    1 where the predictions span the targets; the report's sweep gives (0.0827 - 0.0549) / 1 = 0.028.
+    """
+    target = np.asarray(target, dtype=np.float64)
+    if np.ptp(target) == 0:
+        raise ValueError("range_ratio needs at least 2 distinct targets")
+    means = target_table(target, predicted)["mean"]
+    return float((means.max() - means.min()) / np.ptp(target))
+
+
+@dataclass(frozen=True)
+class PermutationTest:
+    statistic: float  # observed Spearman
+    p_value: float  # one-sided, alternative: Spearman > 0
+    num_permutations: int
+    exact: bool  # every within-block arrangement enumerated (no Monte Carlo error)
+
+
+def permutation_test_spearman(
+    target: np.ndarray,
+    predicted: np.ndarray,
+    blocks: np.ndarray | None = None,
+    *,
+    permutations: int = 1000,
+    seed: int = 0,
+) -> PermutationTest:
+    """One-sided permutation test of Spearman(target, predicted) > 0, targets shuffled within blocks.
+
+    Blocks are the (prompt, seed) pairs: images of one prompt and seed share their initial noise
+    and differ only by the target, so under "the target has no effect" their targets are
+    exchangeable within the block, but not across blocks. (scipy.stats.permutation_test
+    shuffles freely and has no strata, hence this function.) Where all arrangements number at
+    most `permutations` they are enumerated and the p-value is exact; otherwise it is the
+    Monte Carlo estimate (1 + #{null >= observed}) / (1 + permutations), which is never 0.
+    A constant side gives statistic NaN and p-value 1.
+    """
+    target_rank = stats.rankdata(np.asarray(target, dtype=np.float64))
+    predicted_rank = stats.rankdata(np.asarray(predicted, dtype=np.float64))
+    if len(target_rank) != len(predicted_rank):
+        raise ValueError(f"target has {len(target_rank)} values, predicted has {len(predicted_rank)}")
+    blocks = np.zeros(len(target_rank), dtype=np.int64) if blocks is None else np.asarray(blocks)
+    if len(blocks) != len(target_rank):
+        raise ValueError(f"blocks has {len(blocks)} values, target has {len(target_rank)}")
+    if np.ptp(target_rank) == 0 or np.ptp(predicted_rank) == 0:
+        return PermutationTest(statistic=math.nan, p_value=1.0, num_permutations=0, exact=True)
+
+    # Spearman is Pearson on ranks; permuting targets within blocks permutes their global ranks,
+    # so every null statistic is one dot product with the centred predicted ranks.
+    centred_predicted = predicted_rank - predicted_rank.mean()
+    centred_predicted /= np.linalg.norm(centred_predicted)
+    centred_target = target_rank - target_rank.mean()
+    scale = np.linalg.norm(centred_target)
+    observed = float(centred_target @ centred_predicted / scale)
+
+    block_rows = [np.flatnonzero(blocks == block) for block in np.unique(blocks)]
+    num_arrangements = math.prod(math.factorial(len(rows)) for rows in block_rows)
+    exact = num_arrangements <= permutations
+    if exact:
+        null = np.empty(num_arrangements)
+        for i, orders in enumerate(itertools.product(*(itertools.permutations(rows) for rows in block_rows))):
+            permuted = np.empty_like(centred_target)
+            for rows, order in zip(block_rows, orders):
+                permuted[rows] = centred_target[list(order)]
+            null[i] = permuted @ centred_predicted / scale
+    else:
+        rng = np.random.default_rng(seed)
+        permuted = np.empty((permutations, len(centred_target)))
+        for rows in block_rows:
+            permuted[:, rows] = rng.permuted(np.broadcast_to(centred_target[rows], (permutations, len(rows))), axis=1)
+        null = permuted @ centred_predicted / scale
+    # Tolerance: the identity arrangement must count as "at least as extreme" despite rounding.
+    at_least_observed = int(np.sum(null >= observed - 1e-12))
+    p_value = at_least_observed / num_arrangements if exact else (1 + at_least_observed) / (1 + permutations)
+    return PermutationTest(
+        statistic=observed, p_value=float(p_value), num_permutations=int(len(null)), exact=bool(exact)
+    )
+
+
+def target_key(target: float) -> str:
+    """Stable metrics key of a target: 0.25 -> "target_025" (no dots: `dvc metrics` splits keys on dots)."""
+    return f"target_{round(float(target) * 100):03d}"
+
+
+def sweep_metrics(
+    target: np.ndarray,
+    score: np.ndarray,
+    blocks: np.ndarray,
+    *,
+    permutations: int,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """All metrics of one mode and one sweep, for one score (regressor prediction or ground truth)."""
+    target, score = np.asarray(target, dtype=np.float64), np.asarray(score, dtype=np.float64)
+    test = permutation_test_spearman(target, score, blocks, permutations=permutations, seed=seed)
+    table = target_table(target, score)
+    keys = [target_key(t) for t in table["target"]]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"targets {list(table['target'])} do not have distinct keys at 0.01 resolution")
+    return {
+        "spearman": spearman(target, score),
+        "p_value": test.p_value,
+        "permutation_exact": test.exact,
+        "slope": slope(target, score),
+        "range_ratio": range_ratio(target, score),
+        "mean": float(score.mean()),
+        "std": float(score.std()),
+        "by_target": {
+            key: {"mean": float(row["mean"]), "std": float(row["std"]), "n": int(row["n"])}
+            for key, (_, row) in zip(keys, table.iterrows())
+        },
+    }
+
+
+def controls_signal(mode_metrics: dict[str, dict[str, Any]], significance_level: float = SIGNIFICANCE_LEVEL) -> bool:
+    """The verdict: EC-LoRA-T's Spearman is > 0, its permutation p-value < the level, and it is
+    larger than the plain LoRA's and the base model's (a NaN Spearman, from a constant score, counts as 0).
+    """
+    if "ec_lora" not in mode_metrics:
+        raise KeyError(f"the verdict needs the ec_lora mode, got {sorted(mode_metrics)}")
+
+    def rho(mode: str) -> float:
+        value = mode_metrics[mode]["spearman"]
+        return 0.0 if value is None or math.isnan(value) else float(value)
+
+    ec_lora = mode_metrics["ec_lora"]
+    references = [rho(mode) for mode in mode_metrics if mode != "ec_lora"]
+    return bool(
+        rho("ec_lora") > 0
+        and ec_lora["p_value"] < significance_level
+        and all(rho("ec_lora") > reference for reference in references)
+    )
+
+
+def image_grid(images: Sequence[Image.Image], rows: int, columns: int) -> Image.Image:
+    """Images in row-major order pasted into one picture (rows: prompts x seeds, columns: targets)."""
+    if len(images) != rows * columns:
+        raise ValueError(f"a {rows} x {columns} grid needs {rows * columns} images, got {len(images)}")
+    return make_image_grid(list(images), rows=rows, cols=columns)
+
+
+def generate_sweep(
+    pipeline: ECLoRAPipeline,
+    plan: pd.DataFrame,
+    mode: str,
+    *,
+    num_inference_steps: int,
+    guidance_scale: float,
+    resolution: int,
+    batch_size: int = 8,
+) -> list[Image.Image]:
+    """One image per plan row, in plan order, at `resolution` px (the size the regressor was fit at).
+
+    In "plain_lora" and "base" mode the vector has no effect, so each (prompt, seed) is
+    generated once and shared by its rows; identical rows of "ec_lora" (the point where the
+    two sweeps cross) are generated once too.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    uses_vector = mode not in MODES_WITHOUT_VECTOR
+    columns = ["prompt", "seed", "target_engagement", "target_time"] if uses_vector else ["prompt", "seed"]
+    keys = list(plan[columns].itertuples(index=False, name=None))
+    unique_keys = list(dict.fromkeys(keys))
+    engagement_time = torch.tensor([key[2:] for key in unique_keys], dtype=torch.float32) if uses_vector else None
+    images = generate_images(
+        pipeline,
+        [key[0] for key in unique_keys],
+        engagement_time,
+        [int(key[1]) for key in unique_keys],
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        mode=mode,
+        batch_size=batch_size,
+        height=resolution,
+        width=resolution,
+    )
+    image_of_key = dict(zip(unique_keys, images))
+    return [image_of_key[key] for key in keys]
+
+
+def latent_means(vae: AutoencoderKL, images: Sequence[Image.Image], resolution: int, batch_size: int = 8) -> np.ndarray:
+    """VAE latent means x scaling factor, (N, 4, h, w): the same preprocessing and encoding as
+    the latents stage applies to the training images, so the regressor reads them alike."""
+    pixel_values = torch.stack([image_to_pixel_values(image, resolution) for image in images])
+    latent_mean, _ = encode_images(vae, pixel_values, batch_size)
+    return latent_mean.numpy()
+
+
+def sweep_report(table: pd.DataFrame, *, permutations: int, seed: int = 0) -> dict[str, Any]:
+    """Metrics of a scored sweep table, nested as `<sweep>_sweep.<mode>.<metric>` plus `verdict`.
+
+    `table` has one row per (mode, plan row): mode, sweep, prompt_index, seed,
+    target_engagement, target_time, predicted_engagement, and optionally ground_truth_score
+    (all NaN or absent where no ground truth is known). Blocks of the permutation test are
+    (prompt_index, seed). The time sweep scores predicted engagement against target time.
+    """
+    required = {"mode", "sweep", "prompt_index", "seed", "target_engagement", "target_time", "predicted_engagement"}
+    missing = required - set(table.columns)
+    if missing:
+        raise ValueError(f"sweep table is missing columns {sorted(missing)}")
+    has_ground_truth = "ground_truth_score" in table.columns and table["ground_truth_score"].notna().all()
+    report: dict[str, Any] = {}
+    for sweep, target_column in (("engagement", "target_engagement"), ("time", "target_time")):
+        rows = table[table["sweep"] == sweep]
+        if rows.empty:
+            continue
+        per_mode = {}
+        for mode, mode_rows in rows.groupby("mode", sort=False):
+            target = mode_rows[target_column].to_numpy()
+            blocks = mode_rows["prompt_index"].astype(str).str.cat(mode_rows["seed"].astype(str), sep="/").to_numpy()
+            predicted = mode_rows["predicted_engagement"].to_numpy()
+            per_mode[mode] = sweep_metrics(target, predicted, blocks, permutations=permutations, seed=seed)
+            if has_ground_truth:
+                truth = mode_rows["ground_truth_score"].to_numpy()
+                per_mode[mode]["ground_truth"] = sweep_metrics(
+                    target, truth, blocks, permutations=permutations, seed=seed
+                )
+                # Does the learned regressor rank generated images as the true function does?
+                per_mode[mode]["regressor_vs_ground_truth_spearman"] = spearman(truth, predicted)
+        report[f"{sweep}_sweep"] = per_mode
+    if "engagement_sweep" not in report:
+        raise ValueError("sweep table has no engagement sweep rows")
+    engagement = report["engagement_sweep"]
+    report["verdict"] = {"controls_engagement": controls_signal(engagement)}
+    if has_ground_truth:
+        report["verdict"]["controls_ground_truth"] = controls_signal(
+            {mode: metrics["ground_truth"] for mode, metrics in engagement.items()}
+        )
+    return report

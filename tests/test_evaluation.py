@@ -1,0 +1,343 @@
+"""Sweep metrics on constructed inputs whose answer is known, the sweep plan, the verdict, the grid."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from PIL import Image
+from scipy import stats
+
+from ec_lora_t.evaluation import (
+    controls_signal,
+    image_grid,
+    permutation_test_spearman,
+    range_ratio,
+    slope,
+    spearman,
+    sweep_metrics,
+    sweep_plan,
+    sweep_report,
+    target_key,
+    target_table,
+)
+from ec_lora_t.regressor import LatentRegressor
+
+TARGETS = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
+REPORT_PREDICTED = np.array([0.0668, 0.0767, 0.0827, 0.0809, 0.0549])  # report table 5.1.3
+
+
+def repeated_targets(num_blocks: int) -> tuple[np.ndarray, np.ndarray]:
+    """The targets of `num_blocks` (prompt, seed) blocks and each row's block id."""
+    return np.tile(TARGETS, num_blocks), np.repeat(np.arange(num_blocks), len(TARGETS))
+
+
+def test_perfect_monotone_predictor_has_spearman_one_and_the_smallest_exact_p():
+    predicted = np.exp(3 * TARGETS)  # monotone, not linear
+    assert spearman(TARGETS, predicted) == pytest.approx(1.0)
+    test = permutation_test_spearman(TARGETS, predicted, permutations=1000)
+    assert test.exact and test.num_permutations == 120  # 5! arrangements, all enumerated
+    assert test.statistic == pytest.approx(1.0)
+    assert test.p_value == pytest.approx(1 / 120)
+
+
+def test_shuffled_predictor_gives_a_large_p_value():
+    rng = np.random.default_rng(0)
+    target, blocks = repeated_targets(8)
+    predicted = rng.permutation(target) + 0.01 * rng.normal(size=len(target))
+    test = permutation_test_spearman(target, predicted, blocks, permutations=2000, seed=1)
+    assert not test.exact
+    assert test.p_value > 0.2
+
+
+def test_reversed_predictor_is_not_significant_under_the_one_sided_test():
+    test = permutation_test_spearman(TARGETS, -TARGETS)
+    assert test.statistic == pytest.approx(-1.0)
+    assert test.p_value == 1.0
+
+
+def test_statistic_is_scipy_spearman_with_ties():
+    rng = np.random.default_rng(2)
+    target, blocks = repeated_targets(3)
+    predicted = np.round(rng.normal(size=len(target)), 1)  # ties on both sides
+    test = permutation_test_spearman(target, predicted, blocks, permutations=100)
+    assert test.statistic == pytest.approx(stats.spearmanr(target, predicted).statistic)
+
+
+def test_small_effect_hidden_by_prompt_offsets_is_found_within_blocks():
+    # Each prompt/seed block sits at its own level; within a block the prediction rises with
+    # the target by a tiny amount. Over all images the Spearman is small, but every block
+    # agrees, which only a within-block permutation test can see.
+    target, blocks = repeated_targets(4)
+    predicted = 10.0 * blocks + 0.01 * target
+    assert spearman(target, predicted) < 0.3
+    within = permutation_test_spearman(target, predicted, blocks, permutations=1000, seed=0)
+    free = permutation_test_spearman(target, predicted, None, permutations=1000, seed=0)
+    assert within.p_value < 0.01
+    assert free.p_value > 0.05
+
+
+def test_monte_carlo_p_value_agrees_with_the_exact_one():
+    rng = np.random.default_rng(3)
+    target = np.linspace(0, 1, 7)
+    predicted = target + rng.normal(scale=0.3, size=7)
+    exact = permutation_test_spearman(target, predicted, permutations=5040)  # 7! arrangements
+    sampled = permutation_test_spearman(target, predicted, permutations=4000, seed=4)
+    assert exact.exact and not sampled.exact
+    assert 0.02 < exact.p_value < 0.5  # a case where the Monte Carlo error is visible
+    assert sampled.p_value == pytest.approx(exact.p_value, abs=0.025)
+
+
+def test_single_block_matches_scipy_exact_permutation_test():
+    rng = np.random.default_rng(5)
+    target = np.linspace(0, 1, 6)
+    predicted = target + rng.normal(scale=0.3, size=6)
+    ours = permutation_test_spearman(target, predicted, permutations=1000)
+    # One sample: scipy permutes it against the fixed targets (6! pairings, as ours).
+    reference = stats.permutation_test(
+        (predicted,),
+        lambda shuffled: stats.spearmanr(target, shuffled).statistic,
+        permutation_type="pairings",
+        alternative="greater",
+        n_resamples=np.inf,
+    )
+    assert ours.exact
+    assert ours.p_value == pytest.approx(reference.pvalue)
+
+
+def test_constant_predictor_has_no_correlation_and_p_value_one():
+    test = permutation_test_spearman(TARGETS, np.full(5, 0.3))
+    assert math.isnan(test.statistic) and test.p_value == 1.0
+    assert math.isnan(spearman(TARGETS, np.full(5, 0.3)))
+
+
+def test_slope_and_range_ratio_known_values():
+    target, _ = repeated_targets(3)
+    assert slope(target, 2 * target + 1) == pytest.approx(2.0)
+    assert range_ratio(target, 0.5 * target + 0.1) == pytest.approx(0.5)
+    # The report's sweep: predictions span 0.0549-0.0827 for targets 0-1.
+    assert range_ratio(TARGETS, REPORT_PREDICTED) == pytest.approx(0.0278)
+    with pytest.raises(ValueError, match="2 distinct targets"):
+        slope(np.ones(3), np.arange(3.0))
+
+
+def test_range_ratio_ignores_seed_noise_that_cancels_in_the_means():
+    # Two seeds, opposite noise: single images span far more than the per-target means do.
+    target = np.concatenate([TARGETS, TARGETS])
+    predicted = np.concatenate([np.full(5, 0.5) + 0.3, np.full(5, 0.5) - 0.3])
+    assert range_ratio(target, predicted) == pytest.approx(0.0)
+
+
+def test_target_table_mean_and_spread():
+    table = target_table(np.array([0.0, 0.0, 1.0, 1.0]), np.array([0.1, 0.3, 0.6, 0.6]))
+    assert table["target"].tolist() == [0.0, 1.0]
+    assert table["mean"].tolist() == pytest.approx([0.2, 0.6])
+    assert table["std"].tolist() == pytest.approx([0.1, 0.0])
+    assert table["n"].tolist() == [2, 2]
+
+
+def test_sweep_metrics_keys_are_stable_and_dot_free():
+    target, blocks = repeated_targets(2)
+    metrics = sweep_metrics(target, target + 0.1, blocks, permutations=100)
+    assert set(metrics) == {
+        "spearman", "p_value", "permutation_exact", "slope", "range_ratio", "mean", "std", "by_target"
+    }
+    assert list(metrics["by_target"]) == ["target_000", "target_025", "target_050", "target_075", "target_100"]
+    assert metrics["by_target"]["target_100"] == {"mean": pytest.approx(1.1), "std": 0.0, "n": 2}
+    assert metrics["spearman"] == pytest.approx(1.0) and metrics["slope"] == pytest.approx(1.0)
+    assert target_key(0.125) == "target_012"
+
+
+def test_sweep_metrics_rejects_targets_closer_than_the_key_resolution():
+    with pytest.raises(ValueError, match="distinct keys"):
+        sweep_metrics(np.array([0.5, 0.501, 1.0]), np.array([0.1, 0.2, 0.3]), np.zeros(3), permutations=10)
+
+
+def _mode(rho: float, p: float) -> dict:
+    return {"spearman": rho, "p_value": p}
+
+
+def test_verdict_needs_positive_significant_and_stronger_than_the_references():
+    assert controls_signal(
+        {"ec_lora": _mode(0.8, 0.01), "plain_lora": _mode(float("nan"), 1.0), "base": _mode(0.0, 1.0)}
+    )
+    assert not controls_signal({"ec_lora": _mode(0.8, 0.2), "plain_lora": _mode(0.0, 1.0), "base": _mode(0.0, 1.0)})
+    assert not controls_signal({"ec_lora": _mode(-0.8, 0.01), "plain_lora": _mode(0.0, 1.0), "base": _mode(0.0, 1.0)})
+    assert not controls_signal({"ec_lora": _mode(0.5, 0.01), "plain_lora": _mode(0.6, 0.01), "base": _mode(0.0, 1.0)})
+    assert not controls_signal({"ec_lora": _mode(float("nan"), 1.0), "base": _mode(float("nan"), 1.0)})
+
+
+def test_sweep_plan_default_is_the_reports_sweep_plus_a_time_sweep():
+    prompt = "(democreator style) a person in an outfit on a city street (summer)"
+    plan = sweep_plan([prompt], [42], TARGETS.tolist(), time=0.5, time_targets=[0.0, 0.5, 1.0], fixed_engagement=0.5)
+    engagement = plan[plan["sweep"] == "engagement"]
+    assert engagement["target_engagement"].tolist() == TARGETS.tolist()
+    assert (engagement["target_time"] == 0.5).all() and (engagement["seed"] == 42).all()
+    time_rows = plan[plan["sweep"] == "time"]
+    assert time_rows["target_time"].tolist() == [0.0, 0.5, 1.0] and (time_rows["target_engagement"] == 0.5).all()
+
+
+def test_sweep_plan_crosses_prompts_seeds_and_targets():
+    plan = sweep_plan(["a", "b", "c"], [1, 2], [0.0, 1.0], time=0.5)
+    assert len(plan) == 3 * 2 * 2 and set(plan["sweep"]) == {"engagement"}
+    assert plan.groupby(["prompt_index", "seed"]).size().eq(2).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"engagement_targets": [0.5, 0.5]}, "2 distinct targets"),
+        ({"engagement_targets": [0.0, 1.5]}, r"engagement_targets must lie in \[0, 1\]"),
+        ({"time_targets": [0.3]}, "time sweep needs at least 2"),
+        ({"seeds": []}, "at least one prompt and one seed"),
+        ({"engagement_targets": [0.0, 0.5, 0.5]}, "engagement_targets has duplicates"),
+    ],
+)
+def test_sweep_plan_rejects_bad_params(kwargs, message):
+    arguments = {"prompts": ["a"], "seeds": [1], "engagement_targets": [0.0, 1.0], "time": 0.5, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        sweep_plan(**arguments)
+
+
+def test_image_grid_places_rows_and_columns():
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255)]
+    grid = image_grid([Image.new("RGB", (8, 8), c) for c in colours], rows=2, columns=3)
+    assert grid.size == (24, 16)
+    assert grid.getpixel((8 * 2 + 4, 4)) == colours[2]  # row 0, column 2
+    assert grid.getpixel((4, 8 + 4)) == colours[3]  # row 1, column 0
+    with pytest.raises(ValueError, match="needs 6 images"):
+        image_grid([Image.new("RGB", (8, 8))] * 5, rows=2, columns=3)
+
+
+def scored_sweep(ec_lora_effect: float, seed: int = 0) -> pd.DataFrame:
+    """A scored sweep table of 3 prompts x 2 seeds: EC-LoRA-T's prediction rises with the target
+    by `ec_lora_effect`; plain LoRA and base ignore the target (one image per prompt/seed).
+    The ground truth follows the target in every case, with noise."""
+    rng = np.random.default_rng(seed)
+    plan = sweep_plan(["a", "b", "c"], [1, 2], TARGETS.tolist(), time=0.5, time_targets=[0.0, 1.0])
+    tables = []
+    for mode in ("ec_lora", "plain_lora", "base"):
+        table = plan.assign(mode=mode)
+        block_level = rng.normal(size=len(table)).reshape(-1, 7).mean(axis=1).repeat(7)
+        effect = ec_lora_effect if mode == "ec_lora" else 0.0
+        noise = 0.01 * rng.normal(size=len(table))
+        table["predicted_engagement"] = block_level + effect * table["target_engagement"] + noise
+        table["ground_truth_score"] = table["target_engagement"] + 0.05 * rng.normal(size=len(table))
+        if mode != "ec_lora":
+            table["predicted_engagement"] = block_level
+        tables.append(table)
+    return pd.concat(tables, ignore_index=True)
+
+
+def test_sweep_report_says_it_works_when_ec_lora_follows_the_target():
+    report = sweep_report(scored_sweep(ec_lora_effect=0.5), permutations=500)
+    ec_lora = report["engagement_sweep"]["ec_lora"]
+    assert ec_lora["spearman"] > 0.3 and ec_lora["p_value"] < 0.01
+    base = report["engagement_sweep"]["base"]
+    assert base["spearman"] == pytest.approx(0)  # flat within every prompt/seed block
+    assert base["p_value"] == 1.0
+    assert report["verdict"] == {"controls_engagement": True, "controls_ground_truth": False}
+    assert set(report["time_sweep"]) == {"ec_lora", "plain_lora", "base"}
+    assert list(report["time_sweep"]["ec_lora"]["by_target"]) == ["target_000", "target_100"]
+    assert ec_lora["ground_truth"]["spearman"] > 0.9  # scored against target_engagement
+
+
+def test_sweep_report_says_it_does_not_when_ec_lora_ignores_the_target():
+    report = sweep_report(scored_sweep(ec_lora_effect=0.0), permutations=500)
+    assert report["engagement_sweep"]["ec_lora"]["p_value"] > 0.05
+    assert report["verdict"]["controls_engagement"] is False
+
+
+def test_sweep_report_without_ground_truth_has_no_ground_truth_keys():
+    table = scored_sweep(ec_lora_effect=0.5).assign(ground_truth_score=float("nan"))
+    report = sweep_report(table, permutations=100)
+    assert "ground_truth" not in report["engagement_sweep"]["ec_lora"]
+    assert report["verdict"] == {"controls_engagement": True}
+    with pytest.raises(ValueError, match="missing columns"):
+        sweep_report(table.drop(columns="predicted_engagement"), permutations=10)
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_sd_dir, tmp_path_factory):
+    """A 'trained' adapter for the tiny UNet: random B and ECM output layer, so vectors matter."""
+    from diffusers import UNet2DConditionModel
+
+    from ec_lora_t.lora import ECLoRAConfig, build_ecm, ec_lora_layers, inject_ec_lora, save_adapter
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet")
+    config = ECLoRAConfig(rank=4, alpha=8, ecm_hidden_size=16)
+    inject_ec_lora(unet, config)
+    ecm = build_ecm(config)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for layer in ec_lora_layers(unet).values():
+            layer.lora_B.weight.copy_(0.5 * torch.randn(layer.lora_B.weight.shape, generator=generator))
+        ecm.mlp[-1].weight.copy_(2.0 * torch.randn(ecm.mlp[-1].weight.shape, generator=generator))
+    return save_adapter(tmp_path_factory.mktemp("adapter") / "adapter", unet, ecm, config)
+
+
+def test_evaluate_stage_end_to_end_on_the_tiny_model(tiny_sd_dir, adapter_dir, tmp_path, monkeypatch):
+    from stages import evaluate as stage
+
+    latent_shape = (4, 8, 8)  # the tiny VAE at 32 px
+    rng = np.random.default_rng(0)
+    LatentRegressor(
+        coefficients=rng.normal(size=256) / 16, intercept=0.5, scaler_mean=np.zeros(256), scaler_scale=np.ones(256),
+        latent_shape=latent_shape, model="ridge", alpha=1.0, protocol="grouped_kfold", num_training_images=10,
+    ).save(tmp_path / "regressor")
+    params = {
+        "model": {"pretrained": str(tiny_sd_dir), "resolution": 32},
+        "evaluate": {
+            "prompts": ["a man in a red jacket on a city street", "a woman in a blue coat on a beach"],
+            "seeds": [1, 2],
+            "engagement_targets": [0.0, 0.5, 1.0],
+            "time": 0.5,
+            "time_targets": [0.0, 1.0],
+            "fixed_engagement": 0.5,
+            "num_inference_steps": 2,
+            "guidance_scale": 5.0,
+            "permutations": 50,
+            "ground_truth": True,
+        },
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(
+        sys, "argv",
+        ["evaluate", "--adapter", str(adapter_dir), "--regressor", "regressor", "--out", "out",
+         "--sweep-plot", "plots/sweep.csv", "--metrics", "metrics/evaluate.json"],
+    )
+    stage.main()
+
+    scored = pd.read_csv(tmp_path / "out/sweep.csv")
+    assert len(scored) == 3 * 2 * 2 * (3 + 2)  # modes x prompts x seeds x (engagement + time targets)
+    assert scored["predicted_engagement"].notna().all() and scored["ground_truth_score"].between(0, 1).all()
+    per_image = scored.groupby("image_path")["predicted_engagement"].nunique()
+    assert (per_image == 1).all()
+    # plain LoRA and base: one image per prompt and seed; EC-LoRA-T: one per distinct vector.
+    images = {
+        mode: len(list((tmp_path / "out/images" / mode).glob("*.png"))) for mode in ("ec_lora", "plain_lora", "base")
+    }
+    assert images == {"ec_lora": 2 * 2 * 5, "plain_lora": 4, "base": 4}
+    ec_lora = scored[(scored["mode"] == "ec_lora") & (scored["prompt_index"] == 0) & (scored["seed"] == 1)]
+    assert ec_lora["predicted_engagement"].nunique() > 1  # the vector changes the image
+
+    plot = pd.read_csv(tmp_path / "plots/sweep.csv")
+    assert len(plot) == 3 * 2 * 2 * 3
+    assert {"mode", "prompt", "seed", "target_engagement", "target_time", "predicted_engagement",
+            "ground_truth_score"} <= set(plot.columns)
+    assert Image.open(tmp_path / "out/grid.png").size == (3 * 32, 4 * 32)  # targets x (prompts x seeds)
+
+    metrics = json.loads((tmp_path / "metrics/evaluate.json").read_text())
+    assert set(metrics["engagement_sweep"]) == {"ec_lora", "plain_lora", "base"}
+    ec_lora_metrics = metrics["engagement_sweep"]["ec_lora"]
+    assert {"spearman", "p_value", "slope", "range_ratio", "by_target", "ground_truth"} <= ec_lora_metrics.keys()
+    assert metrics["engagement_sweep"]["base"]["p_value"] == 1.0
+    assert set(metrics["verdict"]) == {"controls_engagement", "controls_ground_truth"}
+    assert metrics["num_images"] == 28
