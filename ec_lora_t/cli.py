@@ -40,7 +40,30 @@ def build_tiny_base(
     typer.echo(f"saved to {build_tiny_stable_diffusion(out, seed=seed, resolution=resolution, save_dtype=save_dtype)}")
 
 
-DEFAULT_PRETRAINED = "models/tiny-sd-random"  # the embedded default of params.yaml's model.pretrained
+@app.command("pretrain-base")
+def pretrain_base(
+    out: Annotated[Path, typer.Option(help="Folder for the model (replaced) in diffusers layout.")] = Path("models/ec-lora-t-base"),
+    steps: Annotated[int, typer.Option(help="UNet + text encoder steps.")] = 3140,
+    vae_steps: Annotated[int, typer.Option(help="VAE steps, before the UNet phase.")] = 2000,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 256,
+    resolution: Annotated[int, typer.Option(help="Image side, px.")] = 32,
+    num_images: Annotated[int, typer.Option(help="Size of the rendered general sample of the demo world.")] = 60000,
+    learning_rate: Annotated[float, typer.Option(help="UNet and text encoder learning rate.")] = 5e-4,
+    seed: Annotated[int, typer.Option(help="Seed of the sample and the weights.")] = 0,
+    device: Annotated[str, typer.Option(help="cuda (meant for a GPU) or cpu (smoke runs).")] = "cuda",
+    time_limit_s: Annotated[float | None, typer.Option(help="Shorten the UNet phase to end within this time.")] = None,
+) -> None:
+    """Pretrain the embedded base model from scratch on the demo world (a GPU run of about 6 minutes)."""
+    # No CUDA call before this: pretrain_base renders in forked workers first.
+    from ec_lora_t.pretrain import pretrain_base as run_pretraining
+
+    summary = run_pretraining(out, steps=steps, vae_steps=vae_steps, batch_size=batch_size, resolution=resolution,
+                              num_images=num_images, learning_rate=learning_rate, seed=seed, device=device,
+                              time_limit_s=time_limit_s)
+    typer.echo(f"saved to {out}: {summary.to_json()}")
+
+
+DEFAULT_PRETRAINED = "models/ec-lora-t-base"  # the embedded default of params.yaml's model.pretrained
 DEFAULT_ADAPTER = Path("data/train/adapter")
 DEFAULT_STATS = Path("data/features/normalization.json")
 

@@ -78,3 +78,15 @@ def test_export_writes_a_lora_file(adapter_dir, tmp_path, fmt):
     assert result.exit_code == 0, result.output
     keys = list(load_file(out))
     assert keys and all(("lora" in key) for key in keys)
+
+
+def test_pretrain_base_smoke_on_cpu(tmp_path):
+    from ec_lora_t.models import load_components
+
+    out = tmp_path / "base"
+    result = runner.invoke(app, ["pretrain-base", "--out", str(out), "--steps", "2", "--vae-steps", "2",
+                                 "--batch-size", "4", "--num-images", "8", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    components = load_components(out)
+    assert components.unet.config.sample_size == 16  # 32 px through a VAE that halves once
+    assert json.loads((out / "pretrain_summary.json").read_text())["unet_steps"] == 2
