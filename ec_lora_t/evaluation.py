@@ -9,8 +9,9 @@ prompts and seeds, through the plain LoRA (ECM scales fixed at 1) and the base m
 Per mode, the scores of the generated images against the targets give: the Spearman
 correlation over all images, a permutation p-value for it, the least-squares slope, the
 predicted range over the target range, and the table of mean and spread per target. The
-verdict (`controls_signal`) needs all three: a positive, significant Spearman for EC-LoRA-T
-that is also stronger than the plain LoRA's and the base model's. Key names and definitions
+verdict (`controls_signal`) needs a positive, significant Spearman for EC-LoRA-T that is also
+stronger than the plain LoRA's and the base model's, with a positive slope and an effect large
+enough to matter (a significant but microscopic trend is not control). Key names and definitions
 are documented in docs/metrics.md.
 
 `generate_sweep` and `latent_means` produce and encode the images; `sweep_report` turns a
@@ -42,6 +43,10 @@ from ec_lora_t.latents import encode_images, image_to_pixel_values
 MODES_WITHOUT_VECTOR = ("plain_lora", "base")
 # The verdict's significance level for the one-sided permutation test.
 SIGNIFICANCE_LEVEL = 0.05
+# The verdict's smallest effect: the per-target mean scores must span at least this share of
+# the target range. Without it, a trend of a thousandth of the range over a handful of images
+# can pass the rank test by luck and be called control.
+MIN_RANGE_RATIO = 0.05
 PLAN_COLUMNS = ["sweep", "prompt_index", "prompt", "seed", "target_engagement", "target_time"]
 
 
@@ -223,9 +228,14 @@ def sweep_metrics(
     }
 
 
-def controls_signal(mode_metrics: dict[str, dict[str, Any]], significance_level: float = SIGNIFICANCE_LEVEL) -> bool:
-    """The verdict: EC-LoRA-T's Spearman is > 0, its permutation p-value < the level, and it is
-    larger than the plain LoRA's and the base model's (a NaN Spearman, from a constant score, counts as 0).
+def controls_signal(
+    mode_metrics: dict[str, dict[str, Any]],
+    significance_level: float = SIGNIFICANCE_LEVEL,
+    min_range_ratio: float = MIN_RANGE_RATIO,
+) -> bool:
+    """The verdict: EC-LoRA-T's Spearman is > 0, its permutation p-value < the level, it is
+    larger than the plain LoRA's and the base model's (a NaN Spearman, from a constant score,
+    counts as 0), its slope is > 0 and its range ratio is at least `min_range_ratio`.
     """
     if "ec_lora" not in mode_metrics:
         raise KeyError(f"the verdict needs the ec_lora mode, got {sorted(mode_metrics)}")
@@ -240,6 +250,8 @@ def controls_signal(mode_metrics: dict[str, dict[str, Any]], significance_level:
         rho("ec_lora") > 0
         and ec_lora["p_value"] < significance_level
         and all(rho("ec_lora") > reference for reference in references)
+        and ec_lora["slope"] > 0
+        and ec_lora["range_ratio"] >= min_range_ratio
     )
 
 

@@ -159,8 +159,17 @@ def test_sweep_metrics_rejects_targets_closer_than_the_key_resolution():
         sweep_metrics(np.array([0.5, 0.501, 1.0]), np.array([0.1, 0.2, 0.3]), np.zeros(3), permutations=10)
 
 
-def _mode(rho: float, p: float) -> dict:
-    return {"spearman": rho, "p_value": p}
+def _mode(rho: float, p: float, slope: float = 0.3, range_ratio: float = 0.3) -> dict:
+    return {"spearman": rho, "p_value": p, "slope": slope, "range_ratio": range_ratio}
+
+
+def test_verdict_needs_a_positive_slope_and_an_effect_that_matters():
+    references = {"plain_lora": _mode(0.0, 1.0), "base": _mode(0.0, 1.0)}
+    assert controls_signal({"ec_lora": _mode(0.8, 0.01), **references})
+    # significant rank order but a trend of a thousandth of the range: not control
+    assert not controls_signal({"ec_lora": _mode(0.8, 0.01, range_ratio=0.001), **references})
+    # a positive Spearman with a negative least-squares slope (outliers): not control
+    assert not controls_signal({"ec_lora": _mode(0.2, 0.03, slope=-0.002), **references})
 
 
 def test_verdict_needs_positive_significant_and_stronger_than_the_references():
