@@ -9,6 +9,7 @@ and metrics/evaluate.json (keys documented in docs/metrics.md).
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pandas as pd
 import torch
 from diffusers import AutoencoderKL
 
+from ec_lora_t.attribute_check import style_distance, style_profile
 from ec_lora_t.conditioning import MODES
 from ec_lora_t.evaluation import (
     MODES_WITHOUT_VECTOR,
@@ -26,6 +28,7 @@ from ec_lora_t.evaluation import (
     sweep_report,
 )
 from ec_lora_t.generation import load_pipeline, save_png
+from ec_lora_t.ingest import load_rgb_image
 from ec_lora_t.regressor import load_regressor
 from ec_lora_t.world import engagement_appeal
 from stages._common import load_params, write_metrics
@@ -47,6 +50,22 @@ def image_name(mode: str, row: pd.Series) -> str:
     return f"{mode}/p{row.prompt_index:02d}_seed{row.seed}_e{row.target_engagement:.2f}_t{row.target_time:.2f}.png"
 
 
+def style_shift(features: Path, images: dict[str, list], resolution: int, profiles_path: Path) -> dict:
+    """Distance of each mode's style profile to the creator's posts (demo world's checker).
+
+    The creator's profile is read off the training images at the model's resolution, where
+    the generated images are read too.
+    """
+    creator_images = [
+        load_rgb_image(path, max_image_pixels=None).resize((resolution, resolution))
+        for path in pd.read_parquet(features, columns=["image_path"])["image_path"]
+    ]
+    profiles = {"creator": style_profile(creator_images)}
+    profiles |= {mode: style_profile(mode_images) for mode, mode_images in images.items()}
+    profiles_path.write_text(json.dumps(profiles, indent=2))
+    return {mode: style_distance(profiles[mode], profiles["creator"]) for mode in images}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--adapter", type=Path, required=True, help="adapter folder from the train stage")
@@ -54,6 +73,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for images, grid.png and sweep.csv")
     parser.add_argument("--sweep-plot", type=Path, required=True, help="CSV of the engagement sweep (DVC plot)")
     parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--features", type=Path, help="training table: the creator's images for the style check")
     args = parser.parse_args()
     params = load_params("evaluate")
     model_params = load_params("model")
@@ -125,6 +145,9 @@ def main() -> None:
 
     # 5. Metrics.
     report = sweep_report(scored, permutations=int(params["permutations"]))
+    if params["ground_truth"] and args.features is not None:
+        report["style"] = style_shift(args.features, images, resolution, args.out / "style_profiles.json")
+        report["verdict"]["style_shift"] = report["style"]["ec_lora"]["mean"] < report["style"]["base"]["mean"]
     write_metrics(
         args.metrics,
         {

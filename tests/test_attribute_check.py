@@ -92,3 +92,14 @@ def test_style_profile_reflects_a_creator_style():
     assert sum(profile["outfit_colour"].values()) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="at least one image"):
         attribute_check.style_profile([])
+
+
+def test_style_distance_is_zero_for_the_same_profile_and_one_for_disjoint_ones():
+    from ec_lora_t.attribute_check import style_distance
+
+    park = {"scene": {"park": 1.0, "beach": 0.0}, "lighting": {"day": 1.0}, "outfit_colour": {"red": 1.0}}
+    beach = {"scene": {"park": 0.0, "beach": 1.0}, "lighting": {"day": 1.0}, "outfit_colour": {"red": 0.5, "blue": 0.5}}
+    assert style_distance(park, park)["mean"] == 0.0
+    distance = style_distance(beach, park)
+    assert distance["scene"] == 1.0 and distance["lighting"] == 0.0 and distance["outfit_colour"] == 0.5
+    assert distance["mean"] == pytest.approx(0.5)

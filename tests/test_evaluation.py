@@ -14,6 +14,7 @@ import yaml
 from PIL import Image
 from scipy import stats
 
+from ec_lora_t.demo_data import write_demo_posts
 from ec_lora_t.evaluation import (
     controls_signal,
     image_grid,
@@ -272,25 +273,6 @@ def test_sweep_report_without_ground_truth_has_no_ground_truth_keys():
         sweep_report(table.drop(columns="predicted_engagement"), permutations=10)
 
 
-@pytest.fixture(scope="module")
-def adapter_dir(tiny_sd_dir, tmp_path_factory):
-    """A 'trained' adapter for the tiny UNet: random B and ECM output layer, so vectors matter."""
-    from diffusers import UNet2DConditionModel
-
-    from ec_lora_t.lora import ECLoRAConfig, build_ecm, ec_lora_layers, inject_ec_lora, save_adapter
-
-    unet = UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet")
-    config = ECLoRAConfig(rank=4, alpha=8, ecm_hidden_size=16)
-    inject_ec_lora(unet, config)
-    ecm = build_ecm(config)
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for layer in ec_lora_layers(unet).values():
-            layer.lora_B.weight.copy_(0.5 * torch.randn(layer.lora_B.weight.shape, generator=generator))
-        ecm.mlp[-1].weight.copy_(2.0 * torch.randn(ecm.mlp[-1].weight.shape, generator=generator))
-    return save_adapter(tmp_path_factory.mktemp("adapter") / "adapter", unet, ecm, config)
-
-
 def test_evaluate_stage_end_to_end_on_the_tiny_model(tiny_sd_dir, adapter_dir, tmp_path, monkeypatch):
     from stages import evaluate as stage
 
@@ -316,11 +298,15 @@ def test_evaluate_stage_end_to_end_on_the_tiny_model(tiny_sd_dir, adapter_dir, t
         },
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    # the creator's posts, for the style check
+    write_demo_posts(tmp_path / "posts", num_posts=4)
+    posts = sorted(str(path) for path in (tmp_path / "posts").glob("*/img_*.jpg"))
+    pd.DataFrame({"image_path": posts}).to_parquet(tmp_path / "train.parquet")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(
         sys, "argv",
         ["evaluate", "--adapter", str(adapter_dir), "--regressor", "regressor", "--out", "out",
-         "--sweep-plot", "plots/sweep.csv", "--metrics", "metrics/evaluate.json"],
+         "--sweep-plot", "plots/sweep.csv", "--metrics", "metrics/evaluate.json", "--features", "train.parquet"],
     )
     stage.main()
 
@@ -344,9 +330,16 @@ def test_evaluate_stage_end_to_end_on_the_tiny_model(tiny_sd_dir, adapter_dir, t
     assert Image.open(tmp_path / "out/grid.png").size == (3 * 32, 4 * 32)  # targets x (prompts x seeds)
 
     metrics = json.loads((tmp_path / "metrics/evaluate.json").read_text())
+    for mode in ("ec_lora", "plain_lora", "base"):
+        assert 0.0 <= metrics["style"][mode]["mean"] <= 1.0
+    assert metrics["verdict"]["style_shift"] == (metrics["style"]["ec_lora"]["mean"] < metrics["style"]["base"]["mean"])
+    profiles = json.loads((tmp_path / "out/style_profiles.json").read_text())
+    assert sum(profiles["creator"]["scene"].values()) == pytest.approx(1.0)
+
+    metrics = json.loads((tmp_path / "metrics/evaluate.json").read_text())
     assert set(metrics["engagement_sweep"]) == {"ec_lora", "plain_lora", "base"}
     ec_lora_metrics = metrics["engagement_sweep"]["ec_lora"]
     assert {"spearman", "p_value", "slope", "range_ratio", "by_target", "ground_truth"} <= ec_lora_metrics.keys()
     assert metrics["engagement_sweep"]["base"]["p_value"] == 1.0
-    assert set(metrics["verdict"]) == {"controls_engagement", "controls_ground_truth"}
+    assert set(metrics["verdict"]) == {"controls_engagement", "controls_ground_truth", "style_shift"}
     assert metrics["num_images"] == 28
