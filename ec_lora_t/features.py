@@ -35,7 +35,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from ec_lora_t.ingest import parse_timestamp
+from ec_lora_t.captioning import CAPTIONS_SCHEMA
+from ec_lora_t.ingest import POSTS_SCHEMA, parse_timestamp
 
 NORMALIZATIONS = ("minmax", "log_minmax", "rank")
 DEFAULT_COMMENT_WEIGHT = 3.0
@@ -45,20 +46,12 @@ MIN_TIME_SPAN_DAYS = 1.0
 SECONDS_PER_DAY = 86_400.0
 STATS_FORMAT_VERSION = 1
 
+# The training table: every ingest column, the caption columns (but the image path, already
+# there, and where the caption came from), then the engagement and time features.
 FEATURES_SCHEMA = pa.schema(
-    [
-        pa.field("shortcode", pa.string(), nullable=False),
-        pa.field("image_index", pa.int64(), nullable=False),
-        pa.field("image_path", pa.string(), nullable=False),
-        pa.field("likes_count", pa.int64(), nullable=False),
-        pa.field("comments_count", pa.int64(), nullable=False),
-        pa.field("timestamp", pa.timestamp("us", tz="UTC"), nullable=False),
-        pa.field("post_text", pa.string(), nullable=True),
-        pa.field("source_format", pa.string(), nullable=False),
-        pa.field("image_sha256", pa.string(), nullable=False),
-        pa.field("caption", pa.string(), nullable=False),
-        pa.field("season", pa.string(), nullable=False),
-        pa.field("full_caption", pa.string(), nullable=False),
+    list(POSTS_SCHEMA)
+    + [CAPTIONS_SCHEMA.field(name) for name in ("image_sha256", "caption", "season", "full_caption")]
+    + [
         pa.field("total_engagement", pa.float64(), nullable=False),
         pa.field("normalized_engagement", pa.float32(), nullable=False),
         pa.field("days_since_earliest_post", pa.float64(), nullable=False),
