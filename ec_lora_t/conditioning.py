@@ -100,7 +100,8 @@ def engagement_conditioning(
                     f"multiple of the {num_vectors} engagement-time vectors given"
                 )
             # Classifier-free guidance concatenates whole copies of the batch: repeat, not interleave.
-            call_scales = scales.repeat(batch_size // num_vectors, 1).to(_first_parameter_device(layers[0]))
+            copies = batch_size // num_vectors
+            call_scales = scales.repeat(copies, *([1] * (scales.ndim - 1))).to(_first_parameter_device(layers[0]))
             for layer in layers:
                 layer.dynamic_scale = call_scales[:, layer.ecm_index]
 

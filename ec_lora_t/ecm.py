@@ -5,6 +5,11 @@ to one dynamic scale per EC-LoRA layer: Linear(2, h), ReLU, then (depth - 1) tim
 Linear(h, h), ReLU, then a linear output layer Linear(h, num_layers) with no activation.
 The report uses h = 128 and depth 2. Weights and computation stay fp32.
 
+`scales_per_layer` > 1 (our extension, `ecm_granularity: rank`) gives each layer one scale per
+LoRA rank component instead of one for the whole update: the layer computes
+B diag(s(e)) A x, so the vector can switch learned directions on and off rather than only
+turn a single direction up or down (the report's "make the ECM more expressive").
+
 Initialisation of the output layer (our choice; the report used PyTorch's default): zero
 weights and bias 1, so every scale is exactly 1 for every vector at step 0. With LoRA's
 B = 0 that makes step 0 the base model, and as B grows it starts as plain LoRA with the
@@ -25,26 +30,29 @@ ENGAGEMENT_TIME_DIM = 2  # [normalized_engagement, normalized_time]
 
 
 class EngagementConditioningModule(nn.Module):
-    def __init__(self, num_layers: int, hidden_size: int = 128, depth: int = 2) -> None:
+    def __init__(self, num_layers: int, hidden_size: int = 128, depth: int = 2, scales_per_layer: int = 1) -> None:
         super().__init__()
-        if num_layers < 1 or hidden_size < 1 or depth < 1:
+        if min(num_layers, hidden_size, depth, scales_per_layer) < 1:
             raise ValueError(
-                f"ECM needs num_layers, hidden_size and depth >= 1, got {num_layers}, {hidden_size}, {depth}"
+                "ECM needs num_layers, hidden_size, depth and scales_per_layer >= 1, got "
+                f"{num_layers}, {hidden_size}, {depth}, {scales_per_layer}"
             )
         self.num_layers = num_layers
+        self.scales_per_layer = scales_per_layer
         blocks: list[nn.Module] = []
         in_features = ENGAGEMENT_TIME_DIM
         for _ in range(depth):
             blocks += [nn.Linear(in_features, hidden_size, dtype=torch.float32), nn.ReLU()]
             in_features = hidden_size
-        output = nn.Linear(in_features, num_layers, dtype=torch.float32)
+        output = nn.Linear(in_features, num_layers * scales_per_layer, dtype=torch.float32)
         nn.init.zeros_(output.weight)
         nn.init.ones_(output.bias)
         blocks.append(output)
         self.mlp = nn.Sequential(*blocks)
 
     def forward(self, engagement_time: torch.Tensor) -> torch.Tensor:
-        """(batch, 2) engagement-time vectors -> (batch, num_layers) dynamic scales, fp32."""
+        """(batch, 2) engagement-time vectors -> (batch, num_layers) dynamic scales, fp32,
+        or (batch, num_layers, scales_per_layer) when a layer gets several."""
         if engagement_time.ndim != 2 or engagement_time.shape[1] != ENGAGEMENT_TIME_DIM:
             raise ValueError(
                 f"engagement_time must have shape (batch, {ENGAGEMENT_TIME_DIM}), got {tuple(engagement_time.shape)}"
@@ -52,4 +60,7 @@ class EngagementConditioningModule(nn.Module):
         device = self.mlp[0].weight.device
         # The ECM stays fp32 even inside an autocast region (report 3.1.1).
         with torch.autocast(device_type=device.type, enabled=False):
-            return self.mlp(engagement_time.to(device=device, dtype=torch.float32))
+            scales = self.mlp(engagement_time.to(device=device, dtype=torch.float32))
+        if self.scales_per_layer == 1:
+            return scales
+        return scales.view(scales.shape[0], self.num_layers, self.scales_per_layer)

@@ -38,7 +38,8 @@ def baked_lora_state_dict(
 ) -> dict[str, torch.Tensor]:
     """PEFT-named LoRA weights with the static and dynamic scale for `engagement_time` in B."""
     with torch.no_grad():
-        scales = ecm_scales(ecm, torch.tensor([engagement_time], dtype=torch.float32))[0]  # (K,)
+        # (K,), or (K, r) with one scale per rank component: B diag(s) A = (B * s) A
+        scales = ecm_scales(ecm, torch.tensor([engagement_time], dtype=torch.float32))[0]
     baked: dict[str, torch.Tensor] = {}
     for index, name in enumerate(config.layer_names):
         lora_a = lora_state[f"{name}.lora_A.weight"].to(torch.float32)

@@ -39,6 +39,7 @@ ADAPTER_FORMAT = "ec-lora-t/1"
 # The report's targets (3.1.3): attention projections and the feed-forward layers of every
 # transformer block in the UNet.
 DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+ECM_GRANULARITIES = ("layer", "rank")
 
 
 @dataclass
@@ -52,6 +53,8 @@ class ECLoRAConfig:
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
     ecm_hidden_size: int = 128
     ecm_depth: int = 2
+    # "layer": one ECM scale per layer (the report); "rank": one per layer and rank component.
+    ecm_granularity: str = "layer"
     # Filled by `inject_ec_lora`: the injected module names in ECM output order.
     layer_names: tuple[str, ...] = field(default_factory=tuple)
 
@@ -62,6 +65,8 @@ class ECLoRAConfig:
             raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
         if not self.target_modules:
             raise ValueError("target_modules is empty: EC-LoRA needs at least one layer to adapt")
+        if self.ecm_granularity not in ECM_GRANULARITIES:
+            raise ValueError(f"ecm_granularity must be one of {ECM_GRANULARITIES}, got {self.ecm_granularity!r}")
         if self.ecm_hidden_size < 1 or self.ecm_depth < 1:
             raise ValueError(
                 f"ECM needs hidden size >= 1 and depth >= 1, got {self.ecm_hidden_size}, {self.ecm_depth}"
@@ -70,6 +75,10 @@ class ECLoRAConfig:
     @property
     def static_scale(self) -> float:
         return self.alpha / self.rank
+
+    @property
+    def scales_per_layer(self) -> int:
+        return self.rank if self.ecm_granularity == "rank" else 1
 
     def to_dict(self) -> dict[str, Any]:
         config = asdict(self)
@@ -114,7 +123,8 @@ class ECLoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
         # Per-call state, set and cleared only by `engagement_conditioning`: a float (the same
         # scale for every sample, e.g. 1.0 for plain LoRA, 0.0 for the base model) or a
-        # tensor (batch,) with this layer's ECM scale for each sample.
+        # tensor (batch,) with this layer's ECM scale for each sample, or (batch, rank) with
+        # one scale per rank component (ecm_granularity "rank").
         self.dynamic_scale: torch.Tensor | float | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, ..., in_features)
@@ -132,13 +142,15 @@ class ECLoRALinear(nn.Module):
         # Scaling the rank-r hidden state equals scaling B A x (B is linear) and touches r
         # instead of out_features values per token.
         if isinstance(dynamic_scale, torch.Tensor):
-            if dynamic_scale.shape != (x.shape[0],):
+            if dynamic_scale.shape not in ((x.shape[0],), (x.shape[0], self.rank)):
                 raise RuntimeError(
                     f"EC-LoRA layer got {tuple(dynamic_scale.shape)} dynamic scales for an input "
-                    f"with batch size {x.shape[0]}"
+                    f"with batch size {x.shape[0]} (expected ({x.shape[0]},) or ({x.shape[0]}, {self.rank}))"
                 )
             scale = (dynamic_scale * self.static_scale).to(hidden.dtype)
-            hidden = hidden * scale.view(-1, *([1] * (hidden.ndim - 1)))
+            # (batch,) -> (batch, 1, ..., 1); (batch, r) -> (batch, 1, ..., r): per component
+            components = self.rank if dynamic_scale.ndim == 2 else 1
+            hidden = hidden * scale.view(x.shape[0], *([1] * (hidden.ndim - 2)), components)
         else:
             hidden = hidden * (dynamic_scale * self.static_scale)
         return result + self.lora_B(hidden).to(result.dtype)
@@ -226,7 +238,8 @@ def build_ecm(config: ECLoRAConfig, device: torch.device | str | None = None) ->
     if not config.layer_names:
         raise ValueError("config.layer_names is empty: inject the EC-LoRA layers before building the ECM")
     return EngagementConditioningModule(
-        num_layers=len(config.layer_names), hidden_size=config.ecm_hidden_size, depth=config.ecm_depth
+        num_layers=len(config.layer_names), hidden_size=config.ecm_hidden_size, depth=config.ecm_depth,
+        scales_per_layer=config.scales_per_layer,
     ).to(device)
 
 

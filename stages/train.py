@@ -26,7 +26,10 @@ LORA_KEYS = {
     "target_modules": "target_modules",
     "ecm_hidden_size": "ecm_hidden_size",
     "ecm_depth": "ecm_depth",
+    "ecm_granularity": "ecm_granularity",
 }
+# Added after the report's setup: absent means the report's behaviour (ECLoRAConfig's default).
+OPTIONAL_LORA_KEYS = {"ecm_granularity"}
 TRAINING_KEYS = {
     "learning_rate", "ecm_learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
     "lr_warmup_ratio", "epochs", "batch_size", "gradient_accumulation_steps", "mixed_precision",
@@ -39,10 +42,10 @@ def configs_from_params(params: dict[str, Any], source: str = "params.yaml") -> 
     unknown = set(params) - set(LORA_KEYS) - TRAINING_KEYS
     if unknown:
         raise ValueError(f"{source}: unknown keys in section 'train': {sorted(unknown)}")
-    missing = [key for key in LORA_KEYS if key not in params]
+    missing = [key for key in LORA_KEYS if key not in params and key not in OPTIONAL_LORA_KEYS]
     if missing:
         raise ValueError(f"{source}: section 'train' lacks {missing}")
-    lora_config = ECLoRAConfig(**{field: params[key] for key, field in LORA_KEYS.items()})
+    lora_config = ECLoRAConfig(**{field: params[key] for key, field in LORA_KEYS.items() if key in params})
     training = TrainingConfig(**{key: params[key] for key in TRAINING_KEYS if key in params})
     return lora_config, training
 

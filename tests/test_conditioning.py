@@ -106,3 +106,19 @@ def test_gradients_reach_lora_and_ecm_with_and_without_checkpointing(use_checkpo
             assert torch.allclose(checkpointed.grad, plain.grad, atol=1e-6)
         for checkpointed, plain in zip(ecm.parameters(), reference_ecm.parameters()):
             assert torch.allclose(checkpointed.grad, plain.grad, atol=1e-6)
+
+
+def test_rank_granularity_mixed_vectors_give_each_sample_its_solo_output():
+    model, ecm, _ = toy_with_adapter(ecm_granularity="rank")
+    randomize_adapter(model, ecm)
+    vectors = torch.tensor([[0.0, 0.0], [1.0, 0.3], [0.4, 1.0]])
+    sample = torch.randn(3, 5, WIDTH)
+    with engagement_conditioning(model, ecm, vectors):
+        batched = model(sample)
+    for row in range(3):
+        with engagement_conditioning(model, ecm, vectors[row : row + 1]):
+            torch.testing.assert_close(batched[row : row + 1], model(sample[row : row + 1]))
+    # classifier-free guidance: a doubled batch gets the same scales twice
+    with engagement_conditioning(model, ecm, vectors):
+        doubled = model(torch.cat([sample, sample]))
+    torch.testing.assert_close(doubled[:3], doubled[3:])

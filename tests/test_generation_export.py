@@ -81,8 +81,9 @@ def test_generate_writes_one_png_per_prompt_vector_seed(tiny_sd_dir, adapter_dir
     assert metadata["engagement_time"] == "[0.2, 0.5]" and metadata["normalized_engagement"] == "0.2"
 
 
-def test_baked_lora_equals_the_conditioned_one_on_a_toy():
-    model, ecm, config = toy_with_adapter()
+@pytest.mark.parametrize("ecm_granularity", ["layer", "rank"])
+def test_baked_lora_equals_the_conditioned_one_on_a_toy(ecm_granularity):
+    model, ecm, config = toy_with_adapter(ecm_granularity=ecm_granularity)
     randomize_adapter(model, ecm)
     lora_state = {k: v.clone() for k, v in model.state_dict().items() if ".lora_" in k}
     vector = (0.7, 0.3)

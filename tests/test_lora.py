@@ -161,3 +161,31 @@ def test_load_rejects_other_architecture_and_missing_files(tmp_path):
     (tmp_path / "adapter" / "ecm.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="ecm.safetensors"):
         load_adapter(tmp_path / "adapter", make_toy())
+
+
+def test_rank_granularity_starts_as_plain_lora_and_gates_each_component():
+    """ecm_granularity 'rank': B diag(s(e)) A x, one ECM scale per layer and rank component."""
+    model, ecm, config = toy_with_adapter(ecm_granularity="rank")
+    assert config.scales_per_layer == config.rank
+    vectors = torch.tensor([[0.1, 0.9], [0.8, 0.2]])
+    assert ecm(vectors).shape == (2, len(config.layer_names), config.rank)
+    randomize_adapter(model)  # B non-zero, ECM output still at its init (every gate 1)
+    sample = torch.randn(2, 3, WIDTH)
+    with engagement_conditioning(model, ecm, vectors):
+        conditioned = model(sample)
+    with engagement_conditioning(model, mode="plain_lora"):
+        plain = model(sample)
+    torch.testing.assert_close(conditioned, plain)
+
+    # Gates that switch off every rank component but the first equal a rank-1 update.
+    with torch.no_grad():
+        ecm.mlp[-1].bias.copy_(torch.tensor([1.0] + [0.0] * (config.rank - 1)).repeat(len(config.layer_names)))
+    reference = make_toy()  # the same base weights, with the rank-1 updates merged in
+    for name, layer in ec_lora_layers(model).items():
+        with torch.no_grad():
+            reference.get_submodule(name).weight += config.static_scale * (
+                layer.lora_B.weight[:, :1] @ layer.lora_A.weight[:1]
+            )
+    with engagement_conditioning(model, ecm, vectors):
+        gated = model(sample)
+    torch.testing.assert_close(gated, reference(sample))
