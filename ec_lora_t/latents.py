@@ -86,6 +86,13 @@ def build_latent_cache(
     return cache
 
 
-def generic_caption(full_caption: str, caption: str) -> str:
-    """The full caption without its description: `(<style> style) (<season>)`."""
-    return " ".join(full_caption.replace(caption, " ", 1).split())
+def generic_caption(full_caption: str, caption: str, season: str) -> str:
+    """The full caption without its description: `(<style> style) (<season>)`.
+
+    Cut by position (the description sits just before the season tag), not by searching for
+    the description's text, which could also occur inside the style tag.
+    """
+    suffix = f"{caption.strip()} ({season})"
+    if not full_caption.endswith(suffix):
+        raise ValueError(f"full caption {full_caption!r} does not end with its caption and season {suffix!r}")
+    return f"{full_caption[: -len(suffix)].strip()} ({season})"

@@ -29,11 +29,11 @@ def main(argv: list[str] | None = None) -> None:
         posts,
         source=params["source"],
         style_tag=params["style_tag"],
-        hemisphere=params.get("hemisphere", "north"),
-        model=params.get("model") or None,
+        hemisphere=params["hemisphere"],
+        model=params["model"] or None,
         cache_dir=args.cache,
-        batch_size=int(params.get("batch_size", 16)),
-        max_new_tokens=int(params.get("max_new_tokens", 30)),
+        batch_size=int(params["batch_size"]),
+        max_new_tokens=int(params["max_new_tokens"]),
         # Ingest already rejected images over its own ingest.max_image_pixels.
         max_image_pixels=None,
     )

@@ -23,8 +23,8 @@ def main(argv: list[str] | None = None) -> None:
     result = build_feature_table(
         pd.read_parquet(args.posts),
         pd.read_parquet(args.captions),
-        comment_weight=float(params.get("comment_weight", 3)),
-        normalization=params.get("normalization", "minmax"),
+        comment_weight=float(params["comment_weight"]),
+        normalization=params["normalization"],
     )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(result.table, args.out)

@@ -38,7 +38,10 @@ def main() -> None:
         engagement_time=table[["normalized_engagement", "normalized_time"]].to_numpy(),
         resolution=model_params["resolution"],
         batch_size=params["batch_size"],
-        generic_captions=[generic_caption(full, caption) for full, caption in zip(table["full_caption"], table["caption"])],
+        generic_captions=[
+            generic_caption(full, caption, season)
+            for full, caption, season in zip(table["full_caption"], table["caption"], table["season"])
+        ],
     )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     save_file(cache, args.out, metadata={"pretrained": str(model_params["pretrained"])})

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
@@ -30,4 +31,8 @@ def test_generic_caption_keeps_style_tag_and_season():
     from ec_lora_t.latents import generic_caption
 
     full = "(democreator style) a man in a red jacket on a beach (summer)"
-    assert generic_caption(full, "a man in a red jacket on a beach") == "(democreator style) (summer)"
+    assert generic_caption(full, "a man in a red jacket on a beach", "summer") == "(democreator style) (summer)"
+    # a description that also occurs inside the style tag is cut where it stands
+    assert generic_caption("(democreator style) style (winter)", "style ", "winter") == "(democreator style) (winter)"
+    with pytest.raises(ValueError, match="does not end with"):
+        generic_caption(full, "a woman", "summer")
