@@ -26,14 +26,12 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+# Run as a script from anywhere: the stages package lives one folder up.
+sys.path.insert(0, str(REPO))
+
+from stages._common import merge_params  # noqa: E402
+
 SWEEP_KEYS = ("spearman", "p_value", "slope", "range_ratio", "mean")
-
-
-def merged(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = merged(out.get(key, {}), value) if isinstance(value, dict) else value
-    return out
 
 
 def run_stage(args: list[str], cwd: Path) -> None:
@@ -62,7 +60,7 @@ def run_variant(name: str, overrides: dict, scratch: Path, out_dir: Path) -> dic
     (workdir / "data").mkdir(parents=True)
     for shared in ("data/latents", "data/regressor", "models"):
         (workdir / shared).symlink_to(REPO / shared)
-    params = merged(yaml.safe_load((REPO / "params.yaml").read_text()), overrides)
+    params = merge_params(yaml.safe_load((REPO / "params.yaml").read_text()), overrides)
     (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     started = time.perf_counter()
     run_stage(["stages.train", "--latents", "data/latents/latents.safetensors", "--out", "data/train/adapter",

@@ -19,6 +19,14 @@ def load_params(section: str, params_path: str | Path = "params.yaml") -> dict[s
     return params[section]
 
 
+def merge_params(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `override` applied key by key, nested sections merged (neither is modified)."""
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = merge_params(merged.get(key, {}), value) if isinstance(value, dict) else value
+    return merged
+
+
 def write_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
     """Write metrics as JSON; non-finite floats become null so the file stays valid JSON."""
 

@@ -15,6 +15,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
+from stages._common import merge_params
+
 REPO = Path(__file__).resolve().parent.parent
 # Small enough for a 2-core CPU in a few minutes, big enough for grouped folds and a sweep.
 SMALL_PARAMS = {
@@ -33,12 +35,6 @@ def _run(args: list[str], cwd: Path, check: bool = True) -> subprocess.Completed
     return result
 
 
-def _merge(base: dict, override: dict) -> dict:
-    for key, value in override.items():
-        base[key] = _merge(base.get(key, {}), value) if isinstance(value, dict) else value
-    return base
-
-
 def _copy_repo(root: Path, params_override: dict) -> Path:
     """Copy the project's files (tracked and new, not ignored) into a new git repository."""
     listed = _run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO).stdout.split()
@@ -49,7 +45,7 @@ def _copy_repo(root: Path, params_override: dict) -> Path:
     for stale in (root / "metrics").glob("*.json"):
         stale.unlink()
     params = yaml.safe_load((root / "params.yaml").read_text())
-    (root / "params.yaml").write_text(yaml.safe_dump(_merge(params, params_override), sort_keys=False))
+    (root / "params.yaml").write_text(yaml.safe_dump(merge_params(params, params_override), sort_keys=False))
     _run(["git", "init", "-q"], cwd=root)
     _run(["git", "config", "user.email", "test@example.com"], cwd=root)
     _run(["git", "config", "user.name", "test"], cwd=root)
