@@ -1,7 +1,7 @@
 """How often the base model draws what the prompt names (issue 6's quality bar: >= 80%).
 
 Generates images for prompts that name a scene, a lighting and an outfit colour, reads those
-attributes back from the pixels (`ec_lora_t.attribute_check`) and reports the match rates,
+attributes back from the pixels (`ec_lora_t.demo.attribute_check`) and reports the match rates,
 next to two references: the world's own renders of the same attributes (how right the checker
 is) and the same generated images scored against shuffled prompts (the chance level).
 
@@ -25,7 +25,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 
-from ec_lora_t import attribute_check, world
+from ec_lora_t.demo import attribute_check, world
 
 # Grid layout: a row per (scene, lighting), a column per outfit colour.
 GRID_ROWS = [(scene, lighting) for scene in world.SCENES for lighting in ("day", "night")]

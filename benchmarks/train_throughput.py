@@ -2,7 +2,7 @@
 
 An SD1.5-shaped UNet with random weights (built from its config: no hub access needed),
 512 px images = 64x64 latents, batch 16, bf16, random (16, 77, 768) text embeddings. Both
-runs use the training step of `ec_lora_t.training` on the same injected UNet:
+runs use the training step of `ec_lora_t.training.objective` on the same injected UNet:
     ec_lora     the ECM computes a scale per layer and sample (the method)
     plain_lora  every dynamic scale fixed at 1, the ECM not run and not trained
 Reports images/s and peak CUDA memory (or the process's peak RSS on a CPU) as JSON.
@@ -30,8 +30,9 @@ import diffusers  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from diffusers import DDPMScheduler, UNet2DConditionModel  # noqa: E402
 
-from ec_lora_t.lora import ECLoRAConfig, build_ecm, inject_ec_lora, lora_parameters  # noqa: E402
-from ec_lora_t.training import COMPUTE_DTYPES, diffusion_training_step, peak_memory_mb  # noqa: E402
+from ec_lora_t.adapter import ECLoRAConfig, add_ec_lora  # noqa: E402
+from ec_lora_t.training.objective import diffusion_training_step  # noqa: E402
+from ec_lora_t.training.precision import COMPUTE_DTYPES, peak_memory_mb  # noqa: E402
 
 # stable-diffusion-v1-5/stable-diffusion-v1-5, unet/config.json (architecture keys).
 SD15_UNET_CONFIG = {
@@ -93,18 +94,17 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(accelerator, unet, ecm, scheduler, batch, mode: str, steps: int, warmup: int, learning_rate: float) -> dict:
+def measure(accelerator, unet, adapter, ecm, scheduler, batch, mode: str, steps: int, warmup: int,
+            learning_rate: float) -> dict:
     """Time `steps` optimizer steps after `warmup` untimed ones; LoRA (+ ECM) trained with AdamW."""
     device = accelerator.device
-    trainable = lora_parameters(unet) + (list(ecm.parameters()) if mode == "ec_lora" else [])
+    trainable = adapter.lora_parameters() + (list(ecm.parameters()) if mode == "ec_lora" else [])
     optimizer = accelerator.prepare(torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=1e-2))
     generator = torch.Generator(device).manual_seed(0)
     losses = []
 
     def step() -> None:
-        loss = diffusion_training_step(
-            accelerator, unet, ecm if mode == "ec_lora" else None, scheduler, batch, generator, mode=mode
-        )
+        loss = diffusion_training_step(accelerator, unet, adapter, ecm, scheduler, batch, generator, mode=mode)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss)
@@ -177,16 +177,15 @@ def main(argv: list[str] | None = None) -> dict:
     unet.requires_grad_(False)
     scheduler = DDPMScheduler(**SD15_SCHEDULER_CONFIG)
     lora_config = ECLoRAConfig(rank=args.rank, alpha=args.alpha)
-    inject_ec_lora(unet, lora_config)
-    ecm = build_ecm(lora_config, accelerator.device)
+    adapter = add_ec_lora(unet, lora_config, accelerator.device)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    unet, ecm = accelerator.prepare(unet, ecm)
+    unet, ecm = accelerator.prepare(unet, adapter.ecm)
     unet.train()
     batch = random_batch(batch_size, latent_size, unet_config["cross_attention_dim"], accelerator.device, seed=1)
 
     results = {
-        mode: measure(accelerator, unet, ecm, scheduler, batch, mode, args.steps, args.warmup, learning_rate=1e-4)
+        mode: measure(accelerator, unet, adapter, ecm, scheduler, batch, mode, args.steps, args.warmup, learning_rate=1e-4)
         for mode in modes
     }
     report = {

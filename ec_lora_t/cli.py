@@ -18,7 +18,7 @@ def demo_data(
     seed: Annotated[int, typer.Option(help="Seed: the same seed writes the same feed.")] = 7,
 ) -> None:
     """Write the deterministic synthetic creator feed in the report's layout."""
-    from ec_lora_t.demo_data import write_demo_posts
+    from ec_lora_t.demo.demo_data import write_demo_posts
 
     summary = write_demo_posts(out, num_posts=num_posts, image_size=image_size, seed=seed)
     typer.echo(f"wrote {summary['posts']} posts ({summary['images']} images) to {out}")
@@ -34,7 +34,7 @@ def build_tiny_base(
     """Build a tiny Stable Diffusion with random weights from configs (for tests and smoke runs)."""
     import torch
 
-    from ec_lora_t.models import build_tiny_stable_diffusion
+    from ec_lora_t.demo.tiny_model import build_tiny_stable_diffusion
 
     save_dtype = torch.float16 if fp16 else torch.float32
     typer.echo(f"saved to {build_tiny_stable_diffusion(out, seed=seed, resolution=resolution, save_dtype=save_dtype)}")
@@ -55,7 +55,7 @@ def pretrain_base(
 ) -> None:
     """Pretrain the embedded base model from scratch on the demo world (a GPU run of about 6 minutes)."""
     # No CUDA call before this: pretrain_base renders in forked workers first.
-    from ec_lora_t.pretrain import pretrain_base as run_pretraining
+    from ec_lora_t.demo.pretrain import pretrain_base as run_pretraining
 
     summary = run_pretraining(out, steps=steps, vae_steps=vae_steps, batch_size=batch_size, resolution=resolution,
                               num_images=num_images, learning_rate=learning_rate, seed=seed, device=device,
@@ -86,7 +86,7 @@ def _vectors(engagement: list[float], time: list[float], likes: list[int], comme
         return [(float(e), float(t)) for e, t in _pair("--engagement", engagement, "--time", time or [0.5])]
     if not likes:
         raise typer.BadParameter("give --engagement (with --time) or --likes (with --comments and --date)")
-    from ec_lora_t.features import EngagementTimeNormalizer
+    from ec_lora_t.data.features import EngagementTimeNormalizer
 
     normalizer = EngagementTimeNormalizer.from_json(stats)
     rows = _pair("--likes", likes, "--comments", comments or [0])
@@ -129,7 +129,7 @@ def export(
     adapter: Annotated[Path, typer.Option(help="Trained adapter folder.")] = DEFAULT_ADAPTER,
 ) -> None:
     """Bake the ECM scales for one vector into a plain LoRA file that standard tools load."""
-    from ec_lora_t.export import export_lora
+    from ec_lora_t.adapter.export import export_lora
 
     typer.echo(f"wrote {export_lora(adapter, (engagement, time), out, format=format)}")
 

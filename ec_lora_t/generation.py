@@ -22,9 +22,14 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from ec_lora_t.conditioning import MODES, engagement_conditioning
-from ec_lora_t.ecm import ENGAGEMENT_TIME_DIM, EngagementConditioningModule
-from ec_lora_t.lora import ECLoRAConfig, load_adapter
+from ec_lora_t.adapter.conditioning import (
+    MODES,
+    engagement_conditioning,
+    mode_scales,
+    pipeline_row_scales,
+)
+from ec_lora_t.adapter.ecm import ENGAGEMENT_TIME_DIM
+from ec_lora_t.adapter.model import ECLoRAAdapter, load_adapter
 
 
 @dataclass
@@ -32,8 +37,7 @@ class ECLoRAPipeline:
     """A diffusers StableDiffusionPipeline whose UNet carries an EC-LoRA adapter (or none)."""
 
     pipeline: StableDiffusionPipeline
-    ecm: EngagementConditioningModule | None = None
-    config: ECLoRAConfig | None = None
+    adapter: ECLoRAAdapter | None = None
     adapter_dir: Path | None = None
 
     @property
@@ -64,14 +68,14 @@ def load_pipeline(
     )
     # DDIM with eta = 0 is deterministic after the initial noise: one seed fixes an image.
     pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
-    ecm = config = None
+    adapter = None
     if adapter_dir is not None:
         adapter_dir = Path(adapter_dir)
-        config, ecm = load_adapter(adapter_dir, pipeline.unet)
-        ecm.to(device).eval()
+        adapter = load_adapter(adapter_dir, pipeline.unet)
+        adapter.ecm.to(device).eval()
     pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
-    return ECLoRAPipeline(pipeline=pipeline, ecm=ecm, config=config, adapter_dir=adapter_dir)
+    return ECLoRAPipeline(pipeline=pipeline, adapter=adapter, adapter_dir=adapter_dir)
 
 
 def _engagement_rows(engagement_time: torch.Tensor | Sequence | None, num_rows: int) -> torch.Tensor | None:
@@ -112,7 +116,7 @@ def generate_images(
     if len(seeds) != num_rows:
         raise ValueError(f"got {num_rows} prompts but {len(seeds)} seeds; give one seed per row")
     vectors = _engagement_rows(engagement_time, num_rows)
-    has_adapter = pipeline.ecm is not None
+    has_adapter = pipeline.adapter is not None
     if mode != "base" and not has_adapter:
         raise ValueError(f"mode {mode!r} needs an adapter: load_pipeline(..., adapter_dir=...)")
     if mode == "ec_lora" and vectors is None:
@@ -138,7 +142,13 @@ def generate_images(
         )
         if has_adapter:
             chunk_vectors = vectors[rows] if vectors is not None and mode == "ec_lora" else None
-            with engagement_conditioning(pipeline.pipeline.unet, pipeline.ecm, chunk_vectors, mode=mode):
+            scales = mode_scales(pipeline.adapter, mode, chunk_vectors)
+            if isinstance(scales, torch.Tensor):
+                # The pipeline's UNet batch: [unconditional rows, conditional rows] with guidance
+                # (diffusers guides when the scale is > 1 and the UNet has no guidance embedding).
+                guided = guidance_scale > 1 and pipeline.pipeline.unet.config.time_cond_proj_dim is None
+                scales = pipeline_row_scales(scales, classifier_free_guidance=guided)
+            with engagement_conditioning(pipeline.adapter, scales):
                 images += pipeline.pipeline(**call).images
         else:
             images += pipeline.pipeline(**call).images

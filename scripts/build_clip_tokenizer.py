@@ -12,7 +12,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from ec_lora_t.clip_tokenizer import write_clip_tokenizer
+from ec_lora_t.demo.clip_tokenizer import write_clip_tokenizer
 
 VOCAB_MEMBER = "open_clip/bpe_simple_vocab_16e6.txt.gz"
 

@@ -1,13 +1,27 @@
-"""What every stage does the same way: read its params section, write metrics JSON."""
+"""What every stage does the same way: its command line, its params section, its metrics JSON.
+
+Every stage is `python -m stages.<name> --<input or output> PATH ... --metrics PATH [--params
+params.yaml]`: paths come in as options (dvc.yaml names them), the params file defaults to
+params.yaml, and `main(argv)` parses `argv` (None: the process's command line, via argparse).
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+
+def stage_parser(description: str | None) -> argparse.ArgumentParser:
+    """The stage's argument parser with the options every stage has: --metrics and --params."""
+    parser = argparse.ArgumentParser(description=(description or "").splitlines()[0] if description else None)
+    parser.add_argument("--metrics", required=True, help="metrics JSON to write (metrics/<stage>.json)")
+    parser.add_argument("--params", default="params.yaml", help="params file to read this stage's section from")
+    return parser
 
 
 def load_params(section: str, params_path: str | Path = "params.yaml") -> dict[str, Any]:

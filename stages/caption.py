@@ -1,6 +1,5 @@
 """Stage `caption`: BLIP (or the post's own text) captions with style and season tags."""
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -8,18 +7,17 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
-from ec_lora_t.captioning import build_captions
-from stages._common import load_params, write_metrics
+from ec_lora_t.data.captioning import build_captions
+from stages._common import load_params, stage_parser, write_metrics
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = stage_parser(__doc__)
     parser.add_argument("--posts", required=True, help="posts.parquet from the ingest stage")
     parser.add_argument("--out", required=True, help="captions.parquet to write")
     parser.add_argument("--cache", required=True, help="caption cache folder (kept between runs)")
-    parser.add_argument("--metrics", required=True)
     args = parser.parse_args(argv)
-    params = load_params("caption")
+    params = load_params("caption", args.params)
 
     started = time.perf_counter()
     # DVC declares the cache as an output: it must exist even when no model was called.

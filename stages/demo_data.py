@@ -1,19 +1,17 @@
 """Stage `demo_data`: write the synthetic demo creator's posts (the embedded default's data)."""
 
-import argparse
 import shutil
 from pathlib import Path
 
-from ec_lora_t.demo_data import write_demo_posts
-from stages._common import load_params, write_metrics
+from ec_lora_t.demo.demo_data import write_demo_posts
+from stages._common import load_params, stage_parser, write_metrics
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def main(argv: list[str] | None = None) -> None:
+    parser = stage_parser(__doc__)
     parser.add_argument("--out", required=True, help="folder to write <shortcode>/img_XX.jpg + metadata.csv into")
-    parser.add_argument("--metrics", required=True)
-    args = parser.parse_args()
-    params = load_params("demo_data")
+    args = parser.parse_args(argv)
+    params = load_params("demo_data", args.params)
     out = Path(args.out)
     if out.exists():
         shutil.rmtree(out)

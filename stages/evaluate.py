@@ -8,7 +8,6 @@ and metrics/evaluate.json (keys documented in docs/metrics.md).
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -17,9 +16,12 @@ import pandas as pd
 import torch
 from diffusers import AutoencoderKL
 
-from ec_lora_t.attribute_check import style_distance, style_profile
-from ec_lora_t.conditioning import MODES
-from ec_lora_t.evaluation import (
+from ec_lora_t.adapter.conditioning import MODES
+from ec_lora_t.data.images import load_rgb_image
+from ec_lora_t.demo.attribute_check import style_distance, style_profile
+from ec_lora_t.demo.world import engagement_appeal
+from ec_lora_t.evaluation.regressor import load_regressor
+from ec_lora_t.evaluation.sweep import (
     MODES_WITHOUT_VECTOR,
     generate_sweep,
     image_grid,
@@ -28,10 +30,7 @@ from ec_lora_t.evaluation import (
     sweep_report,
 )
 from ec_lora_t.generation import load_pipeline, save_png
-from ec_lora_t.ingest import load_rgb_image
-from ec_lora_t.regressor import load_regressor
-from ec_lora_t.world import engagement_appeal
-from stages._common import load_params, write_metrics
+from stages._common import load_params, stage_parser, write_metrics
 
 PARAM_KEYS = (
     "prompts", "seeds", "engagement_targets", "time", "time_targets", "fixed_engagement", "num_inference_steps",
@@ -66,17 +65,16 @@ def style_shift(features: Path, images: dict[str, list], resolution: int, profil
     return {mode: style_distance(profiles[mode], profiles["creator"]) for mode in images}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def main(argv: list[str] | None = None) -> None:
+    parser = stage_parser(__doc__)
     parser.add_argument("--adapter", type=Path, required=True, help="adapter folder from the train stage")
     parser.add_argument("--regressor", type=Path, required=True, help="folder from the regressor stage")
     parser.add_argument("--out", type=Path, required=True, help="folder for images, grid.png and sweep.csv")
     parser.add_argument("--sweep-plot", type=Path, required=True, help="CSV of the engagement sweep (DVC plot)")
-    parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--features", type=Path, help="training table: the creator's images for the style check")
-    args = parser.parse_args()
-    params = load_params("evaluate")
-    model_params = load_params("model")
+    args = parser.parse_args(argv)
+    params = load_params("evaluate", args.params)
+    model_params = load_params("model", args.params)
     missing = [key for key in PARAM_KEYS if key not in params]
     if missing:
         raise KeyError(f"params.yaml: section 'evaluate' lacks {missing}")

@@ -1,24 +1,22 @@
 """Stage `features`: weighted engagement, normalised time and the engagement_time vector."""
 
-import argparse
 from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
 
-from ec_lora_t.features import build_feature_table
-from stages._common import load_params, write_metrics
+from ec_lora_t.data.features import build_feature_table
+from stages._common import load_params, stage_parser, write_metrics
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = stage_parser(__doc__)
     parser.add_argument("--posts", required=True, help="posts.parquet from the ingest stage")
     parser.add_argument("--captions", required=True, help="captions.parquet from the caption stage")
     parser.add_argument("--out", required=True, help="train.parquet to write (schema: docs/schema.md)")
     parser.add_argument("--stats", required=True, help="normalization.json: statistics for later queries")
-    parser.add_argument("--metrics", required=True)
     args = parser.parse_args(argv)
-    params = load_params("features")
+    params = load_params("features", args.params)
 
     result = build_feature_table(
         pd.read_parquet(args.posts),

@@ -1,22 +1,20 @@
 """Stage `ingest`: read the post export (report or instaloader layout) into one row per image."""
 
-import argparse
 import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from ec_lora_t.ingest import IngestError, ingest_posts
-from stages._common import load_params, write_metrics
+from ec_lora_t.data.ingest import IngestError, ingest_posts
+from stages._common import load_params, stage_parser, write_metrics
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = stage_parser(__doc__)
     parser.add_argument("--out-table", required=True, help="posts.parquet: one row per usable image")
     parser.add_argument("--out-rejects", required=True, help="rejects.parquet: path, reason, detail")
-    parser.add_argument("--metrics", required=True)
     args = parser.parse_args(argv)
-    params = load_params("ingest")
+    params = load_params("ingest", args.params)
 
     try:
         result = ingest_posts(

@@ -1,6 +1,5 @@
 """Stage `latents`: VAE latents of every image and text embeddings of every caption, cached for training."""
 
-import argparse
 import time
 from pathlib import Path
 
@@ -8,23 +7,22 @@ import pandas as pd
 import torch
 from safetensors.torch import save_file
 
-from ec_lora_t.ingest import load_rgb_image
-from ec_lora_t.latents import build_latent_cache, generic_caption
+from ec_lora_t.data.images import load_rgb_image
+from ec_lora_t.data.latents import build_latent_cache, generic_caption
 from ec_lora_t.models import load_components
-from stages._common import load_params, write_metrics
+from stages._common import load_params, stage_parser, write_metrics
 
 INDEX_COLUMNS = ["shortcode", "image_index", "image_path", "normalized_engagement", "normalized_time"]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def main(argv: list[str] | None = None) -> None:
+    parser = stage_parser(__doc__)
     parser.add_argument("--features", required=True, help="data/features/train.parquet")
     parser.add_argument("--out", required=True, help="latents.safetensors to write")
     parser.add_argument("--index", required=True, help="index.parquet: the row order of the tensors")
-    parser.add_argument("--metrics", required=True)
-    args = parser.parse_args()
-    model_params = load_params("model")
-    params = load_params("latents")
+    args = parser.parse_args(argv)
+    model_params = load_params("model", args.params)
+    params = load_params("latents", args.params)
 
     started = time.perf_counter()
     table = pd.read_parquet(args.features)

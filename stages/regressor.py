@@ -6,15 +6,18 @@ side in metrics/regressor.json; `regressor.protocol` picks the model the evaluat
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from safetensors.numpy import load_file
 
-from ec_lora_t.regressor import PROTOCOLS, evaluate_grouped_kfold, evaluate_report_protocol
-from stages._common import load_params, write_metrics
+from ec_lora_t.evaluation.regressor import (
+    PROTOCOLS,
+    evaluate_grouped_kfold,
+    evaluate_report_protocol,
+)
+from stages._common import load_params, stage_parser, write_metrics
 
 INDEX_COLUMNS = ("shortcode", "image_index", "normalized_engagement", "normalized_time")
 
@@ -39,16 +42,15 @@ def load_training_latents(latents_path: Path, index_path: Path) -> tuple[np.ndar
     return latent_mean, index.reset_index(drop=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def main(argv: list[str] | None = None) -> None:
+    parser = stage_parser(__doc__)
     parser.add_argument("--latents", type=Path, required=True, help="latents.safetensors from the latents stage")
     parser.add_argument("--index", type=Path, required=True, help="index.parquet from the latents stage")
     parser.add_argument("--out", type=Path, required=True, help="folder for regressor.safetensors + regressor.json")
     parser.add_argument("--predictions", type=Path, required=True, help="CSV of held-out predictions (DVC plot)")
-    parser.add_argument("--metrics", type=Path, required=True)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    params = load_params("regressor")
+    params = load_params("regressor", args.params)
     missing = [key for key in ("protocol", "folds", "alphas", "seed") if key not in params]
     if missing:
         raise KeyError(f"params.yaml: section 'regressor' lacks {missing}")

@@ -9,16 +9,17 @@ in --checkpoints when one from the same data and params exists.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 from pathlib import Path
 from typing import Any
 
-from ec_lora_t.lora import ECLoRAConfig
+from ec_lora_t.adapter import ECLoRAConfig
 from ec_lora_t.models import load_components
-from ec_lora_t.training import NonFiniteLossError, TrainingConfig, load_latent_cache, train_ec_lora
-from stages._common import load_params, write_metrics
+from ec_lora_t.training.cache import load_latent_cache
+from ec_lora_t.training.config import TrainingConfig
+from ec_lora_t.training.loop import NonFiniteLossError, make_accelerator, train_ec_lora
+from stages._common import load_params, stage_parser, write_metrics
 
 LORA_KEYS = {
     "lora_rank": "rank",
@@ -61,13 +62,11 @@ def write_loss_plot(path: str | Path, losses: list[float]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = stage_parser(__doc__)
     parser.add_argument("--latents", required=True, help="latents.safetensors from the latents stage")
     parser.add_argument("--out", required=True, help="folder for the final adapter")
     parser.add_argument("--checkpoints", required=True, help="folder for per-epoch checkpoints")
     parser.add_argument("--loss-plot", required=True, help="CSV of loss per step")
-    parser.add_argument("--metrics", required=True, help="metrics JSON")
-    parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
 
     params = load_params("train", args.params)
@@ -81,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         result = train_ec_lora(
-            unet, noise_scheduler, cache, lora_config, training, args.checkpoints, adapter_dir=args.out
+            make_accelerator(training), unet, noise_scheduler, cache, lora_config, training, args.checkpoints, adapter_dir=args.out
         )
     except NonFiniteLossError as error:
         raise SystemExit(f"stage train stopped: {error}") from error

@@ -15,7 +15,7 @@ warnings.filterwarnings("ignore", message=".*requires torchvision.*")
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory):
     """A tiny random Stable Diffusion in diffusers layout (loaded through from_pretrained)."""
-    from ec_lora_t.models import build_tiny_stable_diffusion
+    from ec_lora_t.demo.tiny_model import build_tiny_stable_diffusion
 
     return build_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny-sd") / "model", seed=0)
 
@@ -25,15 +25,14 @@ def adapter_dir(tiny_sd_dir, tmp_path_factory):
     """A 'trained' adapter for the tiny UNet: random B and ECM output layer, so vectors matter."""
     from diffusers import UNet2DConditionModel
 
-    from ec_lora_t.lora import ECLoRAConfig, build_ecm, ec_lora_layers, inject_ec_lora, save_adapter
+    from ec_lora_t.adapter import ECLoRAConfig, add_ec_lora, save_adapter
 
     unet = UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet")
-    config = ECLoRAConfig(rank=4, alpha=8, ecm_hidden_size=16)
-    inject_ec_lora(unet, config)
-    ecm = build_ecm(config)
+    adapter = add_ec_lora(unet, ECLoRAConfig(rank=4, alpha=8, ecm_hidden_size=16))
     generator = torch.Generator().manual_seed(5)
     with torch.no_grad():
-        for layer in ec_lora_layers(unet).values():
+        for layer in adapter.layers:
             layer.lora_B.weight.copy_(0.5 * torch.randn(layer.lora_B.weight.shape, generator=generator))
-        ecm.mlp[-1].weight.copy_(2.0 * torch.randn(ecm.mlp[-1].weight.shape, generator=generator))
-    return save_adapter(tmp_path_factory.mktemp("adapter") / "adapter", unet, ecm, config)
+        output = adapter.ecm.mlp[-1]
+        output.weight.copy_(2.0 * torch.randn(output.weight.shape, generator=generator))
+    return save_adapter(tmp_path_factory.mktemp("adapter") / "adapter", adapter)

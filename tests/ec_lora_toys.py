@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
-from ec_lora_t.ecm import EngagementConditioningModule
-from ec_lora_t.lora import ECLoRAConfig, build_ecm, ec_lora_layers, inject_ec_lora
+from ec_lora_t.adapter import ECLoRAAdapter, ECLoRAConfig, add_ec_lora, engagement_conditioning, mode_scales
 
 WIDTH = 8
 
@@ -49,20 +50,25 @@ def make_toy(seed: int = 0) -> ToyBlock:
     return ToyBlock()
 
 
-def randomize_adapter(model: nn.Module, ecm: EngagementConditioningModule | None = None, seed: int = 1) -> None:
-    """Give B (zero at init) and the ECM output layer non-zero values, as after training."""
+def randomize_adapter(adapter: ECLoRAAdapter, ecm: bool = True, seed: int = 1) -> None:
+    """Give B (zero at init) and, with `ecm`, the ECM output layer non-zero values, as after training."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for layer in ec_lora_layers(model).values():
+        for layer in adapter.layers:
             layer.lora_B.weight.copy_(0.3 * torch.randn(layer.lora_B.weight.shape, generator=generator))
-        if ecm is not None:
-            output = ecm.mlp[-1]
+        if ecm:
+            output = adapter.ecm.mlp[-1]
             output.weight.copy_(0.5 * torch.randn(output.weight.shape, generator=generator))
 
 
-def toy_with_adapter(seed: int = 0, **config_overrides) -> tuple[ToyBlock, EngagementConditioningModule, ECLoRAConfig]:
+def toy_with_adapter(seed: int = 0, **config_overrides) -> tuple[ToyBlock, ECLoRAAdapter]:
     model = make_toy(seed)
-    config = ECLoRAConfig(rank=4, alpha=8, ecm_hidden_size=16, **config_overrides)
-    inject_ec_lora(model, config)
-    ecm = build_ecm(config)
-    return model, ecm, config
+    adapter = add_ec_lora(model, ECLoRAConfig(rank=4, alpha=8, ecm_hidden_size=16, **config_overrides))
+    return model, adapter
+
+
+@contextmanager
+def conditioned(adapter: ECLoRAAdapter, engagement_time: torch.Tensor | None = None, mode: str = "ec_lora"):
+    """The common case: one row per vector (mode ec_lora), or a constant scale (the other modes)."""
+    with engagement_conditioning(adapter, mode_scales(adapter, mode, engagement_time)):
+        yield

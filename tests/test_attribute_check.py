@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ec_lora_t import attribute_check, world
+from ec_lora_t.demo import attribute_check, world
 
 
 def _renders(count: int, seed: int, size: int = 64, out_size: int | None = 32):
@@ -95,7 +95,7 @@ def test_style_profile_reflects_a_creator_style():
 
 
 def test_style_distance_is_zero_for_the_same_profile_and_one_for_disjoint_ones():
-    from ec_lora_t.attribute_check import style_distance
+    from ec_lora_t.demo.attribute_check import style_distance
 
     park = {"scene": {"park": 1.0, "beach": 0.0}, "lighting": {"day": 1.0}, "outfit_colour": {"red": 1.0}}
     beach = {"scene": {"park": 0.0, "beach": 1.0}, "lighting": {"day": 1.0}, "outfit_colour": {"red": 0.5, "blue": 0.5}}

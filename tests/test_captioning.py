@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from _posts import make_report_feed
-from ec_lora_t.captioning import (
+from ec_lora_t.data.captioning import (
     CAPTIONS_SCHEMA,
     BlipCaptioner,
     CaptionCache,
@@ -20,7 +20,7 @@ from ec_lora_t.captioning import (
     model_cache_key,
     season_of,
 )
-from ec_lora_t.ingest import ingest_posts
+from ec_lora_t.data.ingest import ingest_posts
 from stages import caption as caption_stage
 
 # --- seasons -----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from ec_lora_t.cli import app
-from ec_lora_t.features import EngagementTimeNormalizer
+from ec_lora_t.data.features import EngagementTimeNormalizer
 from ec_lora_t.generation import read_png_metadata
 
 runner = CliRunner()

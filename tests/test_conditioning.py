@@ -1,4 +1,4 @@
-"""Passing per-sample scales to the layers: batch independence, CFG doubling, no leaked state."""
+"""Passing per-row scales to the layers: batch independence, row layouts, no leaked state."""
 
 from __future__ import annotations
 
@@ -7,74 +7,85 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ec_lora_t.conditioning import engagement_conditioning
-from ec_lora_t.lora import ec_lora_layers, lora_parameters
-from ec_lora_toys import WIDTH, randomize_adapter, toy_with_adapter
+from ec_lora_t.adapter import ecm_scales, engagement_conditioning, pipeline_row_scales
+from ec_lora_toys import WIDTH, conditioned, randomize_adapter, toy_with_adapter
 
 
-def trained_toy():
-    model, ecm, config = toy_with_adapter()
-    randomize_adapter(model, ecm)
-    return model, ecm
+def trained_toy(**config_overrides):
+    model, adapter = toy_with_adapter(**config_overrides)
+    randomize_adapter(adapter)
+    return model, adapter
 
 
-def test_mixed_vectors_give_each_sample_its_solo_output():
-    model, ecm = trained_toy()
+@pytest.mark.parametrize("granularity", ["layer", "rank"])
+def test_mixed_vectors_give_each_sample_its_solo_output(granularity):
+    model, adapter = trained_toy(ecm_granularity=granularity)
     sample = torch.randn(4, 5, WIDTH)
     vectors = torch.tensor([[0.0, 0.0], [1.0, 0.2], [0.5, 0.9], [0.3, 0.3]])
-    with engagement_conditioning(model, ecm, vectors):
+    with conditioned(adapter, vectors):
         batched = model(sample)
     for row in range(4):
-        with engagement_conditioning(model, ecm, vectors[row : row + 1]):
+        with conditioned(adapter, vectors[row : row + 1]):
             alone = model(sample[row : row + 1])
-        assert torch.allclose(batched[row], alone[0], atol=1e-6)
+        torch.testing.assert_close(batched[row], alone[0], atol=1e-6, rtol=1e-5)
     # ...and the vector matters: two vectors give two different outputs for one sample.
-    with engagement_conditioning(model, ecm, vectors[:2]):
+    with conditioned(adapter, vectors[:2]):
         pair = model(sample[:1].repeat(2, 1, 1))
     assert not torch.allclose(pair[0], pair[1], atol=1e-4)
 
 
-def test_classifier_free_guidance_doubling_repeats_the_scales():
-    model, ecm = trained_toy()
-    sample = torch.randn(3, 5, WIDTH)
-    vectors = torch.tensor([[0.0, 0.1], [0.7, 0.2], [1.0, 1.0]])
-    with engagement_conditioning(model, ecm, vectors):
-        single = model(sample)
-        doubled = model(torch.cat([sample] * 2))  # [uncond, cond] as a pipeline with CFG does
-    assert torch.allclose(doubled[:3], single, atol=1e-6)
-    assert torch.allclose(doubled[3:], single, atol=1e-6)
-    with engagement_conditioning(model, ecm, vectors), pytest.raises(RuntimeError, match="not a multiple"):
-        model(torch.randn(4, 5, WIDTH))
+def test_pipeline_row_layout_repeats_each_prompt_then_doubles_for_guidance():
+    model, adapter = trained_toy()
+    vectors = torch.tensor([[0.0, 0.1], [1.0, 0.9]])  # one per prompt
+    scales = ecm_scales(adapter.ecm, vectors)
+    rows = pipeline_row_scales(scales, num_images_per_prompt=2, classifier_free_guidance=True)
+    # p0, p0, p1, p1 for the unconditional half, then the same for the conditional half
+    expected_vector_of_row = [0, 0, 1, 1, 0, 0, 1, 1]
+    torch.testing.assert_close(rows, scales[expected_vector_of_row])
+    sample = torch.randn(8, 5, WIDTH)
+    with engagement_conditioning(adapter, rows):
+        batched = model(sample)
+    for row, vector_index in enumerate(expected_vector_of_row):
+        with conditioned(adapter, vectors[vector_index : vector_index + 1]):
+            torch.testing.assert_close(batched[row], model(sample[row : row + 1])[0], atol=1e-6, rtol=1e-5)
+
+
+def test_a_batch_the_scales_were_not_built_for_raises():
+    model, adapter = trained_toy()
+    with conditioned(adapter, torch.rand(3, 2)), pytest.raises(RuntimeError, match="scales for 3 rows"):
+        model(torch.randn(6, 5, WIDTH))  # e.g. a guidance batch without pipeline_row_scales
+    with pytest.raises(ValueError, match="scales must be"):
+        with engagement_conditioning(adapter, torch.ones(2, 3)):  # 3 columns, the toy has 6 layers
+            pass
 
 
 def test_no_state_left_behind_when_forward_raises():
-    model, ecm = trained_toy()
-    hooks_before = len(model._forward_pre_hooks)
+    model, adapter = trained_toy()
     with pytest.raises(RuntimeError, match="shape"):
-        with engagement_conditioning(model, ecm, torch.rand(2, 2)):
+        with conditioned(adapter, torch.rand(2, 2)):
             model(torch.randn(2, 5, WIDTH + 1))  # wrong width: the forward raises mid-way
-    assert all(layer.dynamic_scale is None for layer in ec_lora_layers(model).values())
-    assert len(model._forward_pre_hooks) == hooks_before
+    assert all(layer.dynamic_scale is None for layer in adapter.layers)
+    assert not adapter.conditioning_active
     with pytest.raises(RuntimeError, match="without a dynamic scale"):
         model(torch.randn(2, 5, WIDTH))  # outside a block the adapter refuses to run
-    with engagement_conditioning(model, mode="plain_lora"):  # and a new block works again
+    with conditioned(adapter, mode="plain_lora"):  # and a new block works again
         model(torch.randn(2, 5, WIDTH))
 
 
 def test_nested_blocks_and_bad_arguments_are_refused():
-    model, ecm = trained_toy()
-    with engagement_conditioning(model, mode="base"):
+    model, adapter = trained_toy()
+    with conditioned(adapter, mode="base"):
         with pytest.raises(RuntimeError, match="already inside"):
-            with engagement_conditioning(model, ecm, torch.rand(1, 2)):
+            with conditioned(adapter, torch.rand(1, 2)):
                 pass
     with pytest.raises(ValueError, match="mode"):
-        with engagement_conditioning(model, mode="ecm"):
+        with conditioned(adapter, mode="ecm"):
             pass
-    with pytest.raises(ValueError, match="needs the ECM"):
-        with engagement_conditioning(model, ecm, None):
+    with pytest.raises(ValueError, match="needs an engagement_time"):
+        with conditioned(adapter, None):
             pass
     with pytest.raises(ValueError, match="non-finite"):
-        with engagement_conditioning(model, ecm, torch.tensor([[float("nan"), 0.5]])):
+        with conditioned(adapter, torch.tensor([[float("nan"), 0.5]])):
             pass
 
 
@@ -91,34 +102,27 @@ class CheckpointedToy(nn.Module):
 
 @pytest.mark.parametrize("use_checkpointing", [False, True])
 def test_gradients_reach_lora_and_ecm_with_and_without_checkpointing(use_checkpointing):
-    model, ecm = trained_toy()
+    model, adapter = trained_toy()
     runner = CheckpointedToy(model) if use_checkpointing else model
     sample, vectors = torch.randn(2, 5, WIDTH), torch.tensor([[0.2, 0.8], [0.9, 0.1]])
-    with engagement_conditioning(runner, ecm, vectors):
+    with conditioned(adapter, vectors):
         runner(sample).square().mean().backward()
-    gradients = [p.grad for p in lora_parameters(model) + list(ecm.parameters())]
+    gradients = [p.grad for p in adapter.lora_parameters() + list(adapter.ecm.parameters())]
     assert all(g is not None and torch.count_nonzero(g) > 0 for g in gradients)
     if use_checkpointing:  # recomputation must see the same scales: same gradients as without it
-        reference_model, reference_ecm = trained_toy()
-        with engagement_conditioning(reference_model, reference_ecm, vectors):
+        reference_model, reference = trained_toy()
+        with conditioned(reference, vectors):
             reference_model(sample).square().mean().backward()
-        for checkpointed, plain in zip(lora_parameters(model), lora_parameters(reference_model)):
+        for checkpointed, plain in zip(adapter.lora_parameters(), reference.lora_parameters()):
             assert torch.allclose(checkpointed.grad, plain.grad, atol=1e-6)
-        for checkpointed, plain in zip(ecm.parameters(), reference_ecm.parameters()):
+        for checkpointed, plain in zip(adapter.ecm.parameters(), reference.ecm.parameters()):
             assert torch.allclose(checkpointed.grad, plain.grad, atol=1e-6)
 
 
-def test_rank_granularity_mixed_vectors_give_each_sample_its_solo_output():
-    model, ecm, _ = toy_with_adapter(ecm_granularity="rank")
-    randomize_adapter(model, ecm)
-    vectors = torch.tensor([[0.0, 0.0], [1.0, 0.3], [0.4, 1.0]])
-    sample = torch.randn(3, 5, WIDTH)
-    with engagement_conditioning(model, ecm, vectors):
-        batched = model(sample)
-    for row in range(3):
-        with engagement_conditioning(model, ecm, vectors[row : row + 1]):
-            torch.testing.assert_close(batched[row : row + 1], model(sample[row : row + 1]))
-    # classifier-free guidance: a doubled batch gets the same scales twice
-    with engagement_conditioning(model, ecm, vectors):
-        doubled = model(torch.cat([sample, sample]))
-    torch.testing.assert_close(doubled[:3], doubled[3:])
+def test_injection_returns_the_layers_and_conditioning_never_walks_the_model(monkeypatch):
+    model, adapter = trained_toy()
+    # The adapter keeps its layers: entering a block must not look through the model's modules.
+    monkeypatch.setattr(type(model), "named_modules", lambda *a, **k: (_ for _ in ()).throw(AssertionError("walked")))
+    monkeypatch.setattr(type(model), "modules", lambda *a, **k: (_ for _ in ()).throw(AssertionError("walked")))
+    with conditioned(adapter, torch.rand(2, 2)):
+        model(torch.randn(2, 5, WIDTH))

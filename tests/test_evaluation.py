@@ -14,8 +14,8 @@ import yaml
 from PIL import Image
 from scipy import stats
 
-from ec_lora_t.demo_data import write_demo_posts
-from ec_lora_t.evaluation import (
+from ec_lora_t.demo.demo_data import write_demo_posts
+from ec_lora_t.evaluation.sweep import (
     controls_signal,
     image_grid,
     permutation_test_spearman,
@@ -28,7 +28,7 @@ from ec_lora_t.evaluation import (
     target_key,
     target_table,
 )
-from ec_lora_t.regressor import LatentRegressor
+from ec_lora_t.evaluation.regressor import LatentRegressor
 
 TARGETS = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
 REPORT_PREDICTED = np.array([0.0668, 0.0767, 0.0827, 0.0809, 0.0549])  # report table 5.1.3

@@ -12,7 +12,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ec_lora_t.features import (
+from ec_lora_t.data.features import (
     DEGENERATE_LEVEL,
     FEATURES_SCHEMA,
     EngagementTimeNormalizer,

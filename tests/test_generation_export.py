@@ -10,11 +10,16 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from ec_lora_t.conditioning import engagement_conditioning
-from ec_lora_t.export import baked_lora_state_dict, export_lora
+from ec_lora_t.adapter import (
+    ecm_scales,
+    engagement_conditioning,
+    load_adapter,
+    load_adapter_weights,
+    pipeline_row_scales,
+)
+from ec_lora_t.adapter.export import baked_lora_state_dict, export_lora
 from ec_lora_t.generation import generate, generate_images, load_pipeline, read_png_metadata, save_png
-from ec_lora_t.lora import ECLoRAConfig, build_ecm, ec_lora_layers, inject_ec_lora, load_adapter_weights, save_adapter
-from ec_lora_toys import WIDTH, make_toy, randomize_adapter, toy_with_adapter
+from ec_lora_toys import WIDTH, conditioned, make_toy, randomize_adapter, toy_with_adapter
 
 PROMPTS = ["a person in a red coat (winter)", "a city street at night (summer)", "a bowl of fruit (spring)"]
 VECTORS = torch.tensor([[0.9, 0.1], [0.1, 0.8], [0.5, 0.5]])
@@ -83,20 +88,21 @@ def test_generate_writes_one_png_per_prompt_vector_seed(tiny_sd_dir, adapter_dir
 
 @pytest.mark.parametrize("ecm_granularity", ["layer", "rank"])
 def test_baked_lora_equals_the_conditioned_one_on_a_toy(ecm_granularity):
-    model, ecm, config = toy_with_adapter(ecm_granularity=ecm_granularity)
-    randomize_adapter(model, ecm)
+    model, adapter = toy_with_adapter(ecm_granularity=ecm_granularity)
+    randomize_adapter(adapter)
+    config = adapter.config
     lora_state = {k: v.clone() for k, v in model.state_dict().items() if ".lora_" in k}
     vector = (0.7, 0.3)
-    baked = baked_lora_state_dict(config, lora_state, ecm, vector, prefix="toy")
+    baked = baked_lora_state_dict(config, lora_state, adapter.ecm, vector, prefix="toy")
     reference = make_toy()  # the same base weights
     for name in config.layer_names:  # merge W' = W + B' A into the plain model
         base = reference.get_submodule(name)
         with torch.no_grad():
             base.weight += baked[f"toy.{name}.lora_B.weight"] @ baked[f"toy.{name}.lora_A.weight"]
     sample = torch.randn(2, 5, WIDTH)
-    with engagement_conditioning(model, ecm, torch.tensor([vector, vector])):
-        conditioned = model(sample)
-    assert torch.allclose(reference(sample), conditioned, atol=1e-5)
+    with conditioned(adapter, torch.tensor([vector, vector])):
+        conditioned_output = model(sample)
+    assert torch.allclose(reference(sample), conditioned_output, atol=1e-5)
 
 
 def loaded_lora_keys(unet) -> set[str]:
@@ -136,3 +142,31 @@ def test_exported_file_loads_without_missing_keys_and_matches(
     other_vectors = torch.tensor([[0.1, 0.9]] * 2)
     other_vector = pixels(generate_images(ec_pipeline, PROMPTS[:2], other_vectors, SEEDS[:2], **SAMPLING))
     assert np.abs(plain_file - other_vector).mean() > 1.0  # the match is specific to the vector
+
+
+def test_diffusers_pipeline_with_several_images_per_prompt_gets_each_prompts_vector(tiny_sd_dir, adapter_dir):
+    """diffusers lays the UNet batch out as p0, p0, p1, p1 (then doubles it for guidance);
+    `pipeline_row_scales` must give each of those rows its own prompt's vector."""
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, requires_safety_checker=False)
+    pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+    pipeline.set_progress_bar_config(disable=True)
+    adapter = load_adapter(adapter_dir, pipeline.unet)
+    vectors = torch.tensor([[0.95, 0.1], [0.05, 0.9]])  # one per prompt
+    seeds = [3, 4, 5, 6]  # one per generated image, in the pipeline's row order p0, p0, p1, p1
+
+    def run(prompts, row_vectors, images_per_prompt, image_seeds):
+        scales = pipeline_row_scales(ecm_scales(adapter.ecm, row_vectors), images_per_prompt, True)
+        with engagement_conditioning(adapter, scales):
+            return pixels(pipeline(prompt=prompts, num_images_per_prompt=images_per_prompt,
+                                   generator=[torch.Generator().manual_seed(s) for s in image_seeds],
+                                   **SAMPLING).images)
+
+    together = run(PROMPTS[:2], vectors, 2, seeds)
+    for image, (prompt_index, seed) in enumerate(zip([0, 0, 1, 1], seeds)):
+        alone = run(PROMPTS[prompt_index : prompt_index + 1], vectors[prompt_index : prompt_index + 1], 1, [seed])
+        # batches of 8 and 2 round differently; the wrong vector is 30+ grey levels away
+        assert np.abs(together[image] - alone[0]).mean() <= 1.0, image
+    # The scales laid out per vector instead (v0, v1, v0, v1) would give rows 1 and 2 the
+    # wrong vector; the two vectors really give different images, so that mistake is visible.
+    swapped = run(PROMPTS[:1], vectors[1:], 1, seeds[:1])
+    assert np.abs(together[0] - swapped[0]).mean() > 10.0

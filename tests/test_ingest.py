@@ -25,7 +25,7 @@ from _posts import (
     write_report_post,
 )
 from stages import ingest as ingest_stage
-from ec_lora_t.ingest import (
+from ec_lora_t.data.ingest import (
     POSTS_SCHEMA,
     REJECT_REASONS,
     REJECTS_SCHEMA,
@@ -213,7 +213,7 @@ def test_stage_on_missing_folder_exits_with_the_path(tmp_path, monkeypatch):
 
 
 def test_embedded_demo_data_ingests_with_zero_rejects(tmp_path):
-    from ec_lora_t.demo_data import write_demo_posts
+    from ec_lora_t.demo.demo_data import write_demo_posts
 
     write_demo_posts(tmp_path / "demo_posts", num_posts=12, image_size=64, seed=7)
     result = ingest_posts(tmp_path / "demo_posts")

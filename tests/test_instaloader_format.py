@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from _posts import InstaloaderPostSpec, make_instaloader_profile
-from ec_lora_t.ingest import (
+from ec_lora_t.data.ingest import (
     REJECT_REASONS,
     InvalidPostData,
     detect_format,

@@ -8,19 +8,16 @@ import pytest
 import torch
 from torch import nn
 
-from ec_lora_t.conditioning import engagement_conditioning
-from ec_lora_t.ecm import EngagementConditioningModule
-from ec_lora_t.lora import (
-    ADAPTER_CONFIG_NAME,
+from ec_lora_t.adapter import (
     ECLoRAConfig,
     ECLoRALinear,
-    ec_lora_layers,
+    EngagementConditioningModule,
     inject_ec_lora,
     load_adapter,
-    lora_parameters,
     save_adapter,
 )
-from ec_lora_toys import WIDTH, make_toy, randomize_adapter, toy_with_adapter
+from ec_lora_t.adapter.config import ADAPTER_CONFIG_NAME
+from ec_lora_toys import WIDTH, conditioned, make_toy, randomize_adapter, toy_with_adapter
 
 
 def test_injection_wraps_targets_without_copying_base_weights():
@@ -30,10 +27,10 @@ def test_injection_wraps_targets_without_copying_base_weights():
     layers = inject_ec_lora(model, config)
 
     expected = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj", "ff.net.2"]
-    assert list(layers) == expected
+    assert layers == [model.get_submodule(name) for name in expected]
     assert list(config.layer_names) == expected
     assert isinstance(model.proj_in, nn.Linear) and not isinstance(model.proj_in, ECLoRALinear)
-    for index, (name, layer) in enumerate(layers.items()):
+    for index, (name, layer) in enumerate(zip(expected, layers)):
         assert layer.ecm_index == index
         assert layer.base_layer.weight is base_weights[name]  # wrapped, not cloned
         assert layer.lora_A.weight.dtype == torch.float32
@@ -46,7 +43,7 @@ def test_injection_wraps_targets_without_copying_base_weights():
 def test_injection_rejects_no_match_and_double_injection():
     with pytest.raises(ValueError, match="matches target_modules"):
         inject_ec_lora(make_toy(), ECLoRAConfig(target_modules=("to_nothing",)))
-    model, _, config = toy_with_adapter()
+    model, _ = toy_with_adapter()
     with pytest.raises(ValueError, match="already has EC-LoRA"):
         inject_ec_lora(model, ECLoRAConfig())
 
@@ -65,23 +62,24 @@ def test_ecm_starts_at_scale_one_and_shapes():
 
 def test_step_zero_is_the_base_model():
     reference = make_toy()
-    model, ecm, _ = toy_with_adapter()
+    model, adapter = toy_with_adapter()
     sample = torch.randn(3, 5, WIDTH)
-    with engagement_conditioning(model, ecm, torch.rand(3, 2)):
+    with conditioned(adapter, torch.rand(3, 2)):
         assert torch.allclose(model(sample), reference(sample), atol=1e-6)
 
 
 def test_only_lora_and_ecm_parameters_change_after_training_steps():
-    model, ecm, _ = toy_with_adapter()
-    before = {name: p.detach().clone() for name, p in [*model.named_parameters(), *ecm.named_parameters()]}
-    trainable = lora_parameters(model) + list(ecm.parameters())
+    model, adapter = toy_with_adapter()
+    before = {name: p.detach().clone() for name, p in [*model.named_parameters(), *adapter.ecm.named_parameters()]}
+    ecm = adapter.ecm
+    trainable = adapter.lora_parameters() + list(ecm.parameters())
     optimizer = torch.optim.SGD(trainable, lr=0.5)
     sample, target = torch.randn(4, 5, WIDTH), torch.randn(4, 5, WIDTH)
     vectors = torch.tensor([[0.1, 0.2], [0.9, 0.1], [0.5, 0.5], [0.0, 1.0]])
     # Step 1 moves B off zero; from step 2 on A and the ECM output layer (zero at init) get
     # gradient, and from step 3 on the ECM's hidden layers too.
     for _ in range(3):
-        with engagement_conditioning(model, ecm, vectors):
+        with conditioned(adapter, vectors):
             loss = nn.functional.mse_loss(model(sample), target)
             loss.backward()
         optimizer.step()
@@ -96,64 +94,64 @@ def test_only_lora_and_ecm_parameters_change_after_training_steps():
 
 def test_zero_scale_gives_the_base_output():
     reference = make_toy()
-    model, ecm, _ = toy_with_adapter()
-    randomize_adapter(model, ecm)
+    model, adapter = toy_with_adapter()
+    randomize_adapter(adapter)
     sample = torch.randn(2, 5, WIDTH)
-    with engagement_conditioning(model, mode="base"):
+    with conditioned(adapter, mode="base"):
         assert torch.equal(model(sample), reference(sample))
     with torch.no_grad():  # an ECM that outputs 0 for every layer
-        ecm.mlp[-1].weight.zero_()
-        ecm.mlp[-1].bias.zero_()
-    with engagement_conditioning(model, ecm, torch.rand(2, 2)):
+        adapter.ecm.mlp[-1].weight.zero_()
+        adapter.ecm.mlp[-1].bias.zero_()
+    with conditioned(adapter, torch.rand(2, 2)):
         assert torch.allclose(model(sample), reference(sample), atol=1e-6)
-    with engagement_conditioning(model, mode="plain_lora"):
+    with conditioned(adapter, mode="plain_lora"):
         assert not torch.allclose(model(sample), reference(sample), atol=1e-3)  # the adapter does act
 
 
 def test_plain_lora_equals_ec_lora_with_unit_scales():
-    model, ecm, _ = toy_with_adapter()
-    randomize_adapter(model)  # ECM still at its init: every scale is 1
+    model, adapter = toy_with_adapter()
+    randomize_adapter(adapter, ecm=False)  # ECM still at its init: every scale is 1
     sample = torch.randn(2, 5, WIDTH)
-    with engagement_conditioning(model, ecm, torch.tensor([[0.2, 0.4], [1.0, 0.0]])):
-        conditioned = model(sample)
-    with engagement_conditioning(model, mode="plain_lora"):
+    with conditioned(adapter, torch.tensor([[0.2, 0.4], [1.0, 0.0]])):
+        gated_output = model(sample)
+    with conditioned(adapter, mode="plain_lora"):
         plain = model(sample)
-    assert torch.allclose(conditioned, plain, atol=1e-6)
+    assert torch.allclose(gated_output, plain, atol=1e-6)
 
 
 def test_base_layer_in_bf16_keeps_fp32_lora_and_output_dtype():
-    model, ecm, _ = toy_with_adapter()
-    for layer in ec_lora_layers(model).values():
+    model, adapter = toy_with_adapter()
+    for layer in adapter.layers:
         layer.base_layer.to(torch.bfloat16)
     model.proj_in.to(torch.bfloat16)
-    randomize_adapter(model, ecm)
-    with engagement_conditioning(model, ecm, torch.rand(2, 2)):
+    randomize_adapter(adapter)
+    with conditioned(adapter, torch.rand(2, 2)):
         output = model(torch.randn(2, 5, WIDTH, dtype=torch.bfloat16))
     assert output.dtype == torch.bfloat16
-    assert all(p.dtype == torch.float32 for p in lora_parameters(model))
+    assert all(p.dtype == torch.float32 for p in adapter.lora_parameters())
 
 
 def test_save_load_round_trip(tmp_path):
-    model, ecm, config = toy_with_adapter()
-    randomize_adapter(model, ecm)
-    save_adapter(tmp_path / "adapter", model, ecm, config)
+    model, adapter = toy_with_adapter()
+    randomize_adapter(adapter)
+    save_adapter(tmp_path / "adapter", adapter)
     saved_config = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG_NAME).read_text())
-    assert saved_config["layer_names"] == list(config.layer_names)
+    assert saved_config["layer_names"] == list(adapter.config.layer_names)
 
     loaded_model = make_toy()
-    loaded_config, loaded_ecm = load_adapter(tmp_path / "adapter", loaded_model)
-    assert loaded_config == config
+    loaded = load_adapter(tmp_path / "adapter", loaded_model)
+    assert loaded.config == adapter.config
     sample, vectors = torch.randn(3, 5, WIDTH), torch.rand(3, 2)
-    with engagement_conditioning(model, ecm, vectors):
+    with conditioned(adapter, vectors):
         original = model(sample)
-    with engagement_conditioning(loaded_model, loaded_ecm, vectors):
+    with conditioned(loaded, vectors):
         restored = loaded_model(sample)
     assert torch.equal(original, restored)
 
 
 def test_load_rejects_other_architecture_and_missing_files(tmp_path):
-    model, ecm, config = toy_with_adapter()
-    save_adapter(tmp_path / "adapter", model, ecm, config)
+    model, adapter = toy_with_adapter()
+    save_adapter(tmp_path / "adapter", adapter)
     other = make_toy()
     other.attn1.to_k = nn.Identity()  # a different architecture: one target layer fewer
     with pytest.raises(ValueError, match="differ from the adapter's layer_names"):
@@ -165,27 +163,28 @@ def test_load_rejects_other_architecture_and_missing_files(tmp_path):
 
 def test_rank_granularity_starts_as_plain_lora_and_gates_each_component():
     """ecm_granularity 'rank': B diag(s(e)) A x, one ECM scale per layer and rank component."""
-    model, ecm, config = toy_with_adapter(ecm_granularity="rank")
+    model, adapter = toy_with_adapter(ecm_granularity="rank")
+    config, ecm = adapter.config, adapter.ecm
     assert config.scales_per_layer == config.rank
     vectors = torch.tensor([[0.1, 0.9], [0.8, 0.2]])
     assert ecm(vectors).shape == (2, len(config.layer_names), config.rank)
-    randomize_adapter(model)  # B non-zero, ECM output still at its init (every gate 1)
+    randomize_adapter(adapter, ecm=False)  # B non-zero, ECM output still at its init (every gate 1)
     sample = torch.randn(2, 3, WIDTH)
-    with engagement_conditioning(model, ecm, vectors):
-        conditioned = model(sample)
-    with engagement_conditioning(model, mode="plain_lora"):
+    with conditioned(adapter, vectors):
+        gated_output = model(sample)
+    with conditioned(adapter, mode="plain_lora"):
         plain = model(sample)
-    torch.testing.assert_close(conditioned, plain)
+    torch.testing.assert_close(gated_output, plain)
 
     # Gates that switch off every rank component but the first equal a rank-1 update.
     with torch.no_grad():
         ecm.mlp[-1].bias.copy_(torch.tensor([1.0] + [0.0] * (config.rank - 1)).repeat(len(config.layer_names)))
     reference = make_toy()  # the same base weights, with the rank-1 updates merged in
-    for name, layer in ec_lora_layers(model).items():
+    for name, layer in zip(config.layer_names, adapter.layers):
         with torch.no_grad():
             reference.get_submodule(name).weight += config.static_scale * (
                 layer.lora_B.weight[:, :1] @ layer.lora_A.weight[:1]
             )
-    with engagement_conditioning(model, ecm, vectors):
+    with conditioned(adapter, vectors):
         gated = model(sample)
     torch.testing.assert_close(gated, reference(sample))

@@ -2,7 +2,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from ec_lora_t.models import encode_prompts, load_components, vae_scale_factor
+from ec_lora_t.encoders import encode_prompts, vae_scale_factor
+from ec_lora_t.models import load_components
 
 
 def test_tokenizer_matches_stable_diffusion_ids(tiny_sd_dir):
@@ -28,7 +29,7 @@ def test_same_folder_loads_as_pipeline(tiny_sd_dir):
 
 
 def test_generic_caption_keeps_style_tag_and_season():
-    from ec_lora_t.latents import generic_caption
+    from ec_lora_t.data.latents import generic_caption
 
     full = "(democreator style) a man in a red jacket on a beach (summer)"
     assert generic_caption(full, "a man in a red jacket on a beach", "summer") == "(democreator style) (summer)"

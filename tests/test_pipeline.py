@@ -110,6 +110,15 @@ def test_dvc_repro_end_to_end(pipeline_repo):
     again = _run([sys.executable, "-m", "dvc", "repro"], cwd=root).stdout
     assert "Running stage" not in again, again
 
+    # An edit to code only ingest uses marks only ingest as changed (not the GPU stages).
+    instaloader = root / "ec_lora_t" / "data" / "ingest" / "instaloader.py"
+    original = instaloader.read_text()
+    instaloader.write_text(original + "\n# an edit that only the ingest stage sees\n")
+    changed = json.loads(_run([sys.executable, "-m", "dvc", "status", "--json"], cwd=root).stdout)
+    assert set(changed) == {"ingest"}, changed
+    instaloader.write_text(original)
+    assert "up to date" in _run([sys.executable, "-m", "dvc", "status"], cwd=root).stdout
+
     # A variant reruns only train and evaluate, and the metrics diff shows it.
     _run(["git", "add", "-A"], cwd=root)
     _run(["git", "commit", "-qm", "baseline run"], cwd=root)

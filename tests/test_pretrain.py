@@ -7,9 +7,9 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from ec_lora_t import attribute_check, world
+from ec_lora_t.demo import attribute_check, world
 from ec_lora_t.models import load_components
-from ec_lora_t.pretrain import pretrain_base, render_general_sample, train_vae, training_caption
+from ec_lora_t.demo.pretrain import pretrain_base, render_pretraining_set, train_vae, training_caption
 
 TINY = dict(unet_block_out_channels=(8, 16), vae_block_out_channels=(8, 16), text_hidden_size=8, text_layers=1)
 
@@ -34,13 +34,13 @@ def test_training_captions_vary_around_the_full_caption():
     assert len(captions) > 10
 
 
-def test_render_general_sample_is_the_same_with_worker_processes():
-    alone, captions = render_general_sample(6, resolution=16, seed=2, workers=1)
-    pooled, pooled_captions = render_general_sample(6, resolution=16, seed=2, workers=2)
+def test_pretraining_set_is_the_same_with_worker_processes():
+    alone, captions = render_pretraining_set(6, resolution=16, seed=2, workers=1)
+    pooled, pooled_captions = render_pretraining_set(6, resolution=16, seed=2, workers=2)
     assert alone.shape == (6, 16, 16, 3)
     assert np.array_equal(alone, pooled) and captions == pooled_captions
     with pytest.raises(ValueError, match="num_images must be positive"):
-        render_general_sample(0, resolution=16, seed=2)
+        render_pretraining_set(0, resolution=16, seed=2)
 
 
 def test_train_vae_lowers_the_reconstruction_error():
@@ -48,7 +48,7 @@ def test_train_vae_lowers_the_reconstruction_error():
     vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=1,
                         norm_num_groups=8, sample_size=16)
-    pixels, _ = render_general_sample(32, resolution=16, seed=0, workers=1)
+    pixels, _ = render_pretraining_set(32, resolution=16, seed=0, workers=1)
     losses = train_vae(vae, torch.from_numpy(pixels), steps=40, batch_size=16, learning_rate=2e-3, kl_weight=1e-4,
                        generator=torch.Generator().manual_seed(0), log=lambda message: None)
     assert losses[-1] < 0.6 * losses[0]

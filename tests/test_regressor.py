@@ -15,7 +15,7 @@ from sklearn.linear_model import Ridge
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from ec_lora_t.regressor import (
+from ec_lora_t.evaluation.regressor import (
     LatentRegressor,
     evaluate_grouped_kfold,
     evaluate_report_protocol,

@@ -12,14 +12,12 @@ from safetensors.torch import load_file, save_file
 
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from ec_lora_t.lora import ADAPTER_WEIGHTS_NAME, ECM_WEIGHTS_NAME, ECLoRAConfig
-from ec_lora_t.training import (
-    NonFiniteLossError,
-    TrainingConfig,
-    list_checkpoints,
-    load_latent_cache,
-    train_ec_lora,
-)
+from ec_lora_t.adapter import ECLoRAConfig
+from ec_lora_t.adapter.config import ADAPTER_WEIGHTS_NAME, ECM_WEIGHTS_NAME
+from ec_lora_t.training.cache import load_latent_cache
+from ec_lora_t.training.checkpoint import list_checkpoints
+from ec_lora_t.training.config import TrainingConfig
+from ec_lora_t.training.loop import NonFiniteLossError, make_accelerator, train_ec_lora
 
 LORA = dict(rank=4, alpha=8, ecm_hidden_size=16)
 # 5 images in batches of 2 with 2-batch accumulation: 3 batches (last one short) and
@@ -65,13 +63,23 @@ def cache_path(tmp_path_factory):
     return write_cache(tmp_path_factory.mktemp("cache") / "latents.safetensors")
 
 
+def fresh_accelerator(training: TrainingConfig):
+    """accelerate's state is process-wide: reset it so each test can pick its own precision."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return make_accelerator(training)
+
+
 def run_training(cache_path, checkpoints, adapter_dir=None, on_step=None, **overrides):
+    training = TrainingConfig(**{**TRAINING, **overrides})
     return train_ec_lora(
+        fresh_accelerator(training),
         micro_unet(),
         DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
         load_latent_cache(cache_path),
         ECLoRAConfig(**LORA),
-        TrainingConfig(**{**TRAINING, **overrides}),
+        training,
         checkpoints,
         adapter_dir=adapter_dir,
         on_step=on_step,
@@ -121,8 +129,8 @@ def test_non_finite_loss_stops_with_the_step(cache_path, tmp_path):
         unet.conv_out.bias.fill_(float("nan"))
     with pytest.raises(NonFiniteLossError, match=r"at optimizer step 1 \(epoch 1, batch 1\)"):
         train_ec_lora(
-            unet, DDPMScheduler(), load_latent_cache(cache_path), ECLoRAConfig(**LORA),
-            TrainingConfig(**TRAINING), tmp_path / "ckpt", log=lambda message: None,
+            fresh_accelerator(TrainingConfig(**TRAINING)), unet, DDPMScheduler(), load_latent_cache(cache_path),
+            ECLoRAConfig(**LORA), TrainingConfig(**TRAINING), tmp_path / "ckpt", log=lambda message: None,
         )
     assert list_checkpoints(tmp_path / "ckpt") == []
 
@@ -187,15 +195,11 @@ def test_train_stage_writes_adapter_plot_and_metrics(tiny_sd_dir, tmp_path):
 
 def test_caption_dropout_swaps_in_the_generic_caption():
     """p=1 trains every sample on its generic caption, p=0 never does (same noise either way)."""
-    from accelerate import Accelerator
-
-    from ec_lora_t.lora import build_ecm, inject_ec_lora
-    from ec_lora_t.training import diffusion_training_step
+    from ec_lora_t.adapter import add_ec_lora
+    from ec_lora_t.training.objective import diffusion_training_step
 
     unet = micro_unet()
-    config = ECLoRAConfig(**LORA)
-    inject_ec_lora(unet, config)
-    ecm = build_ecm(config)
+    adapter = add_ec_lora(unet, ECLoRAConfig(**LORA))
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     generator = torch.Generator().manual_seed(1)
     batch = {
@@ -206,11 +210,12 @@ def test_caption_dropout_swaps_in_the_generic_caption():
         "engagement_time": torch.rand(3, 2, generator=generator),
     }
     generic_batch = {**batch, "text_embeddings": batch["generic_text_embeddings"]}
-    accelerator = Accelerator(cpu=True)
+    accelerator = fresh_accelerator(TrainingConfig(mixed_precision="no"))
 
     def loss(step_batch, dropout):
         # the dropout draw comes after the noise and timesteps: p=0 and p=1 see the same noise
-        return diffusion_training_step(accelerator, unet, ecm, scheduler, step_batch, torch.Generator().manual_seed(7),
+        return diffusion_training_step(accelerator, unet, adapter, adapter.ecm, scheduler, step_batch,
+                                       torch.Generator().manual_seed(7),
                                        caption_dropout=dropout).item()
 
     assert loss(batch, 0.0) != loss(generic_batch, 0.0)
@@ -221,5 +226,45 @@ def test_caption_dropout_swaps_in_the_generic_caption():
 def test_caption_dropout_needs_generic_embeddings(tmp_path):
     cache = load_latent_cache(write_cache(tmp_path / "latents.safetensors"))
     with pytest.raises(ValueError, match="generic_text_embeddings"):
-        train_ec_lora(micro_unet(), DDPMScheduler(num_train_timesteps=1000), cache, ECLoRAConfig(**LORA),
-                      TrainingConfig(**TRAINING, caption_dropout=0.5), tmp_path / "checkpoints")
+        training = TrainingConfig(**TRAINING, caption_dropout=0.5)
+        train_ec_lora(fresh_accelerator(training), micro_unet(), DDPMScheduler(num_train_timesteps=1000), cache,
+                      ECLoRAConfig(**LORA), training, tmp_path / "checkpoints")
+
+
+def test_bf16_autocast_path_on_the_cpu(cache_path, tmp_path):
+    """mixed_precision bf16 (the GPU default) runs on the CPU too: frozen weights in bf16,
+    LoRA matmuls under autocast in bf16, master weights and ECM in fp32, a finite loss."""
+    seen_dtypes = set()
+
+    def record(module, inputs, output):
+        seen_dtypes.add(output.dtype)
+
+    import ec_lora_t.training.loop as loop
+
+    original_setup = loop.setup_training
+
+    def setup_and_watch(*args, **kwargs):
+        run = original_setup(*args, **kwargs)
+        assert next(run.unet.conv_in.parameters()).dtype == torch.bfloat16
+        run.adapter.layers[0].lora_A.register_forward_hook(record)
+        return run
+
+    loop.setup_training = setup_and_watch
+    try:
+        result = run_training(cache_path, tmp_path / "ckpt", tmp_path / "adapter", mixed_precision="bf16", epochs=1)
+    finally:
+        loop.setup_training = original_setup
+    assert result.mixed_precision == "bf16"
+    assert seen_dtypes == {torch.bfloat16}  # the LoRA matmul ran under autocast
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    lora = load_file(tmp_path / "adapter" / ADAPTER_WEIGHTS_NAME)
+    assert all(v.dtype == torch.float32 for v in lora.values())
+    assert all(torch.count_nonzero(v) > 0 for k, v in lora.items() if k.endswith("lora_B.weight"))
+
+
+def test_accelerator_must_match_the_training_config(cache_path, tmp_path):
+    training = TrainingConfig(**{**TRAINING, "mixed_precision": "no"})
+    accelerator = fresh_accelerator(TrainingConfig(**{**TRAINING, "mixed_precision": "bf16"}))
+    with pytest.raises(ValueError, match="mixed_precision 'bf16'"):
+        train_ec_lora(accelerator, micro_unet(), DDPMScheduler(num_train_timesteps=1000),
+                      load_latent_cache(cache_path), ECLoRAConfig(**LORA), training, tmp_path / "ckpt")

@@ -3,7 +3,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from ec_lora_t import world
+from ec_lora_t.demo import world
 
 RED_CAP_NIGHT = world.SceneAttributes(
     scene="city street", lighting="night", person="man", outfit_colour="red", garment="jacket", accessory="cap",

@@ -22,9 +22,10 @@ import torch
 from diffusers.utils import convert_state_dict_to_kohya
 from safetensors.torch import save_file
 
-from ec_lora_t.conditioning import ecm_scales
-from ec_lora_t.ecm import EngagementConditioningModule
-from ec_lora_t.lora import ECLoRAConfig, load_adapter_weights, load_ecm
+from ec_lora_t.adapter.conditioning import ecm_scales
+from ec_lora_t.adapter.config import ECLoRAConfig
+from ec_lora_t.adapter.ecm import EngagementConditioningModule
+from ec_lora_t.adapter.model import load_adapter_weights, load_ecm
 
 EXPORT_FORMATS = ("diffusers", "kohya")
 

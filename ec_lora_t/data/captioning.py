@@ -23,43 +23,13 @@ import pyarrow as pa
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ec_lora_t.ingest import DEFAULT_MAX_IMAGE_PIXELS, clean_text, load_rgb_image
+from ec_lora_t.data.fields import clean_text
+from ec_lora_t.data.images import DEFAULT_MAX_IMAGE_PIXELS, load_rgb_image
+from ec_lora_t.data.schemas import CAPTIONS_SCHEMA
+from ec_lora_t.data.seasons import season_of
 
-HEMISPHERES = ("north", "south")
 CAPTION_SOURCES = ("blip", "post_text")
 DEFAULT_BLIP_MODEL = "Salesforce/blip-image-captioning-base"
-
-# Report 3.3.2, Northern Hemisphere: Dec-Feb winter, Mar-May spring, Jun-Aug summer,
-# Sep-Nov fall. The Southern Hemisphere has the opposite season in the same month.
-_NORTH_SEASON_BY_MONTH = {
-    12: "winter", 1: "winter", 2: "winter",
-    3: "spring", 4: "spring", 5: "spring",
-    6: "summer", 7: "summer", 8: "summer",
-    9: "fall", 10: "fall", 11: "fall",
-}
-_OPPOSITE_SEASON = {"winter": "summer", "summer": "winter", "spring": "fall", "fall": "spring"}
-
-CAPTIONS_SCHEMA = pa.schema(
-    [
-        pa.field("image_path", pa.string(), nullable=False),
-        pa.field("image_sha256", pa.string(), nullable=False),
-        pa.field("caption", pa.string(), nullable=False),
-        pa.field("season", pa.string(), nullable=False),
-        pa.field("full_caption", pa.string(), nullable=False),
-        pa.field("caption_source", pa.string(), nullable=False),  # blip | post_text
-    ]
-)
-
-
-def season_of(timestamp: Any, hemisphere: str = "north") -> str:
-    """Season of a post time (UTC month): ``winter``, ``spring``, ``summer`` or ``fall``."""
-    if hemisphere not in HEMISPHERES:
-        raise ValueError(f"hemisphere must be one of {HEMISPHERES}, got {hemisphere!r}")
-    moment = pd.Timestamp(timestamp)
-    if moment.tzinfo is not None:
-        moment = moment.tz_convert("UTC")
-    season = _NORTH_SEASON_BY_MONTH[moment.month]
-    return season if hemisphere == "north" else _OPPOSITE_SEASON[season]
 
 
 def format_full_caption(caption: str, style_tag: str, season: str) -> str:

@@ -8,7 +8,7 @@ at night"), so the demo needs no captioning model.
 The hidden engagement function lives here and only here: `engagement_appeal(image)` measures
 two visible properties on the pixels (how saturated the outfit in the middle of the frame
 is, and how bright the picture is). The demo creator's likes are driven by it, plus a
-follower-growth trend over time and noise (`ec_lora_t.demo_data`). Because it reads pixels,
+follower-growth trend over time and noise (`ec_lora_t.demo.demo_data`). Because it reads pixels,
 the evaluation can apply the very same function to generated images as ground truth.
 """
 
@@ -46,7 +46,7 @@ LIGHT_TINT: dict[str, tuple[float, float, float]] = {
 }
 _SKIN = (224, 172, 140)
 
-# Caption phrases of the attributes; `ec_lora_t.attribute_check` reads prompts with the same table.
+# Caption phrases of the attributes; `ec_lora_t.demo.attribute_check` reads prompts with the same table.
 SCENE_PHRASES = {"city street": "on a city street", "beach": "on a beach", "park": "in a park", "studio": "in a studio"}
 LIGHTING_PHRASES = {"day": "", "golden hour": " at golden hour", "night": " at night"}
 ACCESSORY_PHRASES = {"none": "", "cap": " with a cap", "sunglasses": " with sunglasses", "bag": " with a bag"}
@@ -204,7 +204,7 @@ def render_general_sample(seed: int, indices: range, size: int = 64, out_size: i
     """Render images `indices` of the general sample `seed`: uint8 (len(indices), S, S, 3).
 
     With `out_size`, each image is then resized to `out_size` px with PIL's bilinear filter, as
-    `ec_lora_t.latents.image_to_pixel_values` resizes the demo posts (square images need no crop).
+    `ec_lora_t.data.latents.image_to_pixel_values` resizes the demo posts (square images need no crop).
     """
     side = out_size or size
     pixels = np.empty((len(indices), side, side, 3), dtype=np.uint8)

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
-import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,11 +31,18 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers.utils import make_image_grid
 from PIL import Image
-from scipy import stats
 
-from ec_lora_t.conditioning import MODES
+from ec_lora_t.adapter.conditioning import MODES
+from ec_lora_t.data.images import image_to_pixel_values
+from ec_lora_t.encoders import encode_images
+from ec_lora_t.evaluation.stats import (
+    permutation_test_spearman,
+    range_ratio,
+    slope,
+    spearman,
+    target_table,
+)
 from ec_lora_t.generation import ECLoRAPipeline, generate_images
-from ec_lora_t.latents import encode_images, image_to_pixel_values
 
 # Modes whose output does not depend on the engagement-time vector: one image per (prompt, seed).
 MODES_WITHOUT_VECTOR = ("plain_lora", "base")
@@ -88,109 +93,6 @@ def sweep_plan(
         rows += [("engagement", prompt_index, prompt, int(seed), float(e), float(time)) for e in engagement_targets]
         rows += [("time", prompt_index, prompt, int(seed), float(fixed_engagement), float(t)) for t in time_targets]
     return pd.DataFrame(rows, columns=PLAN_COLUMNS)
-
-
-def spearman(target: np.ndarray, predicted: np.ndarray) -> float:
-    """Spearman rank correlation over all images; NaN where either side is constant."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", stats.ConstantInputWarning)
-        return float(stats.spearmanr(target, predicted).statistic)
-
-
-def slope(target: np.ndarray, predicted: np.ndarray) -> float:
-    """Least-squares slope of predicted on target: 1 for a predictor that tracks the target 1:1."""
-    target = np.asarray(target, dtype=np.float64)
-    if np.ptp(target) == 0:
-        raise ValueError("slope needs at least 2 distinct targets")
-    return float(stats.linregress(target, np.asarray(predicted, dtype=np.float64)).slope)
-
-
-def target_table(target: np.ndarray, predicted: np.ndarray) -> pd.DataFrame:
-    """Per target: mean, population std and count of the predictions (the report's table, with spread)."""
-    frame = pd.DataFrame({"target": np.asarray(target, dtype=np.float64), "predicted": predicted})
-    table = frame.groupby("target")["predicted"].agg(mean="mean", std=lambda v: float(np.std(v)), n="size")
-    return table.reset_index()
-
-
-def range_ratio(target: np.ndarray, predicted: np.ndarray) -> float:
-    """(max - min of the per-target mean prediction) / (max - min target).
-
-    Per-target means, not single images, so that seed-to-seed noise does not pass for range.
-    1 where the predictions span the targets; the report's sweep gives (0.0827 - 0.0549) / 1 = 0.028.
-    """
-    target = np.asarray(target, dtype=np.float64)
-    if np.ptp(target) == 0:
-        raise ValueError("range_ratio needs at least 2 distinct targets")
-    means = target_table(target, predicted)["mean"]
-    return float((means.max() - means.min()) / np.ptp(target))
-
-
-@dataclass(frozen=True)
-class PermutationTest:
-    statistic: float  # observed Spearman
-    p_value: float  # one-sided, alternative: Spearman > 0
-    num_permutations: int
-    exact: bool  # every within-block arrangement enumerated (no Monte Carlo error)
-
-
-def permutation_test_spearman(
-    target: np.ndarray,
-    predicted: np.ndarray,
-    blocks: np.ndarray | None = None,
-    *,
-    permutations: int = 1000,
-    seed: int = 0,
-) -> PermutationTest:
-    """One-sided permutation test of Spearman(target, predicted) > 0, targets shuffled within blocks.
-
-    Blocks are the (prompt, seed) pairs: images of one prompt and seed share their initial noise
-    and differ only by the target, so under "the target has no effect" their targets are
-    exchangeable within the block, but not across blocks. (scipy.stats.permutation_test
-    shuffles freely and has no strata, hence this function.) Where all arrangements number at
-    most `permutations` they are enumerated and the p-value is exact; otherwise it is the
-    Monte Carlo estimate (1 + #{null >= observed}) / (1 + permutations), which is never 0.
-    A constant side gives statistic NaN and p-value 1.
-    """
-    target_rank = stats.rankdata(np.asarray(target, dtype=np.float64))
-    predicted_rank = stats.rankdata(np.asarray(predicted, dtype=np.float64))
-    if len(target_rank) != len(predicted_rank):
-        raise ValueError(f"target has {len(target_rank)} values, predicted has {len(predicted_rank)}")
-    blocks = np.zeros(len(target_rank), dtype=np.int64) if blocks is None else np.asarray(blocks)
-    if len(blocks) != len(target_rank):
-        raise ValueError(f"blocks has {len(blocks)} values, target has {len(target_rank)}")
-    if np.ptp(target_rank) == 0 or np.ptp(predicted_rank) == 0:
-        return PermutationTest(statistic=math.nan, p_value=1.0, num_permutations=0, exact=True)
-
-    # Spearman is Pearson on ranks; permuting targets within blocks permutes their global ranks,
-    # so every null statistic is one dot product with the centred predicted ranks.
-    centred_predicted = predicted_rank - predicted_rank.mean()
-    centred_predicted /= np.linalg.norm(centred_predicted)
-    centred_target = target_rank - target_rank.mean()
-    scale = np.linalg.norm(centred_target)
-    observed = float(centred_target @ centred_predicted / scale)
-
-    block_rows = [np.flatnonzero(blocks == block) for block in np.unique(blocks)]
-    num_arrangements = math.prod(math.factorial(len(rows)) for rows in block_rows)
-    exact = num_arrangements <= permutations
-    if exact:
-        null = np.empty(num_arrangements)
-        for i, orders in enumerate(itertools.product(*(itertools.permutations(rows) for rows in block_rows))):
-            permuted = np.empty_like(centred_target)
-            for rows, order in zip(block_rows, orders):
-                permuted[rows] = centred_target[list(order)]
-            null[i] = permuted @ centred_predicted / scale
-    else:
-        rng = np.random.default_rng(seed)
-        permuted = np.empty((permutations, len(centred_target)))
-        for rows in block_rows:
-            permuted[:, rows] = rng.permuted(np.broadcast_to(centred_target[rows], (permutations, len(rows))), axis=1)
-        null = permuted @ centred_predicted / scale
-    # Tolerance: the identity arrangement must count as "at least as extreme" despite rounding.
-    at_least_observed = int(np.sum(null >= observed - 1e-12))
-    p_value = at_least_observed / num_arrangements if exact else (1 + at_least_observed) / (1 + permutations)
-    return PermutationTest(
-        statistic=observed, p_value=float(p_value), num_permutations=int(len(null)), exact=bool(exact)
-    )
 
 
 def target_key(target: float) -> str:

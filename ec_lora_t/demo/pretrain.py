@@ -2,7 +2,7 @@
 
 No machine here can download SD1.5, so the embedded default is a small model of the same
 architecture (AutoencoderKL, CLIPTextModel with the real CLIP tokenizer, UNet2DConditionModel,
-DDPM scheduler) trained by the project on a general sample of `ec_lora_t.world`: tens of
+DDPM scheduler) trained by the project on a general sample of `ec_lora_t.demo.world`: tens of
 thousands of captioned renders with every attribute drawn uniformly, no creator, no engagement.
 
 1. Render the general sample at 64 px and resize it to `resolution`, as the pipeline resizes posts.
@@ -27,7 +27,6 @@ import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,8 +35,16 @@ import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 
-from ec_lora_t import world
-from ec_lora_t.models import SHIPPED_CLIP_TOKENIZER, build_tiny_stable_diffusion, load_components
+from ec_lora_t.data.images import pixels_to_model_input
+from ec_lora_t.demo import world
+from ec_lora_t.demo.tiny_model import (
+    SHIPPED_CLIP_TOKENIZER,
+    build_tiny_stable_diffusion,
+)
+from ec_lora_t.encoders import encode_images
+from ec_lora_t.models import load_components
+from ec_lora_t.training.objective import min_snr_weights, noisy_latents
+from ec_lora_t.training.precision import autocast
 
 # Share of training captions replaced by the empty prompt: the unconditional branch of
 # classifier-free guidance (SD1.5 was trained with 10%).
@@ -103,7 +110,7 @@ def _render_chunk(arguments: tuple[int, int, int, int]) -> np.ndarray:
     return world.render_general_sample(seed, range(start, stop), size=RENDER_SIZE, out_size=resolution)
 
 
-def render_general_sample(
+def render_pretraining_set(
     num_images: int, resolution: int, seed: int, workers: int | None = None
 ) -> tuple[np.ndarray, list[str]]:
     """The pretraining set: uint8 pixels (N, R, R, 3) and one caption per image.
@@ -140,21 +147,6 @@ def _learning_rate(step: int, total_steps: int, peak: float, warmup_steps: int) 
     return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def _autocast(device: torch.device, mixed_precision: str):
-    if mixed_precision == "auto":
-        mixed_precision = "bf16" if device.type == "cuda" else "no"
-    if mixed_precision == "no":
-        return nullcontext()
-    if mixed_precision != "bf16":
-        raise ValueError(f"mixed_precision must be auto, no or bf16, got {mixed_precision!r}")
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def _to_pixel_values(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, R, R, 3) -> float (B, 3, R, R) in [-1, 1], the VAE's input range."""
-    return pixels.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
 def train_vae(
     vae: torch.nn.Module,
     pixels: torch.Tensor,
@@ -181,8 +173,8 @@ def train_vae(
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(step, steps, learning_rate, warmup_steps=min(100, steps // 10 + 1))
         index = torch.randint(len(pixels), (batch_size,), generator=generator, device=pixels.device)
-        batch = _to_pixel_values(pixels[index].to(device))
-        with _autocast(device, mixed_precision):
+        batch = pixels_to_model_input(pixels[index].to(device))
+        with autocast(device, mixed_precision):
             posterior = vae.encode(batch).latent_dist
             latents = posterior.sample(generator=None)
             reconstruction = vae.decode(latents).sample
@@ -200,20 +192,6 @@ def train_vae(
             log(f"vae step {step + 1}/{steps}: reconstruction mse {losses[-1]:.5f}, kl {kl.item():.3f}")
     vae.eval().requires_grad_(False)
     return losses
-
-
-@torch.no_grad()
-def encode_latent_distribution(
-    vae: torch.nn.Module, pixels: torch.Tensor, batch_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unscaled latent mean and std of every image, fp32 on the VAE's device: 2 x (N, 4, h, w)."""
-    device = next(vae.parameters()).device
-    means, stds = [], []
-    for start in range(0, len(pixels), batch_size):
-        distribution = vae.encode(_to_pixel_values(pixels[start : start + batch_size].to(device))).latent_dist
-        means.append(distribution.mean.float())
-        stds.append(distribution.std.float())
-    return torch.cat(means), torch.cat(stds)
 
 
 class _ExponentialMovingAverage:
@@ -234,13 +212,6 @@ class _ExponentialMovingAverage:
     def copy_to_parameters(self) -> None:
         for parameter, average in zip(self.parameters, self.shadow):
             parameter.copy_(average.to(parameter.dtype))
-
-
-def _min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """min(SNR, gamma) / SNR per sample for epsilon prediction (Hang et al. 2023, 'Min-SNR')."""
-    alphas_cumprod = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
-    snr = alphas_cumprod / (1.0 - alphas_cumprod)
-    return torch.clamp(snr, max=gamma) / snr
 
 
 def pretrain_base(
@@ -293,7 +264,7 @@ def pretrain_base(
     started = time.perf_counter()
 
     # 1. The general sample, rendered before CUDA starts so that worker processes can fork.
-    pixels_np, captions = render_general_sample(num_images, resolution, seed, workers)
+    pixels_np, captions = render_pretraining_set(num_images, resolution, seed, workers)
     seconds["render"] = time.perf_counter() - started
     log(f"rendered {num_images} images at {resolution} px in {seconds['render']:.1f} s")
 
@@ -324,7 +295,9 @@ def pretrain_base(
     phase = time.perf_counter()
     vae_losses = train_vae(vae, pixels, steps=vae_steps, batch_size=batch_size, learning_rate=vae_learning_rate,
                            kl_weight=vae_kl_weight, generator=generator, mixed_precision=mixed_precision, log=log)
-    latent_mean, latent_std = encode_latent_distribution(vae, pixels, batch_size=1024)
+    latent_mean, latent_std = encode_images(
+        vae, pixels_to_model_input(pixels), batch_size=1024, scaled=False, output_device=torch_device
+    )
     scaling_factor = float(1.0 / latent_mean.std())
     vae.register_to_config(scaling_factor=scaling_factor)
     seconds["vae"] = time.perf_counter() - phase
@@ -346,20 +319,15 @@ def pretrain_base(
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(step, steps, learning_rate, warmup_steps)
         index = torch.randint(num_images, (batch_size,), generator=generator, device=torch_device)
-        latents = latent_mean[index] + latent_std[index] * torch.randn(
-            latent_mean[index].shape, generator=generator, device=torch_device)
-        noise = torch.randn(latents.shape, generator=generator, device=torch_device)
-        timesteps = torch.randint(noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator,
-                                  device=torch_device)
-        noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+        noisy = noisy_latents(latent_mean[index], latent_std[index], noise_scheduler, generator)
         input_ids = unique_ids[caption_index[index]]
         dropped = torch.rand(batch_size, generator=generator, device=torch_device) < CAPTION_DROPOUT
         input_ids = torch.where(dropped[:, None], empty_ids[None, :], input_ids)
-        with _autocast(torch_device, mixed_precision):
+        with autocast(torch_device, mixed_precision):
             encoder_hidden_states = text_encoder(input_ids)[0]
-            prediction = unet(noisy_latents, timesteps, encoder_hidden_states).sample
-        per_sample = F.mse_loss(prediction.float(), noise, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_sample * _min_snr_weights(noise_scheduler, timesteps, min_snr_gamma)).mean()
+            prediction = unet(noisy.noisy_latents, noisy.timesteps, encoder_hidden_states).sample
+        per_sample = F.mse_loss(prediction.float(), noisy.target, reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_sample * min_snr_weights(noise_scheduler, noisy.timesteps, min_snr_gamma)).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable_parameters, 1.0)

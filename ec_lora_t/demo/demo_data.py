@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ec_lora_t import world
-from ec_lora_t.captioning import season_of
+from ec_lora_t.data.seasons import season_of
+from ec_lora_t.demo import world
 
 FIRST_POST = datetime(2024, 3, 1, 12, 0, tzinfo=timezone.utc)
 SPAN_DAYS = 600

@@ -2,7 +2,7 @@
 
 The embedded base model is only useful if what it draws follows the prompt. This checker
 says what an image shows, with no model of its own: it knows where the world puts things
-(`ec_lora_t.world`) and what they look like.
+(`ec_lora_t.demo.world`) and what they look like.
 
 - scene and lighting, read together: the mean colours of three background bands (sky,
   horizon, ground) at the left and right edges, where the figure never is, are compared with
@@ -27,7 +27,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
-from ec_lora_t import world
+from ec_lora_t.demo import world
 
 CHECKED_ATTRIBUTES = ("scene", "lighting", "outfit_colour")
 

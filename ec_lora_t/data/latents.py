@@ -13,37 +13,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL
 from PIL import Image
 
-from ec_lora_t.models import StableDiffusionComponents, encode_prompts
-
-
-def image_to_pixel_values(image: Image.Image, resolution: int) -> torch.Tensor:
-    """Resize the shorter side to `resolution` (bilinear), centre-crop, scale to [-1, 1]: (3, R, R)."""
-    width, height = image.size
-    scale = resolution / min(width, height)
-    resized = image.convert("RGB").resize(
-        (max(resolution, round(width * scale)), max(resolution, round(height * scale))), Image.Resampling.BILINEAR
-    )
-    left = (resized.width - resolution) // 2
-    top = (resized.height - resolution) // 2
-    cropped = resized.crop((left, top, left + resolution, top + resolution))
-    pixels = torch.from_numpy(np.asarray(cropped, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return pixels * 2.0 - 1.0
-
-
-@torch.no_grad()
-def encode_images(vae: AutoencoderKL, pixel_values: torch.Tensor, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Latent mean and std of images in [-1, 1], multiplied by the VAE scaling factor: 2 x (N, C, h, w) fp32."""
-    means, stds = [], []
-    for start in range(0, len(pixel_values), batch_size):
-        batch = pixel_values[start : start + batch_size].to(vae.device, vae.dtype)
-        distribution = vae.encode(batch).latent_dist
-        means.append(distribution.mean.float().cpu())
-        stds.append(distribution.std.float().cpu())
-    scaling = vae.config.scaling_factor
-    return torch.cat(means) * scaling, torch.cat(stds) * scaling
+from ec_lora_t.data.images import image_to_pixel_values
+from ec_lora_t.encoders import encode_images, encode_prompts
+from ec_lora_t.models import StableDiffusionComponents
 
 
 def build_latent_cache(

@@ -35,8 +35,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from ec_lora_t.captioning import CAPTIONS_SCHEMA
-from ec_lora_t.ingest import POSTS_SCHEMA, parse_timestamp
+from ec_lora_t.data.fields import parse_timestamp
+from ec_lora_t.data.schemas import FEATURES_SCHEMA
 
 NORMALIZATIONS = ("minmax", "log_minmax", "rank")
 DEFAULT_COMMENT_WEIGHT = 3.0
@@ -45,21 +45,6 @@ DEGENERATE_LEVEL = 0.5
 MIN_TIME_SPAN_DAYS = 1.0
 SECONDS_PER_DAY = 86_400.0
 STATS_FORMAT_VERSION = 1
-
-# The training table: every ingest column, the caption columns (but the image path, already
-# there, and where the caption came from), then the engagement and time features.
-FEATURES_SCHEMA = pa.schema(
-    list(POSTS_SCHEMA)
-    + [CAPTIONS_SCHEMA.field(name) for name in ("image_sha256", "caption", "season", "full_caption")]
-    + [
-        pa.field("total_engagement", pa.float64(), nullable=False),
-        pa.field("normalized_engagement", pa.float32(), nullable=False),
-        pa.field("days_since_earliest_post", pa.float64(), nullable=False),
-        pa.field("normalized_time", pa.float32(), nullable=False),
-        pa.field("engagement_time", pa.list_(pa.float32(), 2), nullable=False),
-    ]
-)
-
 
 def total_engagement(likes: Any, comments: Any, comment_weight: float = DEFAULT_COMMENT_WEIGHT) -> np.ndarray:
     """``likes + comment_weight * comments`` (report 3.4.1), float64."""
@@ -73,7 +58,7 @@ def total_engagement(likes: Any, comments: Any, comment_weight: float = DEFAULT_
 def _to_utc_seconds(dates: Any) -> np.ndarray:
     """Seconds since the epoch (float64) of one date or a sequence of dates.
 
-    Strings, numbers and datetimes are read by :func:`ec_lora_t.ingest.parse_timestamp`
+    Strings, numbers and datetimes are read by :func:`ec_lora_t.data.ingest.parse_timestamp`
     (naive times are UTC), so a query date means what a metadata timestamp means.
     """
     if isinstance(dates, pd.Series) and pd.api.types.is_datetime64_any_dtype(dates):

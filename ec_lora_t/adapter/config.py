@@ -1,0 +1,78 @@
+"""What an EC-LoRA adapter is: rank, static scale, target layers and the ECM's shape (report 3.1.3, 4.3.1).
+
+An adapter on disk is a folder with three files:
+    ec_lora.safetensors   LoRA matrices, keys `<module name>.lora_A.weight` / `.lora_B.weight`
+    ecm.safetensors       ECM weights (`ec_lora_t.adapter.ecm.EngagementConditioningModule`)
+    adapter_config.json   `ECLoRAConfig` plus the ordered layer names (the ECM output order)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+ADAPTER_WEIGHTS_NAME = "ec_lora.safetensors"
+ECM_WEIGHTS_NAME = "ecm.safetensors"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_FORMAT = "ec-lora-t/1"
+
+# The report's targets (3.1.3): attention projections and the feed-forward layers of every
+# transformer block in the UNet.
+DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+ECM_GRANULARITIES = ("layer", "rank")
+
+
+@dataclass
+class ECLoRAConfig:
+    """What an EC-LoRA adapter is: rank, static scale, which layers, and the ECM's shape."""
+
+    rank: int = 16
+    alpha: float = 64.0
+    # A module is a target when its dotted name equals an entry or ends with "." + entry
+    # (peft's rule for a list of names), e.g. "to_out.0" matches "...attn1.to_out.0".
+    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+    ecm_hidden_size: int = 128
+    ecm_depth: int = 2
+    # "layer": one ECM scale per layer (the report); "rank": one per layer and rank component.
+    ecm_granularity: str = "layer"
+    # Filled by `inject_ec_lora`: the injected module names in ECM output order.
+    layer_names: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        self.target_modules = tuple(self.target_modules)
+        self.layer_names = tuple(self.layer_names)
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if not self.target_modules:
+            raise ValueError("target_modules is empty: EC-LoRA needs at least one layer to adapt")
+        if self.ecm_granularity not in ECM_GRANULARITIES:
+            raise ValueError(f"ecm_granularity must be one of {ECM_GRANULARITIES}, got {self.ecm_granularity!r}")
+        if self.ecm_hidden_size < 1 or self.ecm_depth < 1:
+            raise ValueError(
+                f"ECM needs hidden size >= 1 and depth >= 1, got {self.ecm_hidden_size}, {self.ecm_depth}"
+            )
+
+    @property
+    def static_scale(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def scales_per_layer(self) -> int:
+        return self.rank if self.ecm_granularity == "rank" else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        config = asdict(self)
+        config["target_modules"] = list(self.target_modules)
+        config["layer_names"] = list(self.layer_names)
+        return {"format": ADAPTER_FORMAT, **config}
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any], source: str = "adapter config") -> ECLoRAConfig:
+        config = dict(config)
+        found_format = config.pop("format", None)
+        if found_format != ADAPTER_FORMAT:
+            raise ValueError(f"{source}: format is {found_format!r}, expected {ADAPTER_FORMAT!r}")
+        unknown = set(config) - {f for f in cls.__dataclass_fields__}
+        if unknown:
+            raise ValueError(f"{source}: unknown keys {sorted(unknown)}")
+        return cls(**config)

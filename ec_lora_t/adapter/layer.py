@@ -1,0 +1,80 @@
+"""The EC-LoRA layer: a frozen `nn.Linear` plus a low-rank update scaled per sample (report 3.1.2, 4.4.1).
+
+    y = W x + s_k(e) * (alpha / r) * B A x
+
+W is the frozen base layer (wrapped, never copied), A and B the trainable low-rank matrices,
+alpha / r the static scale and s_k(e) the dynamic scale that the Engagement Conditioning
+Module produces for this layer (index k) from each sample's engagement-time vector e. The
+dynamic scales are handed to the layer for the calls inside one block by
+`ec_lora_t.adapter.conditioning.engagement_conditioning`; outside that block a layer refuses
+to run, so an unconditioned call can never pass silently.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class ECLoRALinear(nn.Module):
+    """A frozen `nn.Linear` plus a low-rank update scaled per sample by the ECM.
+
+    The base layer keeps its own weights and dtype (the compute dtype, e.g. bf16); the LoRA
+    matrices are fp32 master weights. Under autocast the LoRA matmuls run in the autocast
+    dtype like every other linear layer; without autocast the input is cast to fp32 for them.
+    """
+
+    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, ecm_index: int) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"EC-LoRA wraps nn.Linear layers, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.rank = rank
+        self.static_scale = alpha / rank
+        self.ecm_index = ecm_index
+        device = base_layer.weight.device
+        self.lora_A = nn.Linear(base_layer.in_features, rank, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(rank, base_layer.out_features, bias=False, device=device, dtype=torch.float32)
+        # Initialise A the same way as the default for nn.Linear and B to zero, so that
+        # step 0 reproduces the base model (LoRA paper; peft tuners/lora/layer.py).
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        # Per-block state, set and cleared only by `engagement_conditioning`: a float (the same
+        # scale for every row of any batch: 1.0 for plain LoRA, 0.0 for the base model) or a
+        # tensor with this layer's ECM scale for each row of the UNet batch, (rows,), or
+        # (rows, rank) with one scale per rank component (ecm_granularity "rank").
+        self.dynamic_scale: torch.Tensor | float | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, ..., in_features)
+        result = self.base_layer(x)
+        dynamic_scale = self.dynamic_scale
+        if dynamic_scale is None:
+            raise RuntimeError(
+                "EC-LoRA layer called without a dynamic scale: run the model inside "
+                "ec_lora_t.adapter.conditioning.engagement_conditioning(...)"
+            )
+        if isinstance(dynamic_scale, float) and dynamic_scale == 0.0:
+            return result  # adapter switched off: exactly the base layer, no LoRA compute
+        lora_input = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.weight.dtype)
+        hidden = self.lora_A(lora_input)  # (batch, ..., r)
+        # Scaling the rank-r hidden state equals scaling B A x (B is linear) and touches r
+        # instead of out_features values per token.
+        if isinstance(dynamic_scale, torch.Tensor):
+            if dynamic_scale.shape[0] != x.shape[0]:
+                raise RuntimeError(
+                    f"EC-LoRA layer has scales for {dynamic_scale.shape[0]} rows but was called with a batch "
+                    f"of {x.shape[0]}: build the scales for the UNet batch's row layout "
+                    "(ec_lora_t.adapter.conditioning.pipeline_row_scales)"
+                )
+            # (batch,) -> (batch, 1, ..., 1); (batch, r) -> (batch, 1, ..., r): per component
+            components = dynamic_scale.shape[1] if dynamic_scale.ndim == 2 else 1
+            scale = (dynamic_scale * self.static_scale).to(hidden.dtype)
+            hidden = hidden * scale.view(x.shape[0], *([1] * (hidden.ndim - 2)), components)
+        else:
+            hidden = hidden * (dynamic_scale * self.static_scale)
+        return result + self.lora_B(hidden).to(result.dtype)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, static_scale={self.static_scale:g}, ecm_index={self.ecm_index}"

@@ -1,0 +1,155 @@
+"""Reading a posts folder: detect its layout, read every post, decode every image, keep one post per shortcode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+from ec_lora_t.data.images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    ImageRejected,
+    load_rgb_image,
+)
+from ec_lora_t.data.ingest.common import (
+    FORMATS,
+    INSTALOADER,
+    REPORT,
+    REPORT_METADATA_NAME,
+    VIDEO_MODES,
+    ImageRecord,
+    IngestError,
+    IngestResult,
+    Reject,
+    _Post,
+    _walk,
+)
+from ec_lora_t.data.ingest.instaloader import (
+    _INSTALOADER_DATE_STEM,
+    _json_stem,
+    _read_instaloader_posts,
+)
+from ec_lora_t.data.ingest.report import _read_report_posts
+
+
+def _check_image(path: Path, max_image_pixels: int | None) -> Reject | None:
+    try:
+        load_rgb_image(path, max_image_pixels)
+    except ImageRejected as rejected:
+        return Reject(str(path), rejected.reason, rejected.detail)
+    return None
+
+
+def _layout_help(posts_dir: Path) -> str:
+    return (
+        f"Expected in {posts_dir} either the report layout "
+        "(<posts_dir>/<shortcode>/*.jpg plus a metadata.csv with columns "
+        "shortcode, likes_count, comments_count, timestamp[, caption]) or an instaloader "
+        "download (<posts_dir>/<profile>/<date>_UTC.jpg, <date>_UTC_1.jpg ... next to "
+        "<date>_UTC.json.xz, as written by `instaloader <profile>`)."
+    )
+
+
+def detect_format(posts_dir: str | Path) -> str:
+    """Return ``report`` or ``instaloader`` from the files under posts_dir."""
+    root = Path(posts_dir)
+    has_report = has_instaloader = False
+    for _, filenames in _walk(root):
+        has_report |= REPORT_METADATA_NAME in filenames
+        has_instaloader |= any(_INSTALOADER_DATE_STEM.search(_json_stem(f) or "") for f in filenames)
+        has_instaloader |= any(f.endswith(".json.xz") for f in filenames)
+    if has_report and has_instaloader:
+        raise IngestError(
+            f"{root} holds both metadata.csv files and instaloader JSON files; "
+            "set ingest.format to 'report' or 'instaloader'"
+        )
+    if has_report:
+        return REPORT
+    if has_instaloader:
+        return INSTALOADER
+    raise IngestError(f"no posts found under {root}. {_layout_help(root)}")
+
+
+
+def ingest_posts(
+    posts_dir: str | Path,
+    format: str = "auto",
+    videos: str = "thumbnail",
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> IngestResult:
+    """Read every post under posts_dir into image records and rejects.
+
+    Every image is fully decoded once (through :func:`load_rgb_image`) so that unreadable,
+    truncated and oversized files are rejected here rather than later in a GPU job.
+    Duplicate shortcodes keep one post (the one whose folder/file name is the shortcode,
+    else the first by path) and reject the others. Raises :class:`IngestError` only when the
+    folder is missing/empty or has no known layout; an ingest in which every post is
+    rejected still returns, so the caller can write the rejects before failing.
+    """
+    root = Path(posts_dir)
+    if format not in FORMATS:
+        raise ValueError(f"ingest format must be one of {FORMATS}, got {format!r}")
+    if videos not in VIDEO_MODES:
+        raise ValueError(f"ingest videos must be one of {VIDEO_MODES}, got {videos!r}")
+    if not root.is_dir():
+        raise IngestError(f"posts folder {root} does not exist. {_layout_help(root)}")
+    if not any(True for _ in _non_hidden_entries(root)):
+        raise IngestError(f"posts folder {root} is empty. {_layout_help(root)}")
+    source_format = detect_format(root) if format == "auto" else format
+    if source_format == REPORT:
+        posts, rejects, ignored, metadata_files = _read_report_posts(root)
+    else:
+        posts, rejects, ignored, metadata_files = _read_instaloader_posts(root, videos)
+
+    # 1. Decode every image; a post keeps the images that survive.
+    for post in posts:
+        usable = []
+        for index, path, text in post.images:
+            problem = _check_image(path, max_image_pixels)
+            if problem is None:
+                usable.append((index, path, text))
+            else:
+                rejects.append(problem)
+        post.images = usable
+
+    # 2. One post per shortcode, chosen among posts that still have an image.
+    kept: dict[str, _Post] = {}
+    for post in sorted(
+        (p for p in posts if p.images), key=lambda p: (not p.preferred, p.source_path)
+    ):
+        first = kept.get(post.metadata.shortcode)
+        if first is None:
+            kept[post.metadata.shortcode] = post
+        else:
+            rejects.append(
+                Reject(
+                    post.source_path,
+                    "duplicate_shortcode",
+                    f"shortcode {post.metadata.shortcode} already ingested from {first.source_path}",
+                )
+            )
+
+    records = [
+        ImageRecord(
+            shortcode=post.metadata.shortcode,
+            image_index=index,
+            image_path=str(path),
+            likes_count=post.metadata.likes_count,
+            comments_count=post.metadata.comments_count,
+            timestamp=post.metadata.timestamp,
+            post_text=text,
+            source_format=source_format,
+        )
+        for post in sorted(kept.values(), key=lambda p: (p.metadata.timestamp, p.metadata.shortcode))
+        for index, path, text in post.images
+    ]
+    return IngestResult(
+        source_format=source_format,
+        records=records,
+        rejects=sorted(rejects, key=lambda r: (r.path, r.reason)),
+        ignored_files=ignored,
+        posts_found=metadata_files,
+    )
+
+
+def _non_hidden_entries(root: Path) -> Iterator[Path]:
+    return (entry for entry in root.iterdir() if not entry.name.startswith("."))

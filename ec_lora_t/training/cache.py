@@ -1,0 +1,139 @@
+"""The latent cache as training reads it: load, validate, and serve it in a replayable order.
+
+The latents stage has already run the VAE and the text encoder once per image (report 3.6.3,
+4.6.2), so training reads tensors, not images: `latent_mean`, `latent_std`, `text_embeddings`,
+`engagement_time` and, for caption dropout, `generic_text_embeddings`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch.utils.data import Dataset, Sampler
+
+from ec_lora_t.adapter.ecm import ENGAGEMENT_TIME_DIM
+
+CACHE_TENSORS = ("latent_mean", "latent_std", "text_embeddings", "engagement_time")
+# Written by the latents stage since caption dropout; older caches train without it.
+OPTIONAL_CACHE_TENSORS = ("generic_text_embeddings",)
+
+
+@dataclass
+class LatentCache:
+    """The latents stage's tensors, row i = one training image."""
+
+    latent_mean: torch.Tensor  # (N, 4, h, w) fp32, times the VAE scaling factor
+    latent_std: torch.Tensor  # (N, 4, h, w) fp32, times the VAE scaling factor
+    text_embeddings: torch.Tensor  # (N, 77, D)
+    engagement_time: torch.Tensor  # (N, 2) [normalized_engagement, normalized_time]
+    generic_text_embeddings: torch.Tensor | None = None  # (N, 77, D) style tag + season only
+
+    def tensor_names(self) -> tuple[str, ...]:
+        return CACHE_TENSORS + tuple(name for name in OPTIONAL_CACHE_TENSORS if getattr(self, name) is not None)
+
+    def __len__(self) -> int:
+        return self.latent_mean.shape[0]
+
+    def fingerprint(self) -> str:
+        """sha256 of the tensors: a checkpoint made on other data must not be resumed."""
+        digest = hashlib.sha256()
+        for name in self.tensor_names():
+            tensor = getattr(self, name).detach().to("cpu", torch.float32).contiguous()
+            digest.update(name.encode() + str(tuple(tensor.shape)).encode())
+            digest.update(tensor.numpy().tobytes())
+        return digest.hexdigest()
+
+
+def validate_latent_cache(cache: LatentCache, source: str = "latent cache") -> LatentCache:
+    """Check shapes and values; `source` (the file) is named in every error."""
+    num_images = len(cache)
+    if num_images == 0:
+        raise ValueError(f"{source}: the cache holds no images")
+    if cache.latent_mean.ndim != 4:
+        raise ValueError(f"{source}: latent_mean must be (N, C, h, w), got {tuple(cache.latent_mean.shape)}")
+    if cache.latent_std.shape != cache.latent_mean.shape:
+        raise ValueError(
+            f"{source}: latent_std {tuple(cache.latent_std.shape)} differs from "
+            f"latent_mean {tuple(cache.latent_mean.shape)}"
+        )
+    if cache.text_embeddings.ndim != 3 or cache.text_embeddings.shape[0] != num_images:
+        raise ValueError(
+            f"{source}: text_embeddings must be ({num_images}, L, D), got {tuple(cache.text_embeddings.shape)}"
+        )
+    if cache.engagement_time.shape != (num_images, ENGAGEMENT_TIME_DIM):
+        raise ValueError(
+            f"{source}: engagement_time must be ({num_images}, {ENGAGEMENT_TIME_DIM}), "
+            f"got {tuple(cache.engagement_time.shape)}"
+        )
+    generic = cache.generic_text_embeddings
+    if generic is not None and generic.shape != cache.text_embeddings.shape:
+        raise ValueError(
+            f"{source}: generic_text_embeddings {tuple(generic.shape)} differs from "
+            f"text_embeddings {tuple(cache.text_embeddings.shape)}"
+        )
+    for name in cache.tensor_names():
+        tensor = getattr(cache, name)
+        if not tensor.is_floating_point():
+            raise ValueError(f"{source}: {name} must be a float tensor, got {tensor.dtype}")
+        bad_rows = (~torch.isfinite(tensor.reshape(num_images, -1))).any(dim=1).nonzero().flatten()
+        if len(bad_rows):
+            raise ValueError(f"{source}: {name} has non-finite values in rows {bad_rows[:10].tolist()}")
+    if (cache.latent_std < 0).any():
+        raise ValueError(f"{source}: latent_std has negative values")
+    return cache
+
+
+def load_latent_cache(path: str | Path) -> LatentCache:
+    """Read `latents.safetensors` written by the latents stage (see docs/architecture.md)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: latent cache not found; run the latents stage first")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path}: not a readable safetensors file ({error})") from error
+    missing = [name for name in CACHE_TENSORS if name not in tensors]
+    if missing:
+        raise ValueError(f"{path}: missing tensors {missing}; it has {sorted(tensors)}")
+    present = CACHE_TENSORS + tuple(name for name in OPTIONAL_CACHE_TENSORS if name in tensors)
+    return validate_latent_cache(LatentCache(**{name: tensors[name] for name in present}), source=str(path))
+
+
+class CachedLatentsDataset(Dataset):
+    def __init__(self, cache: LatentCache) -> None:
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {name: getattr(self.cache, name)[index] for name in self.cache.tensor_names()}
+
+
+def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
+    """One seed per (run seed, epoch, random stream) so every epoch can be replayed alone."""
+    return (seed * 1_000_003 + epoch) * 4096 + stream
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A fresh permutation every epoch, fixed by (seed, epoch) alone."""
+
+    def __init__(self, num_samples: int, seed: int) -> None:
+        self.num_samples = num_samples
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        return iter(torch.randperm(self.num_samples, generator=generator).tolist())

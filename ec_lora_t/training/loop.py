@@ -1,0 +1,321 @@
+"""Training EC-LoRA-T from cached latents (report 4.5, 4.6), with accelerate, in four named steps.
+
+    run = setup_training(accelerator, unet, noise_scheduler, cache, lora_config, training)
+    resume_training(run, checkpoints_dir)             # from the newest checkpoint of this run
+    for epoch in range(run.start_epoch, training.epochs):
+        train_epoch(run, epoch)                       # then a checkpoint
+    result = finish_training(run, adapter_dir)        # adapter weights only
+
+`train_ec_lora` runs them in that order. The caller owns the `Accelerator` (accelerate's
+state is process-wide: one per process, made by the stage or the test), see `make_accelerator`.
+
+accelerate skeleton (diffusers `train_text_to_image_lora.py`): freeze the UNet, cast it to
+the compute dtype, inject the adapters, keep the trainable parameters fp32, `prepare`,
+`accumulate`, act only on `sync_gradients`, save only adapter weights.
+
+Resuming: every epoch ends with a checkpoint (`ec_lora_t.training.checkpoint`). The data
+order and all noise of epoch e are a pure function of (seed, e), so a run resumed from the
+checkpoint of epoch e replays epochs e+1... exactly as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ec_lora_t.adapter.config import ECLoRAConfig
+from ec_lora_t.adapter.model import ECLoRAAdapter, add_ec_lora, save_adapter
+from ec_lora_t.training.cache import (
+    CachedLatentsDataset,
+    EpochShuffleSampler,
+    LatentCache,
+    epoch_seed,
+    validate_latent_cache,
+)
+from ec_lora_t.training.checkpoint import (
+    list_checkpoints,
+    read_checkpoint_state,
+    restore_checkpoint,
+    run_fingerprint,
+    save_checkpoint,
+)
+from ec_lora_t.training.config import TrainingConfig
+from ec_lora_t.training.objective import diffusion_training_step
+from ec_lora_t.training.precision import (
+    COMPUTE_DTYPES,
+    peak_memory_mb,
+    resolve_mixed_precision,
+)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stops before the optimizer uses it."""
+
+
+@dataclass
+class TrainingResult:
+    losses: list[float]  # one per optimizer step, over the whole run (resumed epochs included)
+    steps: int
+    epochs: int
+    images_per_second: float  # all epochs, resumed ones included; checkpoint saving excluded
+    peak_memory_mb: float
+    mixed_precision: str
+    resumed_from_epoch: int  # 0 when the run started fresh
+    num_images: int
+    num_lora_layers: int
+    trainable_parameters: int
+    device: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final_loss(self) -> float:
+        return self.losses[-1] if self.losses else float("nan")
+
+
+@dataclass
+class TrainingRun:
+    """What one training run holds between its steps."""
+
+    accelerator: Accelerator
+    training: TrainingConfig
+    adapter: ECLoRAAdapter  # the unwrapped layers and ECM: saved, restored, counted
+    unet: nn.Module  # as prepared by accelerate: what runs
+    ecm: nn.Module  # as prepared by accelerate: what runs
+    noise_scheduler: Any
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    dataloader: DataLoader
+    fingerprint: str
+    num_images: int
+    log: Callable[[str], None] = print
+    checkpoints_dir: Path | None = None
+    start_epoch: int = 0
+    global_step: int = 0
+    losses: list[float] = field(default_factory=list)
+    # Throughput over all epochs of the run, resumed ones included (the checkpoint carries them).
+    timing: dict[str, float] = field(default_factory=lambda: {"train_seconds": 0.0, "images_seen": 0})
+
+
+def make_accelerator(training: TrainingConfig) -> Accelerator:
+    """The Accelerator a run of `training` needs ('auto' precision resolved for this machine)."""
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    return Accelerator(
+        mixed_precision=resolve_mixed_precision(training.mixed_precision, device_type),
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+    )
+
+
+def _check_accelerator(accelerator: Accelerator, training: TrainingConfig) -> str:
+    mixed_precision = str(accelerator.mixed_precision)
+    wanted = resolve_mixed_precision(training.mixed_precision, accelerator.device.type)
+    if mixed_precision != wanted:
+        raise ValueError(f"the Accelerator runs mixed_precision {mixed_precision!r}, the training config asks for {wanted!r}")
+    if accelerator.gradient_accumulation_steps != training.gradient_accumulation_steps:
+        raise ValueError(
+            f"the Accelerator accumulates {accelerator.gradient_accumulation_steps} steps, the training config "
+            f"{training.gradient_accumulation_steps}"
+        )
+    return mixed_precision
+
+
+def setup_training(
+    accelerator: Accelerator,
+    unet: nn.Module,
+    noise_scheduler,
+    cache: LatentCache,
+    lora_config: ECLoRAConfig,
+    training: TrainingConfig,
+    log: Callable[[str], None] = print,
+) -> TrainingRun:
+    """Freeze and cast the UNet, add the adapter, build optimizer, schedule and data; `prepare` them."""
+    validate_latent_cache(cache)
+    _check_cache_fits_unet(cache, unet)
+    if training.caption_dropout > 0 and cache.generic_text_embeddings is None:
+        raise ValueError(
+            "caption_dropout > 0 needs generic_text_embeddings in the latent cache; rerun the latents stage"
+        )
+    mixed_precision = _check_accelerator(accelerator, training)
+    set_seed(training.seed)  # LoRA A and ECM initialisation
+
+    # 1. Freeze the UNet and cast it to the compute dtype; 2. add the adapters (fp32).
+    unet.requires_grad_(False)
+    unet.to(accelerator.device)
+    if mixed_precision != "no":
+        unet.to(COMPUTE_DTYPES[mixed_precision])
+    adapter = add_ec_lora(unet, lora_config, accelerator.device)
+    if training.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()  # diffusers checkpoints non-reentrantly: ECM grads flow
+    # 3. AdamW over the trainable parameters only; the ECM may get its own learning rate.
+    ecm_learning_rate = training.learning_rate if training.ecm_learning_rate is None else training.ecm_learning_rate
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": adapter.lora_parameters(), "lr": training.learning_rate},
+            {"params": list(adapter.ecm.parameters()), "lr": ecm_learning_rate},
+        ],
+        lr=training.learning_rate,
+        betas=(training.adam_beta1, training.adam_beta2),
+        eps=training.adam_epsilon,
+        weight_decay=training.weight_decay,
+    )
+    sampler = EpochShuffleSampler(len(cache), training.seed)
+    dataloader = DataLoader(CachedLatentsDataset(cache), batch_size=training.batch_size, sampler=sampler)
+    batches_per_epoch = math.ceil(len(cache) / (training.batch_size * accelerator.num_processes))
+    steps_per_epoch = math.ceil(batches_per_epoch / training.gradient_accumulation_steps)
+    total_steps = training.epochs * steps_per_epoch
+    # accelerate's prepared scheduler steps once per process; scale the schedule to match.
+    lr_scheduler = get_cosine_schedule_with_warmup(
+        optimizer,
+        num_warmup_steps=round(training.lr_warmup_ratio * total_steps) * accelerator.num_processes,
+        num_training_steps=total_steps * accelerator.num_processes,
+    )
+    prepared_unet, prepared_ecm, optimizer, dataloader, lr_scheduler = accelerator.prepare(
+        unet, adapter.ecm, optimizer, dataloader, lr_scheduler
+    )
+    return TrainingRun(
+        accelerator=accelerator, training=training, adapter=adapter, unet=prepared_unet, ecm=prepared_ecm,
+        noise_scheduler=noise_scheduler, optimizer=optimizer, lr_scheduler=lr_scheduler, dataloader=dataloader,
+        fingerprint=run_fingerprint(cache, lora_config, training, mixed_precision), num_images=len(cache), log=log,
+    )
+
+
+def resume_training(run: TrainingRun, checkpoints_dir: str | Path) -> None:
+    """4. Continue from the newest checkpoint of this run; checkpoints of other runs are deleted."""
+    run.checkpoints_dir = Path(checkpoints_dir)
+    checkpoints = list_checkpoints(run.checkpoints_dir)
+    if not checkpoints:
+        return
+    saved = read_checkpoint_state(checkpoints[-1])
+    if saved.get("fingerprint") != run.fingerprint:
+        run.log(f"{run.checkpoints_dir}: checkpoints were made with other data or params; starting from scratch")
+        if run.accelerator.is_main_process:
+            for old in checkpoints:
+                shutil.rmtree(old)
+        return
+    run.start_epoch, run.global_step, run.losses = restore_checkpoint(
+        checkpoints[-1], saved, run.adapter, run.accelerator.unwrap_model(run.ecm), run.optimizer, run.lr_scheduler,
+        run.accelerator,
+    )
+    run.timing = {key: saved["timing"][key] for key in run.timing}
+    run.log(f"resumed from {checkpoints[-1]} (epoch {run.start_epoch}, step {run.global_step})")
+
+
+def train_epoch(run: TrainingRun, epoch: int, on_step: Callable[[int, float], None] | None = None) -> None:
+    """One pass over the data (0-based `epoch`), then the epoch's checkpoint."""
+    accelerator, training = run.accelerator, run.training
+    epoch_started = time.perf_counter()
+    run.unet.train()
+    run.dataloader.set_epoch(epoch)
+    generator = torch.Generator(device=accelerator.device).manual_seed(
+        epoch_seed(training.seed, epoch, stream=1 + accelerator.process_index)
+    )
+    window_losses: list[torch.Tensor] = []
+    for batch_index, batch in enumerate(run.dataloader):
+        with accelerator.accumulate(run.unet, run.ecm):
+            loss = diffusion_training_step(
+                accelerator, run.unet, run.adapter, run.ecm, run.noise_scheduler, batch, generator,
+                caption_dropout=training.caption_dropout,
+            )
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"loss is {loss.item()} at optimizer step {run.global_step + 1} (epoch {epoch + 1}, "
+                    f"batch {batch_index + 1}); stopped before the update. Lower learning_rate, or use "
+                    "mixed_precision bf16 or no instead of fp16"
+                )
+            window_losses.append(loss)
+            run.optimizer.step()
+            run.lr_scheduler.step()
+            run.optimizer.zero_grad()
+        run.timing["images_seen"] += batch["latent_mean"].shape[0] * accelerator.num_processes
+        # 5. Act only when the accumulated gradients were applied.
+        if accelerator.sync_gradients:
+            run.global_step += 1
+            step_loss = accelerator.gather(torch.stack(window_losses).mean()).mean().item()
+            run.losses.append(step_loss)
+            window_losses = []
+            if on_step is not None:
+                on_step(run.global_step, step_loss)
+    accelerator.wait_for_everyone()
+    run.timing["train_seconds"] += time.perf_counter() - epoch_started
+    if accelerator.is_main_process and run.checkpoints_dir is not None:
+        checkpoint = save_checkpoint(
+            run.checkpoints_dir, epoch + 1, run.adapter, accelerator.unwrap_model(run.ecm), run.optimizer,
+            run.lr_scheduler, accelerator,
+            {"fingerprint": run.fingerprint, "epoch": epoch + 1, "global_step": run.global_step, "losses": run.losses,
+             "timing": run.timing},
+            training.checkpoints_total_limit,
+        )
+        run.log(f"epoch {epoch + 1}/{training.epochs}: step {run.global_step}, loss {run.losses[-1]:.5f} -> {checkpoint}")
+
+
+def finish_training(run: TrainingRun, adapter_dir: str | Path | None = None) -> TrainingResult:
+    """6. Save only the adapter weights (never the frozen UNet) and sum the run up."""
+    accelerator = run.accelerator
+    accelerator.wait_for_everyone()
+    ecm = accelerator.unwrap_model(run.ecm)
+    if adapter_dir is not None and accelerator.is_main_process:
+        save_adapter(adapter_dir, run.adapter, ecm)
+    return TrainingResult(
+        losses=run.losses,
+        steps=run.global_step,
+        epochs=run.training.epochs,
+        images_per_second=run.timing["images_seen"] / run.timing["train_seconds"],
+        peak_memory_mb=peak_memory_mb(accelerator.device),
+        mixed_precision=str(accelerator.mixed_precision),
+        resumed_from_epoch=run.start_epoch,
+        num_images=run.num_images,
+        num_lora_layers=len(run.adapter.layers),
+        trainable_parameters=sum(p.numel() for p in run.adapter.lora_parameters()) + sum(p.numel() for p in ecm.parameters()),
+        device=str(accelerator.device),
+    )
+
+
+def train_ec_lora(
+    accelerator: Accelerator,
+    unet: nn.Module,
+    noise_scheduler,
+    cache: LatentCache,
+    lora_config: ECLoRAConfig,
+    training: TrainingConfig,
+    checkpoints_dir: str | Path,
+    adapter_dir: str | Path | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> TrainingResult:
+    """Train EC-LoRA layers + ECM on `unet` (modified in place) from cached latents.
+
+    Resumes from the newest checkpoint in `checkpoints_dir` that was made with the same
+    data and configs. Saves the final adapter to `adapter_dir` when given. `on_step(step,
+    loss)` is called after every optimizer step (progress display; tests use it to interrupt).
+    """
+    run = setup_training(accelerator, unet, noise_scheduler, cache, lora_config, training, log=log)
+    resume_training(run, checkpoints_dir)
+    if accelerator.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(accelerator.device)
+    for epoch in range(run.start_epoch, training.epochs):
+        train_epoch(run, epoch, on_step)
+    return finish_training(run, adapter_dir)
+
+
+def _check_cache_fits_unet(cache: LatentCache, unet: nn.Module) -> None:
+    config = unet.config
+    if cache.latent_mean.shape[1] != config.in_channels:
+        raise ValueError(
+            f"latent cache has {cache.latent_mean.shape[1]} latent channels, the UNet expects {config.in_channels}"
+        )
+    if cache.text_embeddings.shape[2] != config.cross_attention_dim:
+        raise ValueError(
+            f"latent cache has text embeddings of width {cache.text_embeddings.shape[2]}, the UNet's "
+            f"cross_attention_dim is {config.cross_attention_dim}: were they made with another text encoder?"
+        )

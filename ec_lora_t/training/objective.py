@@ -1,0 +1,100 @@
+"""What one training step optimises: the noise-prediction objective on cached latents (report 4.6).
+
+The report encodes every image at every step; here the VAE's posterior is cached, so a step
+samples `latents = mean + std * noise` (what `latent_dist.sample()` would do), adds noise at
+a uniformly drawn timestep, and regresses the UNet's prediction onto the scheduler's target.
+The embedded base model's pretraining (`ec_lora_t.demo.pretrain`) uses the same functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+
+from ec_lora_t.adapter.conditioning import (
+    CONSTANT_SCALES,
+    ecm_scales,
+    engagement_conditioning,
+)
+from ec_lora_t.adapter.model import ECLoRAAdapter
+
+
+@dataclass
+class NoisyLatents:
+    noisy_latents: torch.Tensor  # (B, C, h, w) fp32
+    timesteps: torch.Tensor  # (B,) int64
+    target: torch.Tensor  # (B, C, h, w) fp32: the noise (epsilon) or the velocity (v_prediction)
+
+
+def noisy_latents(
+    latent_mean: torch.Tensor, latent_std: torch.Tensor, noise_scheduler, generator: torch.Generator
+) -> NoisyLatents:
+    """1. Sample latents from the cached VAE posterior; 2. draw noise and 3. one uniform timestep
+    per sample; noise the latents and give the scheduler's prediction target."""
+    device = latent_mean.device
+    latents = latent_mean + latent_std * torch.randn(latent_mean.shape, generator=generator, device=device)
+    noise = torch.randn(latents.shape, generator=generator, device=device)
+    timesteps = torch.randint(
+        0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=device
+    )
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"unsupported scheduler prediction_type {prediction_type!r}")
+    return NoisyLatents(noise_scheduler.add_noise(latents, noise, timesteps), timesteps, target)
+
+
+def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """min(SNR, gamma) / SNR per sample for epsilon prediction (Hang et al. 2023, 'Min-SNR')."""
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+    snr = alphas_cumprod / (1.0 - alphas_cumprod)
+    return torch.clamp(snr, max=gamma) / snr
+
+
+def diffusion_training_step(
+    accelerator: Accelerator,
+    unet: nn.Module,
+    adapter: ECLoRAAdapter,
+    ecm: nn.Module,
+    noise_scheduler,
+    batch: dict[str, torch.Tensor],
+    generator: torch.Generator,
+    mode: str = "ec_lora",
+    caption_dropout: float = 0.0,
+) -> torch.Tensor:
+    """Forward and backward of one micro-batch; returns the detached loss.
+
+    `unet` and `ecm` are what the caller runs (prepared by accelerate, possibly wrapped for
+    distributed training); `adapter` holds the unwrapped layers. The backward pass runs
+    inside the conditioning block because gradient checkpointing re-runs layers during backward.
+    """
+    compute_dtype = next(p for p in unet.parameters() if not p.requires_grad).dtype
+    # 1.-3. Latents from the cached posterior, noise and timesteps.
+    noisy = noisy_latents(batch["latent_mean"], batch["latent_std"], noise_scheduler, generator)
+    # 4. Cached text embeddings; with caption dropout some samples get their generic caption.
+    text_embeddings = batch["text_embeddings"]
+    if caption_dropout > 0.0:
+        dropped = torch.rand(noisy.timesteps.shape[0], generator=generator, device=noisy.timesteps.device)
+        text_embeddings = torch.where(
+            (dropped < caption_dropout)[:, None, None], batch["generic_text_embeddings"], text_embeddings
+        )
+    # 5. One row of scales per sample: the ECM's for its vector (or a constant, plain LoRA).
+    scales = ecm_scales(ecm, batch["engagement_time"]) if mode == "ec_lora" else CONSTANT_SCALES[mode]
+    # 6. The UNet predicts the target.
+    with engagement_conditioning(adapter, scales):
+        prediction = unet(
+            noisy.noisy_latents.to(compute_dtype),
+            noisy.timesteps,
+            encoder_hidden_states=text_embeddings.to(compute_dtype),
+            return_dict=False,
+        )[0]
+        loss = F.mse_loss(prediction.float(), noisy.target.float())
+        accelerator.backward(loss)
+    return loss.detach()
