@@ -109,14 +109,18 @@ def generate(
     stats: Annotated[Path, typer.Option(help="Normalisation statistics of the features stage.")] = DEFAULT_STATS,
     steps: Annotated[int, typer.Option(help="Sampling steps.")] = 30,
     guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
+    vector_guidance: Annotated[float, typer.Option(help="Guidance on the vector (1: none beyond the text's).")] = 1.0,
+    vector_scale: Annotated[float, typer.Option(help="Extrapolate the ECM's scales from mid engagement (1: none).")] = 1.0,
     mode: Annotated[str, typer.Option(help="ec_lora | plain_lora (ECM off) | base (no adapter).")] = "ec_lora",
 ) -> None:
     """Generate images for every prompt x vector x seed, in one batch; the vector goes into the PNG metadata."""
+    from ec_lora_t.generation import VectorSampling
     from ec_lora_t.generation import generate as generate_pngs
 
     vectors = _vectors(engagement, time, likes, comments, date, stats)
     paths = generate_pngs(pretrained, adapter, prompt, vectors, seed, out, num_inference_steps=steps,
-                          guidance_scale=guidance_scale, mode=mode)
+                          guidance_scale=guidance_scale, mode=mode,
+                          sampling=VectorSampling(vector_guidance, vector_scale))
     typer.echo("\n".join(str(path) for path in paths))
 
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,10 +25,10 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ec_lora_t.adapter.conditioning import (
+    CONSTANT_SCALES,
     MODES,
+    ecm_outputs,
     engagement_conditioning,
-    mode_scales,
-    pipeline_row_scales,
 )
 from ec_lora_t.adapter.ecm import ENGAGEMENT_TIME_DIM
 from ec_lora_t.adapter.model import ECLoRAAdapter, load_adapter
@@ -90,6 +92,146 @@ def _engagement_rows(engagement_time: torch.Tensor | Sequence | None, num_rows: 
     return engagement_time
 
 
+# The vector of a typical post: what vector guidance and extrapolation push away from.
+AVERAGE_POST = (0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class VectorSampling:
+    """How strongly the vector steers sampling (mode "ec_lora"); the defaults change nothing.
+
+    vector_guidance w: classifier-free guidance on the vector, as InstructPix2Pix guides its
+        second condition. With text guidance g the prediction is
+            eps(∅, v) + g (eps(c, v) - eps(∅, v)) + (w - 1) (eps(c, v) - eps(c, null))
+        where null is the adapter without a vector (every scale 1, the plain LoRA, which
+        `train.vector_dropout` trains as the vector-free model). w = 1 is ordinary guidance
+        (two UNet rows per image); w > 1 adds a third row and pushes along what the vector
+        changes given the same prompt, so the prompt's own content is not what is amplified.
+    guidance_anchor: what "null" is. A vector (e, t): the average post (0.5, 0.5) by default, so
+        guidance pushes along what the vector changes away from a typical post, in engagement
+        and in time; None: the null vector (every scale 1, no embedding offset), for adapters
+        trained with vector dropout.
+    vector_scale γ: extrapolate the ECM's outputs away from the average post,
+        s' = s(0.5, 0.5) + γ (s(e, t) - s(0.5, 0.5)); γ = 1 is the ECM itself.
+    """
+
+    vector_guidance: float = 1.0
+    vector_scale: float = 1.0
+    guidance_anchor: tuple[float, float] | None = AVERAGE_POST
+
+    def __post_init__(self) -> None:
+        for name in ("vector_guidance", "vector_scale"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        anchor = self.guidance_anchor
+        if anchor is not None and (len(anchor) != 2 or not all(0.0 <= float(v) <= 1.0 for v in anchor)):
+            raise ValueError(f"guidance_anchor must be an (engagement, time) pair in [0, 1] or None, got {anchor!r}")
+
+
+
+def _anchor_rows(engagement_time: torch.Tensor, anchor: tuple[float, float]) -> torch.Tensor:
+    return torch.tensor([anchor], dtype=engagement_time.dtype, device=engagement_time.device).expand_as(engagement_time)
+
+
+def vector_outputs(
+    ecm, engagement_time: torch.Tensor, vector_scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ECM's scales and time-embedding offsets for each vector, extrapolated from the
+    average post (0.5, 0.5) by `vector_scale`."""
+    scales, offsets = ecm_outputs(ecm, engagement_time)
+    if vector_scale == 1.0:
+        return scales, offsets
+    anchor_scales, anchor_offsets = ecm_outputs(ecm, _anchor_rows(engagement_time, AVERAGE_POST))
+    scales = anchor_scales + vector_scale * (scales - anchor_scales)
+    if offsets is not None:
+        offsets = anchor_offsets + vector_scale * (offsets - anchor_offsets)
+    return scales, offsets
+
+
+def _initial_latents(seeds: Sequence[int], shape: tuple[int, ...], device, dtype) -> torch.Tensor:
+    # A CPU generator per row, as diffusers' randn_tensor does for a list of generators: a
+    # row's noise depends on its seed alone, the same on every device.
+    rows = [torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(int(seed)), dtype=dtype)
+            for seed in seeds]
+    return torch.cat(rows).to(device)
+
+
+def _sample_batch(
+    pipeline: ECLoRAPipeline,
+    prompts: list[str],
+    vectors: torch.Tensor | None,
+    seeds: list[int],
+    *,
+    num_inference_steps: int,
+    guidance_scale: float,
+    mode: str,
+    sampling: VectorSampling,
+    negative_prompt: str | None,
+    height: int,
+    width: int,
+) -> list[Image.Image]:
+    """The denoising loop for one batch; it builds the UNet batch, so it builds the per-row scales."""
+    pipe, adapter = pipeline.pipeline, pipeline.adapter
+    device, batch = pipeline.device, len(prompts)
+    guided = guidance_scale > 1.0
+    # 1. Text: the prompts, and the negative (empty) prompt for guidance.
+    conditional, unconditional = pipe.encode_prompt(
+        prompts, device, 1, guided, negative_prompt=[negative_prompt] * batch if negative_prompt is not None else None
+    )
+    # 2. Per-row scales (and time-embedding offsets), in the order the UNet batch is built below.
+    row_scales: torch.Tensor | float | None = None
+    row_offsets: torch.Tensor | None = None
+    vector_rows = mode == "ec_lora" and guided and sampling.vector_guidance != 1.0
+    if adapter is not None:
+        if mode == "ec_lora":
+            vectors = vectors.to(device)
+            scales, offsets = vector_outputs(adapter.ecm, vectors, sampling.vector_scale)
+            copies_with_vector = 2 if guided else 1  # [unconditional, conditional] both get the vector
+            scale_groups, offset_groups = [scales] * copies_with_vector, [offsets] * copies_with_vector
+            if vector_rows:  # [conditional text, null vector]
+                if sampling.guidance_anchor is None:
+                    null_scales = torch.ones_like(scales)
+                    null_offsets = torch.zeros_like(offsets) if offsets is not None else None
+                else:
+                    null_scales, null_offsets = ecm_outputs(
+                        adapter.ecm, _anchor_rows(vectors, tuple(sampling.guidance_anchor))
+                    )
+                scale_groups.append(null_scales)
+                offset_groups.append(null_offsets)
+            row_scales = torch.cat(scale_groups)
+            row_offsets = torch.cat(offset_groups) if offsets is not None else None
+        else:
+            row_scales = CONSTANT_SCALES[mode]
+    text = [unconditional, conditional] if guided else [conditional]
+    if vector_rows:
+        text.append(conditional)
+    text_embeddings = torch.cat(text)
+    copies = len(text)
+    # 3. Initial noise, one seed per row.
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    latent_shape = (pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    latents = _initial_latents(seeds, latent_shape, device, text_embeddings.dtype) * scheduler.init_noise_sigma
+    # 4. Denoise.
+    context = engagement_conditioning(adapter, row_scales, row_offsets) if adapter is not None else nullcontext()
+    with context:
+        for timestep in scheduler.timesteps:
+            model_input = scheduler.scale_model_input(torch.cat([latents] * copies), timestep)
+            prediction = pipe.unet(model_input, timestep, encoder_hidden_states=text_embeddings, return_dict=False)[0]
+            parts = prediction.chunk(copies)
+            if guided:
+                noise = parts[0] + guidance_scale * (parts[1] - parts[0])
+                if vector_rows:
+                    noise = noise + (sampling.vector_guidance - 1.0) * (parts[1] - parts[2])
+            else:
+                noise = parts[0]
+            latents = scheduler.step(noise, timestep, latents, eta=0.0, return_dict=False)[0]
+    # 5. Decode.
+    decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    return pipe.image_processor.postprocess(decoded, output_type="pil", do_denormalize=[True] * batch)
+
+
 @torch.no_grad()
 def generate_images(
     pipeline: ECLoRAPipeline,
@@ -104,11 +246,13 @@ def generate_images(
     negative_prompt: str | None = None,
     height: int | None = None,
     width: int | None = None,
+    sampling: VectorSampling = VectorSampling(),
 ) -> list[Image.Image]:
     """One image per row (prompts[i], engagement_time[i], seeds[i]), in row order.
 
     `engagement_time` (N, 2) is required in mode "ec_lora" and ignored otherwise. Rows are
-    generated `batch_size` at a time; the result does not depend on `batch_size`.
+    generated `batch_size` at a time; the result does not depend on `batch_size`. DDIM with
+    eta = 0: the image is a function of the row alone.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -116,42 +260,24 @@ def generate_images(
     if len(seeds) != num_rows:
         raise ValueError(f"got {num_rows} prompts but {len(seeds)} seeds; give one seed per row")
     vectors = _engagement_rows(engagement_time, num_rows)
-    has_adapter = pipeline.adapter is not None
-    if mode != "base" and not has_adapter:
+    if mode != "base" and pipeline.adapter is None:
         raise ValueError(f"mode {mode!r} needs an adapter: load_pipeline(..., adapter_dir=...)")
     if mode == "ec_lora" and vectors is None:
         raise ValueError("mode 'ec_lora' needs engagement_time, one (normalized_engagement, normalized_time) per row")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    unet_config = pipeline.pipeline.unet.config
+    default_size = unet_config.sample_size * pipeline.pipeline.vae_scale_factor
     images: list[Image.Image] = []
     for start in range(0, num_rows, batch_size):
         rows = slice(start, start + batch_size)
-        # A generator per row: the row's initial latents come from its own seed alone.
-        # CPU generators give the same noise on every device.
-        generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds[rows]]
-        call = dict(
-            prompt=list(prompts[rows]),
-            negative_prompt=[negative_prompt] * len(generators) if negative_prompt is not None else None,
-            generator=generators,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            height=height,
-            width=width,
-            output_type="pil",
+        images += _sample_batch(
+            pipeline, list(prompts[rows]), vectors[rows] if vectors is not None else None, list(seeds[rows]),
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, mode=mode, sampling=sampling,
+            negative_prompt=negative_prompt, height=height or default_size, width=width or default_size,
         )
-        if has_adapter:
-            chunk_vectors = vectors[rows] if vectors is not None and mode == "ec_lora" else None
-            scales = mode_scales(pipeline.adapter, mode, chunk_vectors)
-            if isinstance(scales, torch.Tensor):
-                # The pipeline's UNet batch: [unconditional rows, conditional rows] with guidance
-                # (diffusers guides when the scale is > 1 and the UNet has no guidance embedding).
-                guided = guidance_scale > 1 and pipeline.pipeline.unet.config.time_cond_proj_dim is None
-                scales = pipeline_row_scales(scales, classifier_free_guidance=guided)
-            with engagement_conditioning(pipeline.adapter, scales):
-                images += pipeline.pipeline(**call).images
-        else:
-            images += pipeline.pipeline(**call).images
     return images
 
 
@@ -185,6 +311,7 @@ def generate(
     mode: str = "ec_lora",
     batch_size: int = 8,
     device: str | None = None,
+    sampling: VectorSampling = VectorSampling(),
 ) -> list[Path]:
     """The `ec-lora-t generate` core: every prompt x vector x seed, in one batched run, to PNGs.
 
@@ -209,6 +336,7 @@ def generate(
         guidance_scale=guidance_scale,
         mode=mode,
         batch_size=batch_size,
+        sampling=sampling,
     )
     out_dir = Path(out_dir)
     paths = []
@@ -219,6 +347,8 @@ def generate(
             "mode": mode,
             "num_inference_steps": num_inference_steps,
             "guidance_scale": guidance_scale,
+            "vector_guidance": sampling.vector_guidance,
+            "vector_scale": sampling.vector_scale,
             "pretrained": str(pretrained),
             "adapter": str(adapter_dir) if adapter_dir is not None else "",
         }

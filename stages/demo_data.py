@@ -15,7 +15,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     if out.exists():
         shutil.rmtree(out)
-    summary = write_demo_posts(out, num_posts=params["num_posts"], image_size=params["image_size"], seed=params["seed"])
+    summary = write_demo_posts(out, num_posts=params["num_posts"], image_size=params["image_size"], seed=params["seed"],
+                               audience=params["audience"])
     write_metrics(args.metrics, summary)
 
 

@@ -1,9 +1,12 @@
-"""Stage `evaluate`: the engagement (and time) sweep through EC-LoRA-T, the plain LoRA and the base model.
+"""Stage `evaluate`: the engagement (and time) sweep through EC-LoRA-T, the plain LoRA and the base model,
+beside the retrieval baseline (the ceiling the data allows).
 
 Every generated image is encoded by the pipeline's VAE and scored by the saved latent
-regressor; on the embedded default (`evaluate.ground_truth: true`) also by the demo world's
-hidden engagement function. Writes the images, a grid, the scored table, the sweep plot CSV
-and metrics/evaluate.json (keys documented in docs/metrics.md).
+regressor. On the demo feed (`evaluate.ground_truth: auto` finds the demo world's manifest in
+`ingest.posts_dir`) it is also scored with the audience's hidden function, the creator's drift
+(time sweep) and prompt adherence. Writes the images, a grid, the scored table, the sweep plot
+CSV, every detail in `details.json`, and the headline numbers in metrics/evaluate.json (keys
+documented in docs/metrics.md).
 """
 
 from __future__ import annotations
@@ -12,29 +15,34 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from diffusers import AutoencoderKL
 
 from ec_lora_t.adapter.conditioning import MODES
-from ec_lora_t.data.images import load_rgb_image
+from ec_lora_t.data.images import load_rgb_image, resize_and_crop
 from ec_lora_t.demo.attribute_check import style_distance, style_profile
-from ec_lora_t.demo.world import engagement_appeal
+from ec_lora_t.demo.demo_data import read_demo_manifest
+from ec_lora_t.demo.ground_truth import SCORE_COLUMNS, demo_scores
 from ec_lora_t.evaluation.regressor import load_regressor
 from ec_lora_t.evaluation.sweep import (
     MODES_WITHOUT_VECTOR,
+    RETRIEVAL,
     generate_sweep,
+    headline_metrics,
     image_grid,
     latent_means,
+    retrieval_plan,
     sweep_plan,
     sweep_report,
 )
-from ec_lora_t.generation import load_pipeline, save_png
+from ec_lora_t.generation import VectorSampling, load_pipeline, save_png
 from stages._common import load_params, stage_parser, write_metrics
 
 PARAM_KEYS = (
     "prompts", "seeds", "engagement_targets", "time", "time_targets", "fixed_engagement", "num_inference_steps",
-    "guidance_scale", "permutations", "ground_truth",
+    "guidance_scale", "vector_guidance", "vector_guidance_anchor", "vector_scale", "batch_size", "retrieval_k", "permutations", "ground_truth",
 )
 PLOT_COLUMNS = [
     "mode", "prompt_index", "prompt", "seed", "target_engagement", "target_time", "predicted_engagement",
@@ -42,23 +50,28 @@ PLOT_COLUMNS = [
 ]
 
 
-def image_name(mode: str, row: pd.Series) -> str:
+def image_name(mode: str, row) -> str:
     """File of a row's image; rows that share an image (no vector in this mode) share the name."""
     if mode in MODES_WITHOUT_VECTOR:
         return f"{mode}/p{row.prompt_index:02d}_seed{row.seed}.png"
     return f"{mode}/p{row.prompt_index:02d}_seed{row.seed}_e{row.target_engagement:.2f}_t{row.target_time:.2f}.png"
 
 
-def style_shift(features: Path, images: dict[str, list], resolution: int, profiles_path: Path) -> dict:
-    """Distance of each mode's style profile to the creator's posts (demo world's checker).
+def resolve_ground_truth(setting, posts_dir: str) -> dict | None:
+    """The demo manifest when ground truth applies, else None. `auto`: when the posts are the
+    demo feed; `true`: required (an error elsewhere); `false`: never."""
+    if setting is False or setting == "false":
+        return None
+    manifest = read_demo_manifest(posts_dir)
+    if manifest is None and setting is not True and setting != "true":
+        return None
+    if manifest is None:
+        raise SystemExit(f"evaluate.ground_truth is true but {posts_dir} is not the demo feed (no demo_world.json)")
+    return manifest
 
-    The creator's profile is read off the training images at the model's resolution, where
-    the generated images are read too.
-    """
-    creator_images = [
-        load_rgb_image(path, max_image_pixels=None).resize((resolution, resolution))
-        for path in pd.read_parquet(features, columns=["image_path"])["image_path"]
-    ]
+
+def style_shift(creator_images: list, images: dict[str, list], profiles_path: Path) -> dict:
+    """Distance of each mode's style profile to the creator's posts (demo world's checker)."""
     profiles = {"creator": style_profile(creator_images)}
     profiles |= {mode: style_profile(mode_images) for mode, mode_images in images.items()}
     profiles_path.write_text(json.dumps(profiles, indent=2))
@@ -69,36 +82,49 @@ def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--adapter", type=Path, required=True, help="adapter folder from the train stage")
     parser.add_argument("--regressor", type=Path, required=True, help="folder from the regressor stage")
-    parser.add_argument("--out", type=Path, required=True, help="folder for images, grid.png and sweep.csv")
+    parser.add_argument("--features", type=Path, required=True, help="training table: the baseline's and creator's images")
+    parser.add_argument("--out", type=Path, required=True, help="folder for images, grid.png, sweep.csv, details.json")
     parser.add_argument("--sweep-plot", type=Path, required=True, help="CSV of the engagement sweep (DVC plot)")
-    parser.add_argument("--features", type=Path, help="training table: the creator's images for the style check")
     args = parser.parse_args(argv)
     params = load_params("evaluate", args.params)
     model_params = load_params("model", args.params)
+    posts_dir = load_params("ingest", args.params)["posts_dir"]
     missing = [key for key in PARAM_KEYS if key not in params]
     if missing:
-        raise KeyError(f"params.yaml: section 'evaluate' lacks {missing}")
+        raise KeyError(f"{args.params}: section 'evaluate' lacks {missing}")
     started = time.perf_counter()
+    resolution = int(model_params["resolution"])
+    manifest = resolve_ground_truth(params["ground_truth"], posts_dir)
 
-    # 1. The plan and the scorers.
+    # 1. The plan, the retrieval baseline's training images, and the scorers.
     plan = sweep_plan(
         params["prompts"], params["seeds"], params["engagement_targets"], params["time"],
         params["time_targets"], params["fixed_engagement"],
     )
+    features = pd.read_parquet(args.features, columns=["image_path", "normalized_engagement", "normalized_time"])
+    retrieval = retrieval_plan(plan, features[["normalized_engagement", "normalized_time"]].to_numpy(),
+                               int(params["retrieval_k"]))
+    # Training images at the model's resolution, as the generated images are and as the latents stage saw them.
+    training_images = {
+        index: resize_and_crop(load_rgb_image(features["image_path"].iloc[index], max_image_pixels=None), resolution)
+        for index in sorted(set(retrieval["train_index"]) | (set(range(len(features))) if manifest else set()))
+    }
     regressor = load_regressor(args.regressor)
-    resolution = int(model_params["resolution"])
     pipeline = load_pipeline(model_params["pretrained"], adapter_dir=args.adapter)
+    anchor = params["vector_guidance_anchor"]
+    sampling = VectorSampling(float(params["vector_guidance"]), float(params["vector_scale"]),
+                              None if anchor is None else tuple(float(v) for v in anchor))
 
     # 2. Generate every mode.
     images = {
         mode: generate_sweep(
-            pipeline, plan, mode,
-            num_inference_steps=int(params["num_inference_steps"]),
-            guidance_scale=float(params["guidance_scale"]),
-            resolution=resolution,
+            pipeline, plan, mode, num_inference_steps=int(params["num_inference_steps"]),
+            guidance_scale=float(params["guidance_scale"]), resolution=resolution, sampling=sampling,
+            batch_size=int(params["batch_size"]),
         )
         for mode in MODES
     }
+    images[RETRIEVAL] = [training_images[index] for index in retrieval["train_index"]]
     # The scoring VAE is loaded in fp32, as the latents stage loads it for the training images
     # (the pipeline's own VAE is fp16 on GPU).
     vae = AutoencoderKL.from_pretrained(model_params["pretrained"], subfolder="vae", torch_dtype=torch.float32)
@@ -106,29 +132,38 @@ def main(argv: list[str] | None = None) -> None:
 
     # 3. Score, save images, assemble the table.
     tables, saved = [], set()
-    for mode in MODES:
-        table = plan.copy()
+    for mode in (*MODES, RETRIEVAL):
+        table = (retrieval.drop(columns="train_index").assign(prompt=None) if mode == RETRIEVAL else plan.copy())
         table.insert(0, "mode", mode)
-        table["predicted_engagement"] = regressor.predict(latent_means(vae, images[mode], resolution))
-        table["ground_truth_score"] = (
-            [engagement_appeal(image) for image in images[mode]] if params["ground_truth"] else float("nan")
+        table["predicted_engagement"] = regressor.predict(
+            latent_means(vae, images[mode], resolution, batch_size=int(params["batch_size"]))
         )
-        paths = []
-        for row, image in zip(table.itertuples(index=False), images[mode]):
-            path = args.out / "images" / image_name(mode, row)
-            if path not in saved:
-                metadata = {"mode": mode, "prompt": row.prompt, "seed": int(row.seed)}
-                if mode not in MODES_WITHOUT_VECTOR:
-                    metadata["engagement_time"] = [float(row.target_engagement), float(row.target_time)]
-                saved.add(save_png(image, path, metadata))
-            paths.append(str(path))
-        table["image_path"] = paths
+        if manifest is not None:
+            scores = demo_scores(images[mode], list(table["prompt"]), manifest["audience"])
+            table[SCORE_COLUMNS] = scores.to_numpy()
+        else:
+            table[SCORE_COLUMNS] = np.nan
+        if mode == RETRIEVAL:
+            table["image_path"] = [features["image_path"].iloc[i] for i in retrieval["train_index"]]
+        else:
+            paths = []
+            for row, image in zip(table.itertuples(index=False), images[mode]):
+                path = args.out / "images" / image_name(mode, row)
+                if path not in saved:
+                    metadata = {"mode": mode, "prompt": row.prompt, "seed": int(row.seed)}
+                    if mode not in MODES_WITHOUT_VECTOR:
+                        metadata["engagement_time"] = [float(row.target_engagement), float(row.target_time)]
+                    saved.add(save_png(image, path, metadata))
+                paths.append(str(path))
+            table["image_path"] = paths
         tables.append(table)
     scored = pd.concat(tables, ignore_index=True)
     args.out.mkdir(parents=True, exist_ok=True)
     scored.to_csv(args.out / "sweep.csv", index=False)
     args.sweep_plot.parent.mkdir(parents=True, exist_ok=True)
-    scored.loc[scored["sweep"] == "engagement", PLOT_COLUMNS].to_csv(args.sweep_plot, index=False)
+    scored.loc[(scored["sweep"] == "engagement") & (scored["mode"] != RETRIEVAL), PLOT_COLUMNS].to_csv(
+        args.sweep_plot, index=False
+    )
 
     # 4. Grid of the EC-LoRA-T engagement sweep: a row per (prompt, seed), a column per target.
     grid_rows = plan[plan["sweep"] == "engagement"]
@@ -141,21 +176,25 @@ def main(argv: list[str] | None = None) -> None:
         [images["ec_lora"][position] for position in grid_rows.index], len(grid_rows) // num_columns, num_columns
     ).save(args.out / "grid.png")
 
-    # 5. Metrics.
+    # 5. Metrics: every detail in details.json, the headline in metrics/evaluate.json.
     report = sweep_report(scored, permutations=int(params["permutations"]))
-    if params["ground_truth"] and args.features is not None:
-        report["style"] = style_shift(args.features, images, resolution, args.out / "style_profiles.json")
-        report["verdict"]["style_shift"] = report["style"]["ec_lora"]["mean"] < report["style"]["base"]["mean"]
-    write_metrics(
-        args.metrics,
-        {
-            **report,
-            "num_prompts": len(params["prompts"]),
-            "num_seeds": len(params["seeds"]),
-            "num_images": int(scored["image_path"].nunique()),
-            "seconds": time.perf_counter() - started,
-        },
+    report["ground_truth_source"] = (
+        {"used": True, "audience": manifest["audience"], "manifest": str(Path(posts_dir) / "demo_world.json")}
+        if manifest else {"used": False, "reason": f"{posts_dir} is not the demo feed"
+                          if params["ground_truth"] == "auto" else "evaluate.ground_truth is false"}
     )
+    if manifest is not None:
+        creator = [training_images[index] for index in range(len(features))]
+        report["style"] = style_shift(creator, {mode: images[mode] for mode in MODES}, args.out / "style_profiles.json")
+        report["verdict"]["style_shift"] = report["style"]["ec_lora"]["mean"] < report["style"]["base"]["mean"]
+    report |= {
+        "num_prompts": len(params["prompts"]),
+        "num_seeds": len(params["seeds"]),
+        "num_images": int(scored.loc[scored["mode"] != RETRIEVAL, "image_path"].nunique()),
+        "seconds": time.perf_counter() - started,
+    }
+    write_metrics(args.out / "details.json", report)
+    write_metrics(args.metrics, headline_metrics(report))
 
 
 if __name__ == "__main__":

@@ -28,13 +28,15 @@ LORA_KEYS = {
     "ecm_hidden_size": "ecm_hidden_size",
     "ecm_depth": "ecm_depth",
     "ecm_granularity": "ecm_granularity",
+    "vector_embedding": "vector_embedding",
 }
 # Added after the report's setup: absent means the report's behaviour (ECLoRAConfig's default).
-OPTIONAL_LORA_KEYS = {"ecm_granularity"}
+OPTIONAL_LORA_KEYS = {"ecm_granularity", "vector_embedding"}
 TRAINING_KEYS = {
     "learning_rate", "ecm_learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
     "lr_warmup_ratio", "epochs", "batch_size", "gradient_accumulation_steps", "mixed_precision",
-    "gradient_checkpointing", "seed", "checkpoints_total_limit", "caption_dropout",
+    "gradient_checkpointing", "seed", "checkpoints_total_limit", "caption_dropout", "vector_dropout", "snr_gamma",
+    "engagement_balance", "shuffle_vectors",
 }
 
 

@@ -103,3 +103,10 @@ def test_style_distance_is_zero_for_the_same_profile_and_one_for_disjoint_ones()
     distance = style_distance(beach, park)
     assert distance["scene"] == 1.0 and distance["lighting"] == 0.0 and distance["outfit_colour"] == 0.5
     assert distance["mean"] == pytest.approx(0.5)
+
+
+def test_garment_length_is_read_from_the_renders():
+    items, images = _renders(200, seed=13)
+    expected = ["long" if item.garment in ("coat", "dress") else "short" for item in items]
+    read = [attribute_check.read_garment_length(image) for image in images]
+    assert np.mean([a == b for a, b in zip(read, expected)]) >= 0.95

@@ -8,8 +8,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
 from _posts import make_report_feed
+
 from ec_lora_t.data.captioning import (
     CAPTIONS_SCHEMA,
     BlipCaptioner,
@@ -165,7 +165,12 @@ def test_post_text_without_a_model_leaves_textless_images_out_and_says_so(tmp_pa
 def tiny_blip_dir(tmp_path_factory):
     """A random BLIP small enough for CPU tests, saved like a hub checkpoint."""
     import torch
-    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipProcessor
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipProcessor,
+    )
 
     try:  # transformers 5: the PIL processor by name; 4.x: the only one
         from transformers import BlipImageProcessorPil as ImageProcessor

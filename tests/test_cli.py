@@ -20,9 +20,11 @@ runner = CliRunner()
 def test_demo_data_writes_the_report_layout(tmp_path):
     result = runner.invoke(app, ["demo-data", "--out", str(tmp_path / "posts"), "--num-posts", "5"])
     assert result.exit_code == 0, result.output
-    posts = sorted(p for p in (tmp_path / "posts").iterdir())
+    posts = sorted(p for p in (tmp_path / "posts").iterdir() if p.is_dir())
     assert len(posts) == 5
     assert all((p / "metadata.csv").is_file() and list(p.glob("img_*.jpg")) for p in posts)
+    manifest = json.loads((tmp_path / "posts" / "demo_world.json").read_text())
+    assert manifest["audience"] == "vivid_bright" and manifest["num_posts"] == 5
 
 
 def test_generate_several_vectors_in_one_call(tiny_sd_dir, adapter_dir, tmp_path):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ec_lora_toys import WIDTH, conditioned, randomize_adapter, toy_with_adapter
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ec_lora_t.adapter import ecm_scales, engagement_conditioning, pipeline_row_scales
-from ec_lora_toys import WIDTH, conditioned, randomize_adapter, toy_with_adapter
 
 
 def trained_toy(**config_overrides):
@@ -126,3 +126,37 @@ def test_injection_returns_the_layers_and_conditioning_never_walks_the_model(mon
     monkeypatch.setattr(type(model), "modules", lambda *a, **k: (_ for _ in ()).throw(AssertionError("walked")))
     with conditioned(adapter, torch.rand(2, 2)):
         model(torch.randn(2, 5, WIDTH))
+
+
+def test_vector_embedding_offsets_the_time_embedding_per_row():
+    """`vector_embedding`: an ECM head adds a per-row offset to the UNet's timestep embedding;
+    it starts at zero (step 0 is the base model) and reaches the head's gradient."""
+    from diffusers import UNet2DConditionModel
+
+    from ec_lora_t.adapter import ECLoRAConfig, add_ec_lora
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(4, 8), layers_per_block=1, cross_attention_dim=8, norm_num_groups=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=2,
+    )
+    sample, timesteps, text = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 5, 8)
+    with torch.no_grad():
+        reference = unet(sample, timesteps, text).sample
+    adapter = add_ec_lora(unet, ECLoRAConfig(rank=2, alpha=2, ecm_hidden_size=8, vector_embedding=True))
+    assert adapter.config.time_embedding_dim == unet.time_embedding.base_layer.linear_2.out_features
+    vectors = torch.tensor([[0.0, 0.3], [1.0, 0.7]])
+    with conditioned(adapter, vectors):
+        torch.testing.assert_close(unet(sample, timesteps, text).sample, reference)  # zero-initialised head
+    with torch.no_grad():
+        adapter.ecm.embedding.weight.normal_()
+    with conditioned(adapter, vectors):
+        moved = unet(sample, timesteps, text).sample
+        moved.square().mean().backward()
+    assert not torch.allclose(moved, reference, atol=1e-4)
+    assert torch.count_nonzero(adapter.ecm.embedding.weight.grad) > 0
+    with conditioned(adapter, mode="base"):  # no vector: no offset
+        torch.testing.assert_close(unet(sample, timesteps, text).sample, reference)
+    with pytest.raises(RuntimeError, match="outside a conditioning block"):
+        unet(sample, timesteps, text)

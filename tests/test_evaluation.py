@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 import yaml
 from PIL import Image
 from scipy import stats
 
 from ec_lora_t.demo.demo_data import write_demo_posts
+from ec_lora_t.evaluation.regressor import LatentRegressor
 from ec_lora_t.evaluation.sweep import (
     controls_signal,
+    headline_metrics,
     image_grid,
+    is_monotone,
     permutation_test_spearman,
     range_ratio,
+    retrieval_plan,
     slope,
     spearman,
     sweep_metrics,
@@ -28,7 +30,6 @@ from ec_lora_t.evaluation.sweep import (
     target_key,
     target_table,
 )
-from ec_lora_t.evaluation.regressor import LatentRegressor
 
 TARGETS = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
 REPORT_PREDICTED = np.array([0.0668, 0.0767, 0.0827, 0.0809, 0.0549])  # report table 5.1.3
@@ -284,6 +285,7 @@ def test_evaluate_stage_end_to_end_on_the_tiny_model(tiny_sd_dir, adapter_dir, t
     ).save(tmp_path / "regressor")
     params = {
         "model": {"pretrained": str(tiny_sd_dir), "resolution": 32},
+        "ingest": {"posts_dir": str(tmp_path / "posts")},
         "evaluate": {
             "prompts": ["a man in a red jacket on a city street", "a woman in a blue coat on a beach"],
             "seeds": [1, 2],
@@ -293,27 +295,36 @@ def test_evaluate_stage_end_to_end_on_the_tiny_model(tiny_sd_dir, adapter_dir, t
             "fixed_engagement": 0.5,
             "num_inference_steps": 2,
             "guidance_scale": 5.0,
+            "vector_guidance": 2.0,
+            "vector_guidance_anchor": [0.5, 0.5],
+            "vector_scale": 1.0,
+            "batch_size": 8,
+            "retrieval_k": 2,
             "permutations": 50,
-            "ground_truth": True,
+            "ground_truth": "auto",
         },
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    # the creator's posts, for the style check
-    write_demo_posts(tmp_path / "posts", num_posts=4)
+    # the creator's posts (with the demo manifest: ground truth applies), for the baseline and style check
+    write_demo_posts(tmp_path / "posts", num_posts=4, audience="caps")
     posts = sorted(str(path) for path in (tmp_path / "posts").glob("*/img_*.jpg"))
-    pd.DataFrame({"image_path": posts}).to_parquet(tmp_path / "train.parquet")
+    pd.DataFrame({
+        "image_path": posts, "normalized_engagement": np.linspace(0, 1, len(posts)),
+        "normalized_time": np.linspace(1, 0, len(posts)),
+    }).to_parquet(tmp_path / "train.parquet")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(
-        sys, "argv",
-        ["evaluate", "--adapter", str(adapter_dir), "--regressor", "regressor", "--out", "out",
-         "--sweep-plot", "plots/sweep.csv", "--metrics", "metrics/evaluate.json", "--features", "train.parquet"],
-    )
-    stage.main()
+    stage.main(["--adapter", str(adapter_dir), "--regressor", "regressor", "--out", "out",
+                "--sweep-plot", "plots/sweep.csv", "--metrics", "metrics/evaluate.json", "--features", "train.parquet"])
 
     scored = pd.read_csv(tmp_path / "out/sweep.csv")
-    assert len(scored) == 3 * 2 * 2 * (3 + 2)  # modes x prompts x seeds x (engagement + time targets)
+    generated = scored[scored["mode"] != "retrieval"]
+    assert len(generated) == 3 * 2 * 2 * (3 + 2)  # modes x prompts x seeds x (engagement + time targets)
+    retrieval = scored[scored["mode"] == "retrieval"]
+    assert len(retrieval) == (3 + 2) * 2  # every target of both sweeps x k nearest training images
+    assert set(retrieval["image_path"]) <= set(posts)
     assert scored["predicted_engagement"].notna().all() and scored["ground_truth_score"].between(0, 1).all()
-    per_image = scored.groupby("image_path")["predicted_engagement"].nunique()
+    assert generated["adherence_named"].gt(0).all()  # both prompts name a scene (and so day lighting)
+    per_image = generated.groupby("image_path")["predicted_engagement"].nunique()
     assert (per_image == 1).all()
     # plain LoRA and base: one image per prompt and seed; EC-LoRA-T: one per distinct vector.
     images = {
@@ -329,17 +340,83 @@ def test_evaluate_stage_end_to_end_on_the_tiny_model(tiny_sd_dir, adapter_dir, t
             "ground_truth_score"} <= set(plot.columns)
     assert Image.open(tmp_path / "out/grid.png").size == (3 * 32, 4 * 32)  # targets x (prompts x seeds)
 
-    metrics = json.loads((tmp_path / "metrics/evaluate.json").read_text())
+    details = json.loads((tmp_path / "out/details.json").read_text())
     for mode in ("ec_lora", "plain_lora", "base"):
-        assert 0.0 <= metrics["style"][mode]["mean"] <= 1.0
-    assert metrics["verdict"]["style_shift"] == (metrics["style"]["ec_lora"]["mean"] < metrics["style"]["base"]["mean"])
+        assert 0.0 <= details["style"][mode]["mean"] <= 1.0
+    assert details["verdict"]["style_shift"] == (details["style"]["ec_lora"]["mean"] < details["style"]["base"]["mean"])
     profiles = json.loads((tmp_path / "out/style_profiles.json").read_text())
     assert sum(profiles["creator"]["scene"].values()) == pytest.approx(1.0)
+    assert set(details["engagement_sweep"]) == {"ec_lora", "plain_lora", "base", "retrieval"}
+    ec_lora_metrics = details["engagement_sweep"]["ec_lora"]
+    assert {"spearman", "p_value", "slope", "range_ratio", "by_target", "ground_truth", "share_of_ceiling"} <= ec_lora_metrics.keys()
+    assert details["engagement_sweep"]["base"]["p_value"] == 1.0
+    assert set(details["adherence"]["ec_lora"]) == {"target_000", "target_050", "target_100"}
+    assert details["ground_truth_source"] == {"used": True, "audience": "caps",
+                                               "manifest": str(tmp_path / "posts" / "demo_world.json")}
+    assert set(details["verdict"]) == {"controls_engagement", "controls_ground_truth", "controls_time", "keeps_prompt",
+                                       "style_shift"}
+    assert details["num_images"] == 28
 
-    metrics = json.loads((tmp_path / "metrics/evaluate.json").read_text())
-    assert set(metrics["engagement_sweep"]) == {"ec_lora", "plain_lora", "base"}
-    ec_lora_metrics = metrics["engagement_sweep"]["ec_lora"]
-    assert {"spearman", "p_value", "slope", "range_ratio", "by_target", "ground_truth"} <= ec_lora_metrics.keys()
-    assert metrics["engagement_sweep"]["base"]["p_value"] == 1.0
-    assert set(metrics["verdict"]) == {"controls_engagement", "controls_ground_truth", "style_shift"}
-    assert metrics["num_images"] == 28
+    headline = json.loads((tmp_path / "metrics/evaluate.json").read_text())
+    assert headline["verdict"] == details["verdict"]
+    assert headline["ground_truth"]["spearman"] == details["engagement_sweep"]["ec_lora"]["ground_truth"]["spearman"]
+    assert headline["ground_truth"]["ceiling"] == details["engagement_sweep"]["retrieval"]["ground_truth"]["spearman"]
+    assert {"regressor", "ground_truth", "adherence", "time"} <= headline.keys()
+
+
+def test_retrieval_plan_takes_the_nearest_training_images_per_target():
+    plan = sweep_plan(["a"], [1], [0.0, 1.0], time=0.5, time_targets=[0.0, 1.0], fixed_engagement=0.5)
+    vectors = np.array([[0.0, 0.5], [0.1, 0.5], [0.9, 0.5], [1.0, 0.4], [0.5, 0.0], [0.5, 1.0]])
+    rows = retrieval_plan(plan, vectors, k=2)
+    nearest = {(row.sweep, row.target_engagement, row.target_time): set() for row in rows.itertuples()}
+    for row in rows.itertuples():
+        nearest[(row.sweep, row.target_engagement, row.target_time)].add(row.train_index)
+    assert nearest[("engagement", 0.0, 0.5)] == {0, 1}
+    assert nearest[("engagement", 1.0, 0.5)] == {2, 3}
+    assert nearest[("time", 0.5, 0.0)] == {4, 1}  # (0.5, 0.0) itself, then the closest to it
+    assert sorted(rows["seed"].unique()) == [0, 1] and (rows["prompt_index"] == -1).all()
+    with pytest.raises(ValueError, match="retrieval k"):
+        retrieval_plan(plan, vectors, k=7)
+
+
+def with_adherence(table: pd.DataFrame, ec_lora_drop_at_top: float) -> pd.DataFrame:
+    """Every image names 2 attributes; base draws both, EC-LoRA-T loses some at target 1."""
+    table = table.assign(adherence_named=2.0, adherence_matched=2.0)
+    top = (table["mode"] == "ec_lora") & (table["target_engagement"] == 1.0)
+    lost = np.zeros(len(table))
+    lost[np.flatnonzero(top)[: round(top.sum() * ec_lora_drop_at_top * 2)]] = 1.0
+    return table.assign(adherence_matched=table["adherence_matched"] - lost)
+
+
+def test_verdict_needs_the_prompt_kept_as_well_as_the_base_keeps_it():
+    kept = sweep_report(with_adherence(scored_sweep(0.5), 0.0), permutations=200)
+    assert kept["verdict"]["keeps_prompt"] and kept["verdict"]["controls_engagement"]
+    assert kept["adherence"]["ec_lora"]["target_100"] == 1.0
+    lost = sweep_report(with_adherence(scored_sweep(0.5), 0.25), permutations=200)
+    assert lost["adherence"]["ec_lora"]["target_100"] == pytest.approx(0.75, abs=0.05)
+    assert not lost["verdict"]["keeps_prompt"] and not lost["verdict"]["controls_engagement"]
+
+
+def test_share_of_ceiling_and_monotone_against_the_retrieval_baseline():
+    table = scored_sweep(ec_lora_effect=0.5)
+    plan = table[table["mode"] == "base"]
+    rows = retrieval_plan(plan, np.column_stack([np.linspace(0, 1, 40), np.full(40, 0.5)]), k=3)
+    retrieval = rows.drop(columns="train_index").assign(mode="retrieval", prompt=None)
+    retrieval["predicted_engagement"] = retrieval["target_engagement"] * 0.2 + 0.01 * np.arange(len(rows)) % 0.03
+    retrieval["ground_truth_score"] = retrieval["target_engagement"] + 0.3 * np.random.default_rng(1).normal(size=len(rows))
+    report = sweep_report(pd.concat([table, retrieval], ignore_index=True), permutations=100)
+    engagement = report["engagement_sweep"]
+    ceiling = engagement["retrieval"]["ground_truth"]["spearman"]
+    assert 0 < ceiling < engagement["ec_lora"]["ground_truth"]["spearman"]
+    assert engagement["ec_lora"]["ground_truth"]["share_of_ceiling"] == pytest.approx(
+        engagement["ec_lora"]["ground_truth"]["spearman"] / ceiling)
+    assert engagement["ec_lora"]["ground_truth"]["monotone"] is True
+    assert "share_of_ceiling" not in engagement["retrieval"]
+    headline = headline_metrics(report)
+    assert headline["ground_truth"]["ceiling"] == ceiling
+    assert headline["verdict"] == report["verdict"]
+
+
+def test_monotone_needs_every_step_up():
+    assert is_monotone({"target_000": {"mean": 0.1}, "target_050": {"mean": 0.2}, "target_100": {"mean": 0.3}})
+    assert not is_monotone({"target_000": {"mean": 0.1}, "target_050": {"mean": 0.3}, "target_100": {"mean": 0.2}})

@@ -200,3 +200,25 @@ def test_stage_writes_table_statistics_and_metrics(tmp_path, monkeypatch):
     assert np.allclose(np.stack(recomputed), np.stack(frame["engagement_time"]), atol=1e-6)
     metrics = json.loads((tmp_path / "metrics/features.json").read_text())
     assert metrics["normalization"] == "log_minmax" and metrics["images"] == 5 and metrics["posts"] == 4
+
+
+def test_detrended_engagement_is_relative_to_the_time_trend():
+    """Every post 2x the trend of an audience growing 10x over the span: all alike; one post
+    4x its time's level stands out, whether it was early or late."""
+    days = np.arange(0, 101, 10, dtype=float)
+    trend = 100 * 10 ** (days / 100)
+    likes = np.round(trend * 2).astype(int)
+    likes[3] *= 2  # day 30
+    dates = [pd.Timestamp("2024-01-01", tz="UTC") + pd.Timedelta(days=d) for d in days]
+    normalizer = EngagementTimeNormalizer.fit(likes, np.zeros_like(likes), dates, normalization="detrended")
+    normalized = normalizer.normalize_engagement(likes, dates=dates)
+    assert normalized.argmax() == 3 and normalized[3] == pytest.approx(1.0)
+    others = np.delete(normalized, 3)
+    assert np.ptp(others) < 0.1  # the growth itself is gone
+    # the same raw likes mean less later, when the audience is larger
+    early, late = (normalizer.vector(likes=2000, date=d)[0] for d in ("2024-01-11", "2024-04-01"))
+    assert early > late
+    with pytest.raises(ValueError, match="give its dates"):
+        normalizer.normalize_engagement(likes)
+    restored = EngagementTimeNormalizer.from_dict(normalizer.to_dict())
+    assert restored == normalizer

@@ -8,6 +8,13 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
+from ec_lora_toys import (
+    WIDTH,
+    conditioned,
+    make_toy,
+    randomize_adapter,
+    toy_with_adapter,
+)
 from safetensors.torch import load_file
 
 from ec_lora_t.adapter import (
@@ -18,8 +25,13 @@ from ec_lora_t.adapter import (
     pipeline_row_scales,
 )
 from ec_lora_t.adapter.export import baked_lora_state_dict, export_lora
-from ec_lora_t.generation import generate, generate_images, load_pipeline, read_png_metadata, save_png
-from ec_lora_toys import WIDTH, conditioned, make_toy, randomize_adapter, toy_with_adapter
+from ec_lora_t.generation import (
+    generate,
+    generate_images,
+    load_pipeline,
+    read_png_metadata,
+    save_png,
+)
 
 PROMPTS = ["a person in a red coat (winter)", "a city street at night (summer)", "a bowl of fruit (spring)"]
 VECTORS = torch.tensor([[0.9, 0.1], [0.1, 0.8], [0.5, 0.5]])
@@ -170,3 +182,27 @@ def test_diffusers_pipeline_with_several_images_per_prompt_gets_each_prompts_vec
     # wrong vector; the two vectors really give different images, so that mistake is visible.
     swapped = run(PROMPTS[:1], vectors[1:], 1, seeds[:1])
     assert np.abs(together[0] - swapped[0]).mean() > 10.0
+
+
+def test_vector_guidance_pushes_along_the_vector_only(tiny_sd_dir, adapter_dir):
+    from ec_lora_t.generation import VectorSampling
+
+    pipeline = load_pipeline(str(tiny_sd_dir), adapter_dir, device="cpu")
+    vectors, seeds = VECTORS[:2], SEEDS[:2]
+
+    def run(**sampling):
+        return pixels(generate_images(pipeline, PROMPTS[:2], vectors, seeds, **SAMPLING,
+                                      sampling=VectorSampling(**sampling)))
+
+    plain = run()
+    assert np.array_equal(run(vector_guidance=1.0, vector_scale=1.0), plain)  # the defaults change nothing
+    assert np.abs(run(vector_guidance=3.0) - plain).mean() > 1.0
+    assert np.abs(run(vector_scale=2.0) - plain).mean() > 1.0
+    # An ECM that gives every vector the null scales (1): nothing to guide along, nothing to extrapolate.
+    with torch.no_grad():
+        pipeline.adapter.ecm.mlp[-1].weight.zero_()
+        pipeline.adapter.ecm.mlp[-1].bias.fill_(1.0)
+    unit = run()
+    assert np.abs(run(vector_guidance=3.0, vector_scale=2.0) - unit).max() <= 1
+    with pytest.raises(ValueError, match="vector_guidance"):
+        VectorSampling(vector_guidance=float("nan"))

@@ -12,10 +12,6 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from PIL import Image
-
 from _posts import (
     ACCEPTED_IMAGE_KINDS,
     TEST_MAX_IMAGE_PIXELS,
@@ -24,7 +20,10 @@ from _posts import (
     make_report_feed,
     write_report_post,
 )
-from stages import ingest as ingest_stage
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
 from ec_lora_t.data.ingest import (
     POSTS_SCHEMA,
     REJECT_REASONS,
@@ -38,6 +37,7 @@ from ec_lora_t.data.ingest import (
     parse_report_metadata,
     parse_timestamp,
 )
+from stages import ingest as ingest_stage
 
 # --- report layout ----------------------------------------------------------------------
 

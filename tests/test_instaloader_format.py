@@ -7,10 +7,10 @@ import lzma
 
 import pandas as pd
 import pytest
+from _posts import InstaloaderPostSpec, make_instaloader_profile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from _posts import InstaloaderPostSpec, make_instaloader_profile
 from ec_lora_t.data.ingest import (
     REJECT_REASONS,
     InvalidPostData,

@@ -6,6 +6,13 @@ import json
 
 import pytest
 import torch
+from ec_lora_toys import (
+    WIDTH,
+    conditioned,
+    make_toy,
+    randomize_adapter,
+    toy_with_adapter,
+)
 from torch import nn
 
 from ec_lora_t.adapter import (
@@ -17,7 +24,6 @@ from ec_lora_t.adapter import (
     save_adapter,
 )
 from ec_lora_t.adapter.config import ADAPTER_CONFIG_NAME
-from ec_lora_toys import WIDTH, conditioned, make_toy, randomize_adapter, toy_with_adapter
 
 
 def test_injection_wraps_targets_without_copying_base_weights():

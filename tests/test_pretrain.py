@@ -8,8 +8,13 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from ec_lora_t.demo import attribute_check, world
+from ec_lora_t.demo.pretrain import (
+    pretrain_base,
+    render_pretraining_set,
+    train_vae,
+    training_caption,
+)
 from ec_lora_t.models import load_components
-from ec_lora_t.demo.pretrain import pretrain_base, render_pretraining_set, train_vae, training_caption
 
 TINY = dict(unet_block_out_channels=(8, 16), vae_block_out_channels=(8, 16), text_hidden_size=8, text_layers=1)
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
-
 from diffusers import DDPMScheduler, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
 
 from ec_lora_t.adapter import ECLoRAConfig
 from ec_lora_t.adapter.config import ADAPTER_WEIGHTS_NAME, ECM_WEIGHTS_NAME
@@ -268,3 +268,72 @@ def test_accelerator_must_match_the_training_config(cache_path, tmp_path):
     with pytest.raises(ValueError, match="mixed_precision 'bf16'"):
         train_ec_lora(accelerator, micro_unet(), DDPMScheduler(num_train_timesteps=1000),
                       load_latent_cache(cache_path), ECLoRAConfig(**LORA), training, tmp_path / "ckpt")
+
+
+def step_batch(generator_seed: int = 1) -> dict:
+    generator = torch.Generator().manual_seed(generator_seed)
+    return {
+        "latent_mean": torch.randn(4, 4, 8, 8, generator=generator),
+        "latent_std": torch.zeros(4, 4, 8, 8),
+        "text_embeddings": torch.randn(4, 77, MICRO_TEXT_WIDTH, generator=generator),
+        "engagement_time": torch.rand(4, 2, generator=generator),
+    }
+
+
+def test_vector_dropout_one_trains_the_null_vector_only():
+    """p=1: every sample gets the null scales (1), i.e. exactly the plain LoRA's step."""
+    from ec_lora_t.adapter import add_ec_lora
+    from ec_lora_t.training.objective import diffusion_training_step
+
+    unet = micro_unet()
+    adapter = add_ec_lora(unet, ECLoRAConfig(**LORA))
+    with torch.no_grad():  # an ECM far from 1, so null and vector rows differ
+        adapter.ecm.mlp[-1].bias.fill_(3.0)
+        for layer in adapter.layers:
+            layer.lora_B.weight.normal_()
+    accelerator = fresh_accelerator(TrainingConfig(mixed_precision="no"))
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+
+    def loss(**kwargs):
+        return diffusion_training_step(accelerator, unet, adapter, adapter.ecm, scheduler, step_batch(),
+                                       torch.Generator().manual_seed(7), **kwargs).item()
+
+    dropped = loss(vector_dropout=1.0)
+    # the plain LoRA draws one random number fewer per sample (no dropout draw): compare to the
+    # ec_lora step whose ECM outputs 1 everywhere instead
+    with torch.no_grad():
+        adapter.ecm.mlp[-1].bias.fill_(1.0)
+    assert dropped == pytest.approx(loss(vector_dropout=1e-12))
+    assert loss(vector_dropout=1e-12) != pytest.approx(loss(vector_dropout=0.0, snr_gamma=0.5))
+
+
+def test_min_snr_weights_downweight_the_clean_timesteps():
+    from ec_lora_t.training.objective import min_snr_weights
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    weights = min_snr_weights(scheduler, torch.tensor([10, 500, 990]), gamma=5.0)
+    assert weights[0] < 0.1 and weights[2] == pytest.approx(1.0)  # low noise: SNR >> 5; high noise: SNR < 5
+
+
+def test_engagement_balance_and_shuffled_vectors(cache_path):
+    from ec_lora_t.training.cache import (
+        EpochShuffleSampler,
+        engagement_balance_weights,
+        shuffled_vectors,
+    )
+
+    engagement = torch.tensor([0.05] * 8 + [0.95] * 2)
+    weights = engagement_balance_weights(engagement, power=1.0)
+    assert weights[-1] / weights[0] == pytest.approx(4.0)  # the rare bin is drawn 4x as often per image
+    assert engagement_balance_weights(engagement, power=0.0) is None
+    sampler = EpochShuffleSampler(10, seed=3, weights=weights)
+    draws = [index for epoch in range(200) for index in (sampler.set_epoch(epoch), list(sampler))[1]]
+    assert 0.4 < np.mean([index >= 8 for index in draws]) < 0.6  # half the draws from 2 of 10 images
+    sampler.set_epoch(5)
+    assert list(sampler) == list(sampler)  # an epoch replays exactly (resume)
+
+    cache = load_latent_cache(cache_path)
+    shuffled = shuffled_vectors(cache, seed=1)
+    assert torch.equal(shuffled.latent_mean, cache.latent_mean)
+    assert not torch.equal(shuffled.engagement_time, cache.engagement_time)
+    assert sorted(shuffled.engagement_time[:, 0].tolist()) == sorted(cache.engagement_time[:, 0].tolist())

@@ -2,6 +2,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from ec_lora_t.demo import world
 
@@ -72,3 +73,35 @@ def test_preferences_bias_the_draw():
 def test_unknown_scene_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown scene 'moon'"):
         world.render(replace(RED_CAP_NIGHT, scene="moon"), size=16)
+
+
+def _render_with(**attributes):
+    from dataclasses import replace as with_attributes
+
+    base = world.SceneAttributes("park", "day", "man", "grey", "jacket", "none", "summer")
+    return world.render(with_attributes(base, **attributes), size=64, seed=1).resize((32, 32), Image.Resampling.BILINEAR)
+
+
+@pytest.mark.parametrize("lighting", ["day", "night"])
+def test_caps_audience_sees_a_cap_and_nothing_else(lighting):
+    cap = world.cap_appeal(_render_with(accessory="cap", lighting=lighting))
+    others = [world.cap_appeal(_render_with(accessory=a, lighting=lighting)) for a in ("none", "sunglasses", "bag")]
+    assert cap > 0.6 and max(others) < 0.25
+    # the figure shifted sideways, as on a carousel's later slide: still seen
+    assert world.cap_appeal(_render_with(accessory="cap", lighting=lighting, offset_x=0.07)) > 0.6
+
+
+def test_cool_outfits_audience_ranks_hues():
+    appeal = {colour: world.cool_outfit_appeal(_render_with(outfit_colour=colour)) for colour in world.OUTFIT_COLOURS}
+    assert appeal["blue"] > appeal["purple"] > appeal["green"] > appeal["red"] > appeal["orange"]
+    assert appeal["grey"] == pytest.approx(0.5, abs=0.05)  # no hue: neutral
+    with pytest.raises(ValueError, match="unknown audience"):
+        world.audience_appeal(_render_with(), "everyone")
+
+
+def test_time_drift_reads_the_creators_drift_from_pixels():
+    from ec_lora_t.demo.demo_data import time_drift_score
+
+    late = time_drift_score(_render_with(scene="city street", garment="jacket"))
+    early = time_drift_score(_render_with(scene="park", garment="coat"))
+    assert late > early + 0.15

@@ -12,19 +12,21 @@ The method in one subpackage, split like peft's `tuners/lora/{config,layer,model
 
 from ec_lora_t.adapter.conditioning import (
     MODES,
+    ecm_outputs,
     ecm_scales,
     engagement_conditioning,
-    mode_scales,
+    mode_conditioning,
     pipeline_row_scales,
 )
 from ec_lora_t.adapter.config import ECLoRAConfig
 from ec_lora_t.adapter.ecm import EngagementConditioningModule
-from ec_lora_t.adapter.layer import ECLoRALinear
+from ec_lora_t.adapter.layer import ECLoRALinear, VectorTimeEmbedding
 from ec_lora_t.adapter.model import (
     ECLoRAAdapter,
     add_ec_lora,
     build_ecm,
     inject_ec_lora,
+    inject_vector_embedding,
     load_adapter,
     load_adapter_weights,
     load_ecm,
@@ -32,7 +34,7 @@ from ec_lora_t.adapter.model import (
 )
 
 __all__ = [
-    "MODES", "ECLoRAAdapter", "ECLoRAConfig", "ECLoRALinear", "EngagementConditioningModule", "add_ec_lora",
-    "build_ecm", "ecm_scales", "engagement_conditioning", "inject_ec_lora", "load_adapter", "load_adapter_weights",
-    "load_ecm", "mode_scales", "pipeline_row_scales", "save_adapter",
+    "MODES", "VectorTimeEmbedding", "ECLoRAAdapter", "ECLoRAConfig", "ECLoRALinear", "EngagementConditioningModule", "add_ec_lora",
+    "build_ecm", "ecm_scales", "engagement_conditioning", "inject_ec_lora", "inject_vector_embedding", "load_adapter", "load_adapter_weights",
+    "load_ecm", "ecm_outputs", "mode_conditioning", "pipeline_row_scales", "save_adapter",
 ]

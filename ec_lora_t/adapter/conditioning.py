@@ -37,27 +37,25 @@ MODES = ("ec_lora", "plain_lora", "base")
 CONSTANT_SCALES = {"plain_lora": 1.0, "base": 0.0}
 
 
-def ecm_scales(ecm: EngagementConditioningModule, engagement_time: torch.Tensor) -> torch.Tensor:
-    """(N, 2) vectors -> (N, K) fp32 dynamic scales ((N, K, r) per rank), with a clear error on bad input."""
+def _checked(engagement_time: torch.Tensor) -> torch.Tensor:
     engagement_time = torch.as_tensor(engagement_time)
     if engagement_time.ndim == 1:
         engagement_time = engagement_time.unsqueeze(0)
     if not torch.isfinite(engagement_time).all():
         raise ValueError(f"engagement_time has non-finite values: {engagement_time.tolist()}")
-    return ecm(engagement_time)
+    return engagement_time
 
 
-def mode_scales(
-    adapter: ECLoRAAdapter, mode: str, engagement_time: torch.Tensor | None = None
-) -> torch.Tensor | float:
-    """The scales of a generation mode: the ECM's for "ec_lora", a constant for the others."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode != "ec_lora":
-        return CONSTANT_SCALES[mode]
-    if engagement_time is None:
-        raise ValueError("mode 'ec_lora' needs an engagement_time tensor (N, 2)")
-    return ecm_scales(adapter.ecm, engagement_time)
+def ecm_scales(ecm: EngagementConditioningModule, engagement_time: torch.Tensor) -> torch.Tensor:
+    """(N, 2) vectors -> (N, K) fp32 dynamic scales ((N, K, r) per rank), with a clear error on bad input."""
+    return ecm(_checked(engagement_time))
+
+
+def ecm_outputs(
+    ecm: EngagementConditioningModule, engagement_time: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(N, 2) vectors -> the scales and, with `vector_embedding`, the (N, D) time-embedding offsets."""
+    return ecm(_checked(engagement_time), with_embedding=True)
 
 
 def pipeline_row_scales(
@@ -76,14 +74,32 @@ def pipeline_row_scales(
     return torch.cat([rows, rows]) if classifier_free_guidance else rows
 
 
+def mode_conditioning(
+    adapter: ECLoRAAdapter, mode: str, engagement_time: torch.Tensor | None = None
+) -> tuple[torch.Tensor | float, torch.Tensor | None]:
+    """(scales, time offsets) of a mode: the ECM's for "ec_lora", constants and no offset otherwise."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode != "ec_lora":
+        return CONSTANT_SCALES[mode], None
+    if engagement_time is None:
+        raise ValueError("mode 'ec_lora' needs an engagement_time tensor (N, 2)")
+    return ecm_outputs(adapter.ecm, engagement_time)
+
+
 @contextmanager
-def engagement_conditioning(adapter: ECLoRAAdapter, scales: torch.Tensor | float) -> Iterator[None]:
+def engagement_conditioning(
+    adapter: ECLoRAAdapter, scales: torch.Tensor | float, time_offsets: torch.Tensor | None = None
+) -> Iterator[None]:
     """Condition the adapter's layers for the calls inside the block.
 
     `scales` is a float (the same scale for every row of any batch: 1 plain LoRA, 0 the base
     model) or a tensor with one row per row of the UNet batch: (rows, K), or (rows, K, r)
-    with one scale per rank component.
+    with one scale per rank component. `time_offsets` (rows, D): the vector's offsets of the
+    timestep embedding (adapters with `vector_embedding`); None adds nothing.
     """
+    if time_offsets is not None and adapter.time_embedding is None:
+        raise ValueError("time_offsets given but the adapter has no vector embedding")
     layers = adapter.layers
     if isinstance(scales, torch.Tensor):
         if scales.ndim not in (2, 3) or scales.shape[1] != len(layers):
@@ -99,8 +115,14 @@ def engagement_conditioning(adapter: ECLoRAAdapter, scales: torch.Tensor | float
     try:
         for layer, layer_scale in zip(layers, per_layer):
             layer.dynamic_scale = layer_scale
+        if adapter.time_embedding is not None:
+            adapter.time_embedding.offset = time_offsets
+            adapter.time_embedding.active = True
         yield
     finally:
         for layer in layers:
             layer.dynamic_scale = None
+        if adapter.time_embedding is not None:
+            adapter.time_embedding.offset = None
+            adapter.time_embedding.active = False
         adapter.conditioning_active = False

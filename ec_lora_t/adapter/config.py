@@ -35,6 +35,11 @@ class ECLoRAConfig:
     ecm_depth: int = 2
     # "layer": one ECM scale per layer (the report); "rank": one per layer and rank component.
     ecm_granularity: str = "layer"
+    # Also feed the vector to the UNet's timestep embedding: an ECM head makes a per-row offset
+    # (`ec_lora_t.adapter.layer.VectorTimeEmbedding`). False is the report's method.
+    vector_embedding: bool = False
+    # Filled by `inject_vector_embedding`: the width of the timestep embedding the offset is added to.
+    time_embedding_dim: int = 0
     # Filled by `inject_ec_lora`: the injected module names in ECM output order.
     layer_names: tuple[str, ...] = field(default_factory=tuple)
 

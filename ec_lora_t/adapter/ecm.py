@@ -19,6 +19,12 @@ any learning happens. The hidden layers keep the default init so that different 
 give different hidden features, which is what the output layer learns to map to
 different scales once B is non-zero (the output weights receive gradient as soon as the
 LoRA update does).
+
+`embedding_dim` > 0 (our extension, `ECLoRAConfig.vector_embedding`) adds a second head on the
+same hidden features: an offset added to the UNet's timestep embedding, which every ResNet
+block of the UNet reads (as class labels condition a class-conditional diffusion model). The
+LoRA scales can only turn learned directions of the attention and feed-forward layers up or
+down; the offset reaches the whole network directly. The head starts at zero: no offset.
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ ENGAGEMENT_TIME_DIM = 2  # [normalized_engagement, normalized_time]
 
 
 class EngagementConditioningModule(nn.Module):
-    def __init__(self, num_layers: int, hidden_size: int = 128, depth: int = 2, scales_per_layer: int = 1) -> None:
+    def __init__(
+        self, num_layers: int, hidden_size: int = 128, depth: int = 2, scales_per_layer: int = 1, embedding_dim: int = 0
+    ) -> None:
         super().__init__()
         if min(num_layers, hidden_size, depth, scales_per_layer) < 1:
             raise ValueError(
@@ -49,10 +57,20 @@ class EngagementConditioningModule(nn.Module):
         nn.init.ones_(output.bias)
         blocks.append(output)
         self.mlp = nn.Sequential(*blocks)
+        self.embedding_dim = embedding_dim
+        if embedding_dim > 0:
+            self.embedding = nn.Linear(in_features, embedding_dim, dtype=torch.float32)
+            nn.init.zeros_(self.embedding.weight)
+            nn.init.zeros_(self.embedding.bias)
 
-    def forward(self, engagement_time: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, engagement_time: torch.Tensor, with_embedding: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """(batch, 2) engagement-time vectors -> (batch, num_layers) dynamic scales, fp32,
-        or (batch, num_layers, scales_per_layer) when a layer gets several."""
+        or (batch, num_layers, scales_per_layer) when a layer gets several.
+
+        With `with_embedding`, (scales, time-embedding offsets (batch, embedding_dim) or None).
+        """
         if engagement_time.ndim != 2 or engagement_time.shape[1] != ENGAGEMENT_TIME_DIM:
             raise ValueError(
                 f"engagement_time must have shape (batch, {ENGAGEMENT_TIME_DIM}), got {tuple(engagement_time.shape)}"
@@ -60,7 +78,9 @@ class EngagementConditioningModule(nn.Module):
         device = self.mlp[0].weight.device
         # The ECM stays fp32 even inside an autocast region (report 3.1.1).
         with torch.autocast(device_type=device.type, enabled=False):
-            scales = self.mlp(engagement_time.to(device=device, dtype=torch.float32))
-        if self.scales_per_layer == 1:
-            return scales
-        return scales.view(scales.shape[0], self.num_layers, self.scales_per_layer)
+            hidden = self.mlp[:-1](engagement_time.to(device=device, dtype=torch.float32))
+            scales = self.mlp[-1](hidden)
+            offsets = self.embedding(hidden) if self.embedding_dim > 0 else None
+        if self.scales_per_layer > 1:
+            scales = scales.view(scales.shape[0], self.num_layers, self.scales_per_layer)
+        return (scales, offsets) if with_embedding else scales

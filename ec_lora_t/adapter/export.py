@@ -65,6 +65,11 @@ def export_lora(
         raise ValueError(f"engagement_time must be (normalized_engagement, normalized_time), got {engagement_time}")
     adapter_dir = Path(adapter_dir)
     config, lora_state, ecm_state = load_adapter_weights(adapter_dir)
+    if config.vector_embedding:
+        # The vector's offset of the timestep embedding is not a low-rank weight update: a plain
+        # LoRA file cannot hold it, and a file without it would draw something else.
+        raise ValueError(f"{adapter_dir}: trained with vector_embedding; plain LoRA files cannot hold its "
+                         "timestep-embedding offset, so it cannot be exported")
     ecm = load_ecm(config, ecm_state, source=str(adapter_dir))
     state = baked_lora_state_dict(config, lora_state, ecm, engagement_time)
     if format == "kohya":

@@ -78,3 +78,37 @@ class ECLoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, static_scale={self.static_scale:g}, ecm_index={self.ecm_index}"
+
+
+class VectorTimeEmbedding(nn.Module):
+    """The UNet's timestep embedding plus a per-row offset made by the ECM from the vector.
+
+    Wraps diffusers' `TimestepEmbedding` (`unet.time_embedding`) the way an EC-LoRA layer wraps
+    its linear layer: the base module keeps its weights, and the offset for each row of the UNet
+    batch is handed in by `engagement_conditioning` for the calls inside one block. Every ResNet
+    block of the UNet adds the embedding to its features, so the offset reaches the whole network.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        # Per-block state, set and cleared only by `engagement_conditioning`: None (no offset:
+        # the base model, the plain LoRA) or a (rows, embedding_dim) tensor.
+        self.offset: torch.Tensor | None = None
+        self.active = False
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        if not self.active:
+            raise RuntimeError(
+                "EC-LoRA time embedding called outside a conditioning block: run the model inside "
+                "ec_lora_t.adapter.conditioning.engagement_conditioning(...)"
+            )
+        embedding = self.base_layer(*args, **kwargs)  # (rows, embedding_dim)
+        if self.offset is None:
+            return embedding
+        if self.offset.shape[0] != embedding.shape[0]:
+            raise RuntimeError(
+                f"EC-LoRA time embedding has offsets for {self.offset.shape[0]} rows but was called with a batch "
+                f"of {embedding.shape[0]}"
+            )
+        return embedding + self.offset.to(embedding.dtype)

@@ -24,7 +24,7 @@ from ec_lora_t.adapter.config import (
     ECLoRAConfig,
 )
 from ec_lora_t.adapter.ecm import EngagementConditioningModule
-from ec_lora_t.adapter.layer import ECLoRALinear
+from ec_lora_t.adapter.layer import ECLoRALinear, VectorTimeEmbedding
 
 
 def _is_target(module_name: str, target_modules: tuple[str, ...]) -> bool:
@@ -68,13 +68,37 @@ def inject_ec_lora(model: nn.Module, config: ECLoRAConfig) -> list[ECLoRALinear]
     return layers
 
 
+def inject_vector_embedding(model: nn.Module, config: ECLoRAConfig) -> VectorTimeEmbedding:
+    """Wrap the UNet's timestep embedding (`model.time_embedding`) so the ECM can offset it per row.
+
+    Sets `config.time_embedding_dim`; a saved adapter must fit the model's embedding width.
+    """
+    base = getattr(model, "time_embedding", None)
+    if base is None or isinstance(base, VectorTimeEmbedding):
+        raise ValueError("vector_embedding needs a model with a plain `time_embedding` (a diffusers UNet)")
+    width = base.linear_2.out_features
+    if config.time_embedding_dim and config.time_embedding_dim != width:
+        raise ValueError(
+            f"the adapter's time embedding is {config.time_embedding_dim} wide, the model's is {width}: "
+            "was the adapter trained on another UNet architecture?"
+        )
+    config.time_embedding_dim = width
+    wrapper = VectorTimeEmbedding(base)
+    model.time_embedding = wrapper
+    return wrapper
+
+
 def build_ecm(config: ECLoRAConfig, device: torch.device | str | None = None) -> EngagementConditioningModule:
-    """An ECM with one output per injected layer (`config.layer_names` must be filled)."""
+    """An ECM with one output per injected layer (`config.layer_names` must be filled), and a
+    time-embedding head when `config.vector_embedding`."""
     if not config.layer_names:
         raise ValueError("config.layer_names is empty: inject the EC-LoRA layers before building the ECM")
+    if config.vector_embedding and not config.time_embedding_dim:
+        raise ValueError("config.time_embedding_dim is 0: inject the vector embedding before building the ECM")
     return EngagementConditioningModule(
         num_layers=len(config.layer_names), hidden_size=config.ecm_hidden_size, depth=config.ecm_depth,
         scales_per_layer=config.scales_per_layer,
+        embedding_dim=config.time_embedding_dim if config.vector_embedding else 0,
     ).to(device)
 
 
@@ -89,6 +113,8 @@ class ECLoRAAdapter:
     config: ECLoRAConfig
     layers: list[ECLoRALinear]
     ecm: EngagementConditioningModule
+    # The wrapped timestep embedding when `config.vector_embedding`, else None.
+    time_embedding: VectorTimeEmbedding | None = None
 
     def __post_init__(self) -> None:
         if len(self.layers) != len(self.config.layer_names):
@@ -129,7 +155,8 @@ class ECLoRAAdapter:
 def add_ec_lora(model: nn.Module, config: ECLoRAConfig, device: torch.device | str | None = None) -> ECLoRAAdapter:
     """Inject fresh EC-LoRA layers into `model` (frozen) and build a fresh ECM for them."""
     layers = inject_ec_lora(model, config)
-    return ECLoRAAdapter(config, layers, build_ecm(config, device))
+    time_embedding = inject_vector_embedding(model, config) if config.vector_embedding else None
+    return ECLoRAAdapter(config, layers, build_ecm(config, device), time_embedding)
 
 
 def save_adapter(adapter_dir: str | Path, adapter: ECLoRAAdapter, ecm: EngagementConditioningModule | None = None) -> Path:
@@ -191,6 +218,8 @@ def load_adapter(adapter_dir: str | Path, model: nn.Module) -> ECLoRAAdapter:
     """Inject the saved adapter into a fresh `model`; the ECM is fp32 on the CPU."""
     adapter_dir = Path(adapter_dir)
     config, lora_state, ecm_state = load_adapter_weights(adapter_dir)
-    adapter = ECLoRAAdapter(config, inject_ec_lora(model, config), load_ecm(config, ecm_state, str(adapter_dir)))
+    layers = inject_ec_lora(model, config)
+    time_embedding = inject_vector_embedding(model, config) if config.vector_embedding else None
+    adapter = ECLoRAAdapter(config, layers, load_ecm(config, ecm_state, str(adapter_dir)), time_embedding)
     adapter.load_lora_state_dict(lora_state, source=str(adapter_dir / ADAPTER_WEIGHTS_NAME))
     return adapter

@@ -7,7 +7,13 @@ one of three normalisations:
 * ``log_minmax``: min-max of ``log1p(total_engagement)``, for heavy-tailed engagement where a
   few viral posts would squeeze every other post near 0;
 * ``rank``: the post's mid-rank among the training posts (ties share the average rank),
-  min-max scaled to [0, 1]; new values between training values are interpolated linearly.
+  min-max scaled to [0, 1]; new values between training values are interpolated linearly;
+* ``detrended``: min-max of the residual of ``log1p(total_engagement)`` after a robust
+  (Theil-Sen) line in time: how well a post did *for its time*. A growing audience lifts every later post;
+  the report's min-max then ties engagement to time (late posts score high whatever they show),
+  so "high engagement now" asks for pictures the creator never posted at that time. The
+  residual is engagement relative to the audience the creator had when posting (an
+  engagement rate without a follower count).
 
 ``days_since_earliest_post`` (fractional days) is min-max scaled into ``normalized_time``.
 The vector ``engagement_time = [normalized_engagement, normalized_time]`` feeds the ECM.
@@ -34,11 +40,12 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+from scipy import stats
 
 from ec_lora_t.data.fields import parse_timestamp
 from ec_lora_t.data.schemas import FEATURES_SCHEMA
 
-NORMALIZATIONS = ("minmax", "log_minmax", "rank")
+NORMALIZATIONS = ("minmax", "log_minmax", "rank", "detrended")
 DEFAULT_COMMENT_WEIGHT = 3.0
 DEGENERATE_LEVEL = 0.5
 # Posts within less than a day of each other carry no time trend worth a [0, 1] axis.
@@ -74,8 +81,10 @@ class EngagementTimeNormalizer:
     """Fitted statistics that map raw engagement and dates to ``engagement_time``.
 
     ``engagement_low``/``engagement_high`` are the range in the normalisation's own space
-    (raw totals for minmax, ``log1p`` of them for log_minmax). For rank, ``rank_values`` are
-    the distinct training totals, ascending, and ``rank_levels`` their normalised mid-ranks.
+    (raw totals for minmax, ``log1p`` of them for log_minmax, the residual of ``log1p`` after
+    the time trend for detrended). For rank, ``rank_values`` are the distinct training totals,
+    ascending, and ``rank_levels`` their normalised mid-ranks. For detrended,
+    ``engagement_trend`` is (intercept, slope per day) of ``log1p`` on days since the first post.
     """
 
     comment_weight: float
@@ -87,6 +96,7 @@ class EngagementTimeNormalizer:
     num_posts: int
     rank_values: tuple[float, ...] = field(default=(), repr=False)
     rank_levels: tuple[float, ...] = field(default=(), repr=False)
+    engagement_trend: tuple[float, ...] = ()
 
     # -- fitting ------------------------------------------------------------------------
 
@@ -108,13 +118,23 @@ class EngagementTimeNormalizer:
         seconds = _to_utc_seconds(timestamps)
         if totals.size == 0 or totals.size != seconds.size:
             raise ValueError(f"need one timestamp per post and at least one post, got {totals.size} and {seconds.size}")
-        values = np.log1p(totals) if normalization == "log_minmax" else totals
+        values = np.log1p(totals) if normalization in ("log_minmax", "detrended") else totals
         rank_values: tuple[float, ...] = ()
         rank_levels: tuple[float, ...] = ()
+        trend: tuple[float, ...] = ()
         if normalization == "rank":
             distinct, levels = _mid_rank_levels(totals)
             rank_values, rank_levels = tuple(distinct.tolist()), tuple(levels.tolist())
         earliest = float(seconds.min())
+        if normalization == "detrended":
+            days = (seconds - earliest) / SECONDS_PER_DAY
+            if np.ptp(days) >= MIN_TIME_SPAN_DAYS:
+                # Theil-Sen (median of pairwise slopes): a few viral posts must not tilt the trend.
+                slope, intercept = stats.theilslopes(values, days)[:2]
+            else:  # no time span to fit a trend on: nothing to remove
+                slope, intercept = 0.0, float(values.mean())
+            trend = (float(intercept), float(slope))
+            values = values - (intercept + slope * days)
         return cls(
             comment_weight=float(comment_weight),
             normalization=normalization,
@@ -125,6 +145,7 @@ class EngagementTimeNormalizer:
             num_posts=int(totals.size),
             rank_values=rank_values,
             rank_levels=rank_levels,
+            engagement_trend=trend,
         )
 
     # -- properties of the fit ------------------------------------------------------------
@@ -139,15 +160,21 @@ class EngagementTimeNormalizer:
 
     # -- transforms ---------------------------------------------------------------------
 
-    def normalize_engagement(self, totals: Any, clip: bool = True) -> np.ndarray:
-        """normalized_engagement (float64) of total engagement values."""
+    def normalize_engagement(self, totals: Any, clip: bool = True, dates: Any = None) -> np.ndarray:
+        """normalized_engagement (float64) of total engagement values (posted on `dates`:
+        needed by detrended, whose engagement is relative to the time's trend)."""
         totals = np.asarray(totals, dtype=np.float64)
         if self.engagement_is_degenerate:
             return np.full(totals.shape, DEGENERATE_LEVEL)
         if self.normalization == "rank":
             # np.interp holds the end levels (0 and 1) outside the training range.
             return np.interp(totals, self.rank_values, self.rank_levels)
-        values = np.log1p(totals) if self.normalization == "log_minmax" else totals
+        values = np.log1p(totals) if self.normalization in ("log_minmax", "detrended") else totals
+        if self.normalization == "detrended":
+            if dates is None:
+                raise ValueError("detrended engagement is relative to the post's time: give its dates")
+            intercept, slope = self.engagement_trend
+            values = values - (intercept + slope * self.days_since_earliest(dates))
         scaled = (values - self.engagement_low) / (self.engagement_high - self.engagement_low)
         return np.clip(scaled, 0.0, 1.0) if clip else scaled
 
@@ -172,7 +199,7 @@ class EngagementTimeNormalizer:
         """
         if date is None:
             date = self.earliest_timestamp + pd.Timedelta(days=self.span_days)
-        engagement = self.normalize_engagement(total_engagement([likes], [comments], self.comment_weight), clip)
+        engagement = self.normalize_engagement(total_engagement([likes], [comments], self.comment_weight), clip, [date])
         time = self.normalize_time(date, clip)
         return np.array([engagement[0], time[0]], dtype=np.float32)
 
@@ -187,7 +214,10 @@ class EngagementTimeNormalizer:
             "engagement": {
                 "low": self.engagement_low,
                 "high": self.engagement_high,
-                "space": "log1p(total_engagement)" if self.normalization == "log_minmax" else "total_engagement",
+                "space": {"log_minmax": "log1p(total_engagement)",
+                          "detrended": "log1p(total_engagement) - (trend[0] + trend[1] * days_since_earliest_post)",
+                          }.get(self.normalization, "total_engagement"),
+                "trend": list(self.engagement_trend),
                 "degenerate": self.engagement_is_degenerate,
                 "rank_values": list(self.rank_values),
                 "rank_levels": list(self.rank_levels),
@@ -217,6 +247,7 @@ class EngagementTimeNormalizer:
             num_posts=int(stats["num_posts"]),
             rank_values=tuple(float(v) for v in engagement.get("rank_values", [])),
             rank_levels=tuple(float(v) for v in engagement.get("rank_levels", [])),
+            engagement_trend=tuple(float(v) for v in engagement.get("trend", [])),
         )
 
     def to_json(self, path: str | Path) -> None:
@@ -284,7 +315,9 @@ def build_feature_table(
         per_post["likes_count"], per_post["comments_count"], per_post["timestamp"], comment_weight, normalization
     )
     table["total_engagement"] = total_engagement(table["likes_count"], table["comments_count"], normalizer.comment_weight)
-    table["normalized_engagement"] = normalizer.normalize_engagement(table["total_engagement"]).astype(np.float32)
+    table["normalized_engagement"] = normalizer.normalize_engagement(
+        table["total_engagement"], dates=table["timestamp"]
+    ).astype(np.float32)
     table["days_since_earliest_post"] = normalizer.days_since_earliest(table["timestamp"])
     table["normalized_time"] = normalizer.normalize_time(table["timestamp"]).astype(np.float32)
     table["engagement_time"] = list(table[["normalized_engagement", "normalized_time"]].to_numpy(np.float32))

@@ -129,8 +129,8 @@ def pixels_to_model_input(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.permute(0, 3, 1, 2).float() / 255.0 * 2.0 - 1.0
 
 
-def image_to_pixel_values(image: Image.Image, resolution: int) -> torch.Tensor:
-    """Resize the shorter side to `resolution` (bilinear), centre-crop, scale to [-1, 1]: (3, R, R)."""
+def resize_and_crop(image: Image.Image, resolution: int) -> Image.Image:
+    """Resize the shorter side to `resolution` (bilinear) and centre-crop: the square RGB image the model sees."""
     width, height = image.size
     scale = resolution / min(width, height)
     resized = image.convert("RGB").resize(
@@ -138,5 +138,9 @@ def image_to_pixel_values(image: Image.Image, resolution: int) -> torch.Tensor:
     )
     left = (resized.width - resolution) // 2
     top = (resized.height - resolution) // 2
-    cropped = resized.crop((left, top, left + resolution, top + resolution))
-    return pixels_to_model_input(torch.from_numpy(np.array(cropped))[None])[0]
+    return resized.crop((left, top, left + resolution, top + resolution))
+
+
+def image_to_pixel_values(image: Image.Image, resolution: int) -> torch.Tensor:
+    """`resize_and_crop`, then scaled to [-1, 1]: (3, R, R), the VAE's input."""
+    return pixels_to_model_input(torch.from_numpy(np.array(resize_and_crop(image, resolution)))[None])[0]

@@ -111,6 +111,25 @@ def outfit_colour_under(lighting: str) -> dict[str, np.ndarray]:
     return {name: np.clip(np.array(rgb, dtype=np.float32) * tint, 0, 255) for name, rgb in world.OUTFIT_COLOURS.items()}
 
 
+# Just below the torso box, in its middle: a coat or a dress reaches down here, a jacket or a
+# t-shirt ends above it and the legs show.
+_BELOW_TORSO = (0.44, 0.74, 0.56, 0.80)
+_LEGS_COLOUR = np.array((45, 45, 60), dtype=np.float32)
+
+
+def read_garment_length(image: Image.Image | np.ndarray) -> str:
+    """'long' (coat or dress) or 'short' (jacket or t-shirt): is the band below the torso the
+    outfit's colour or the legs' (both under the lighting read from the background)?"""
+    pixels = _as_pixels(image)
+    height, width = pixels.shape[:2]
+    x0, y0, x1, y1 = _BELOW_TORSO
+    band = pixels[int(y0 * height) : int(y1 * height) + 1, int(x0 * width) : int(x1 * width) + 1]
+    below = np.median(band.reshape(-1, 3), axis=0) * 255.0
+    tint = np.array(world.LIGHT_TINT[read_attributes(image)["lighting"]], dtype=np.float32)
+    outfit, legs = torso_colour(image), _LEGS_COLOUR * tint
+    return "long" if np.linalg.norm(below - outfit) < np.linalg.norm(below - legs) else "short"
+
+
 def read_attributes(image: Image.Image | np.ndarray) -> dict[str, str]:
     """What the image shows: {'scene': ..., 'lighting': ..., 'outfit_colour': ...}."""
     pairs, prototypes = scene_lighting_prototypes()

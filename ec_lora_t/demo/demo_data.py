@@ -4,22 +4,29 @@
 `shortcode, likes_count, comments_count, timestamp` (Unix seconds) and the post's own
 `caption` (alt text), as in report section 3.2.2.
 
-How engagement is generated (the only place; the visual part is `world.engagement_appeal`):
+How engagement is generated (the only place; the visual part is the audience's function in
+`world.AUDIENCES`, by default `vivid_bright` = `world.engagement_appeal`):
 
     followers(t) = 8000 * (1 + 1.5 * t)                t = days since the first post / span
     likes        = followers(t) * 0.05 * (0.2 + 1.6 * appeal) * LogNormal(0, noise)
     comments     = likes * 0.03 * LogNormal(0, 0.3)
 
-where `appeal` is the mean `engagement_appeal` of the post's images. So engagement depends on
-what is visible (vivid outfits, bright pictures), on a follower-growth trend in time, and on noise.
-The creator has a personal style (caps and jackets) that drifts over time (from parks and
-studios to city streets); the drift is in scene and garment, not in the appeal itself, so a
-model of time alone explains only the follower trend.
+where `appeal` is the mean appeal of the post's images to the audience. So engagement depends
+on what is visible (for the default audience: vivid outfits, bright pictures), on a
+follower-growth trend in time, and on noise. The creator has a personal style (caps and
+jackets) that drifts over time, from parks and studios to city streets and from coats to
+jackets; the drift is in scene and garment, not in the appeal itself, so a model of time
+alone explains only the follower trend. `time_drift_score` reads that drift back from pixels:
+the ground truth of the time sweep.
+
+The feed's root holds `demo_world.json` (`DEMO_MANIFEST`): that the posts come from this world
+and which audience liked them, so that the evaluation knows when its ground truth applies.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -46,9 +53,56 @@ def creator_preferences(time_fraction: float) -> dict[str, dict[str, float]]:
     }
 
 
+DEMO_MANIFEST = "demo_world.json"
+DEMO_WORLD_ID = "ec-lora-t demo world"
+
+
+def _lateness(attribute: str, values_of_class: dict[str, tuple[str, ...]], grid: int = 1001) -> dict[str, float]:
+    """E[t | the image shows a class of `attribute`], t uniform on [0, 1], under the creator's drift.
+
+    `values_of_class` groups the attribute's values into what can be read from pixels (e.g.
+    long garments: coat and dress). p(class | t) = summed preference weights / all weights.
+    """
+    times = np.linspace(0.0, 1.0, grid)
+    weights = [creator_preferences(float(time))[attribute] for time in times]
+    lateness = {}
+    for name, values in values_of_class.items():
+        share = np.array([sum(w[v] for v in values) / sum(w.values()) for w in weights])
+        lateness[name] = float((times * share).sum() / share.sum())
+    return lateness
+
+
+def time_drift_score(image) -> float:
+    """The creator's drift read from pixels, in [0, 1]: how late in the feed an image looks.
+
+    The mean of E[t | scene] and E[t | garment length] under `creator_preferences` (t uniform),
+    with the scene and the garment length (coat or dress vs jacket or t-shirt) read by
+    `ec_lora_t.demo.attribute_check`. City streets and jackets score late, parks, studios and
+    coats early. The ground truth of the time sweep.
+    """
+    from ec_lora_t.demo.attribute_check import read_attributes, read_garment_length
+
+    scene_lateness = _lateness("scene", {scene: (scene,) for scene in world.SCENES})
+    length_lateness = _lateness("garment", {"long": ("coat", "dress"), "short": ("jacket", "t-shirt")})
+    return 0.5 * (scene_lateness[read_attributes(image)["scene"]] + length_lateness[read_garment_length(image)])
+
+
+def read_demo_manifest(posts_dir: str | Path) -> dict | None:
+    """The demo world's manifest of a posts folder, or None when the posts are not the demo feed."""
+    path = Path(posts_dir) / DEMO_MANIFEST
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    if manifest.get("world") != DEMO_WORLD_ID or manifest.get("audience") not in world.AUDIENCES:
+        raise ValueError(f"{path}: not a manifest of the demo world ({manifest})")
+    return manifest
+
+
 def write_demo_posts(root: str | Path, num_posts: int = 200, image_size: int = 64, seed: int = 7,
-                     noise: float = 0.15) -> dict[str, float]:
-    """Write the demo feed under `root`; return summary figures (posts, images, ...)."""
+                     noise: float = 0.15, audience: str = "vivid_bright") -> dict[str, float]:
+    """Write the demo feed under `root` for `audience`; return summary figures (posts, images, ...)."""
+    if audience not in world.AUDIENCES:
+        raise ValueError(f"unknown audience {audience!r}; the demo world has {sorted(world.AUDIENCES)}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -69,7 +123,7 @@ def write_demo_posts(root: str | Path, num_posts: int = 200, image_size: int = 6
             slide_attributes = replace(attributes, offset_x=float(rng.uniform(-0.08, 0.08)) if slide else 0.0)
             image = world.render(slide_attributes, size=image_size, seed=seed * 100003 + post_index * 7 + slide)
             image.save(post_dir / f"img_{slide:02d}.jpg", quality=95)
-            appeals.append(world.engagement_appeal(image))
+            appeals.append(world.audience_appeal(image, audience))
         num_images += slides
         followers = 8000.0 * (1.0 + 1.5 * time_fraction)
         likes = followers * 0.05 * (0.2 + 1.6 * float(np.mean(appeals))) * rng.lognormal(0.0, noise)
@@ -78,4 +132,7 @@ def write_demo_posts(root: str | Path, num_posts: int = 200, image_size: int = 6
             writer = csv.writer(f)
             writer.writerow(["shortcode", "likes_count", "comments_count", "timestamp", "caption"])
             writer.writerow([shortcode, int(round(likes)), int(round(comments)), int(timestamp), attributes.caption()])
+    manifest = {"world": DEMO_WORLD_ID, "audience": audience, "seed": seed, "num_posts": num_posts,
+                "image_size": image_size, "noise": noise}
+    (root / DEMO_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return {"posts": num_posts, "images": num_images}

@@ -5,15 +5,20 @@ with an outfit colour and garment, an accessory, the lighting and a season cue. 
 gets a caption built from its attributes ("a man in a red jacket with a cap on a city street
 at night"), so the demo needs no captioning model.
 
-The hidden engagement function lives here and only here: `engagement_appeal(image)` measures
-two visible properties on the pixels (how saturated the outfit in the middle of the frame
-is, and how bright the picture is). The demo creator's likes are driven by it, plus a
-follower-growth trend over time and noise (`ec_lora_t.demo.demo_data`). Because it reads pixels,
-the evaluation can apply the very same function to generated images as ground truth.
+The hidden engagement functions live here and only here, one per audience (`AUDIENCES`):
+each measures something visible on the pixels. The demo's audience, `vivid_bright`
+(`engagement_appeal`), likes saturated outfits in bright pictures; `caps` likes a cap on the
+figure's head (an accessory: a small local object, not a global colour statistic); and
+`cool_outfits` likes blue-to-purple outfits and dislikes warm ones (a hue, where
+`vivid_bright` rewards every saturated colour alike). The demo creator's likes are driven by
+the chosen audience, plus a follower-growth trend over time and noise
+(`ec_lora_t.demo.demo_data`). Because they read pixels, the evaluation applies the very same
+function to generated images as ground truth.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -256,3 +261,81 @@ def dominant_outfit_colour(image: Image.Image) -> str:
     names = list(OUTFIT_COLOURS)
     distances = [np.linalg.norm(median - np.array(OUTFIT_COLOURS[name])) for name in names]
     return names[int(np.argmin(distances))]
+
+
+# The head of the figure (fractions of the side, figure not shifted): centre height and radius,
+# as `_draw_person` draws it. A cap covers the top of the head; the face below stays skin.
+_HEAD_CENTRE_Y = TORSO_BOX[1] - 0.09 * 1.05
+_CAP_BAND = (_HEAD_CENTRE_Y - 0.105, _HEAD_CENTRE_Y - 0.035)  # above the head's centre
+_FACE_BAND = (_HEAD_CENTRE_Y + 0.015, _HEAD_CENTRE_Y + 0.075)  # below it: cheeks and chin
+_HEAD_HALF_WIDTH = 0.05
+# Carousel slides and generated images may shift the figure sideways by up to this much.
+_FIGURE_SHIFTS = np.linspace(-0.08, 0.08, 9)
+
+
+def cap_appeal(image: Image.Image) -> float:
+    """The `caps` audience, in [0, 1]: how much darker the top of the head is than the face.
+
+    A cap is near-black over the top of the head; without one the top of the head is skin
+    like the face. Measured as (face luma - head-top luma) / face luma, so night lighting,
+    which darkens both, cancels out; the best of a few sideways positions of the figure is
+    taken. On the world's renders a cap scores about 0.7-0.85, no cap about 0-0.2.
+    """
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    luma = pixels @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    height, width = luma.shape
+
+    def band_mean(top: float, bottom: float, centre_x: float) -> float:
+        rows = slice(int(top * height), max(int(top * height) + 1, round(bottom * height)))
+        columns = slice(int((centre_x - _HEAD_HALF_WIDTH) * width),
+                        max(int((centre_x - _HEAD_HALF_WIDTH) * width) + 1, round((centre_x + _HEAD_HALF_WIDTH) * width)))
+        return float(luma[rows, columns].mean())
+
+    contrasts = []
+    for shift in _FIGURE_SHIFTS:
+        face = band_mean(*_FACE_BAND, 0.5 + shift)
+        contrasts.append((face - band_mean(*_CAP_BAND, 0.5 + shift)) / max(face, 1e-3))
+    return float(np.clip(max(contrasts), 0.0, 1.0))
+
+
+# The hue the `cool_outfits` audience likes best (degrees on the HSV wheel): blue.
+_FAVOURITE_HUE_DEGREES = 220.0
+
+
+def cool_outfit_appeal(image: Image.Image) -> float:
+    """The `cool_outfits` audience, in [0, 1]: 0.5 + 0.5 * saturation * cos(hue - 220 degrees) of
+    the outfit (median colour of the middle of the torso box).
+
+    Blue scores about 0.9, purple 0.7, green 0.5, red and yellow 0.1-0.2, orange about 0.05;
+    black, white and grey are neutral (0.5), having no hue.
+    """
+    region = _torso_region(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
+    red, green, blue = np.median(region.reshape(-1, 3), axis=0)
+    high, low = max(red, green, blue), min(red, green, blue)
+    if high - low < 1e-6:
+        return 0.5
+    saturation = (high - low) / high
+    # HSV hue of the median colour, in degrees.
+    if high == red:
+        hue = 60.0 * (((green - blue) / (high - low)) % 6.0)
+    elif high == green:
+        hue = 60.0 * ((blue - red) / (high - low) + 2.0)
+    else:
+        hue = 60.0 * ((red - green) / (high - low) + 4.0)
+    return float(0.5 + 0.5 * saturation * np.cos(np.radians(hue - _FAVOURITE_HUE_DEGREES)))
+
+
+# Each audience's hidden engagement function: what the demo creator's likes follow, and the
+# ground truth the evaluation scores generated images with.
+AUDIENCES: dict[str, Callable[[Image.Image], float]] = {
+    "vivid_bright": engagement_appeal,
+    "caps": cap_appeal,
+    "cool_outfits": cool_outfit_appeal,
+}
+
+
+def audience_appeal(image: Image.Image, audience: str = "vivid_bright") -> float:
+    """The hidden engagement function of `audience` (one of `AUDIENCES`) on one image."""
+    if audience not in AUDIENCES:
+        raise ValueError(f"unknown audience {audience!r}; the demo world has {sorted(AUDIENCES)}")
+    return AUDIENCES[audience](image)

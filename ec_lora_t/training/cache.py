@@ -8,7 +8,7 @@ The latents stage has already run the VAE and the text encoder once per image (r
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -121,11 +121,18 @@ def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
 
 
 class EpochShuffleSampler(Sampler[int]):
-    """A fresh permutation every epoch, fixed by (seed, epoch) alone."""
+    """A fresh order every epoch, fixed by (seed, epoch) alone.
 
-    def __init__(self, num_samples: int, seed: int) -> None:
+    Without `weights`, a permutation. With them, as many draws with replacement, each image
+    drawn with probability proportional to its weight (engagement-balanced sampling).
+    """
+
+    def __init__(self, num_samples: int, seed: int, weights: torch.Tensor | None = None) -> None:
+        if weights is not None and weights.shape != (num_samples,):
+            raise ValueError(f"weights must be ({num_samples},), got {tuple(weights.shape)}")
         self.num_samples = num_samples
         self.seed = seed
+        self.weights = weights
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -136,4 +143,30 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+        if self.weights is None:
+            return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+        return iter(torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator).tolist())
+
+
+def engagement_balance_weights(engagement: torch.Tensor, power: float, bins: int = 10) -> torch.Tensor | None:
+    """Sampling weights that flatten the engagement histogram: density(e_i) ** -power.
+
+    Posts of typical engagement crowd the middle of [0, 1]; the extremes, which the vector's
+    ends must learn from, are few. power 0 is uniform sampling (None), 1 equalises the bins.
+    """
+    if power == 0:
+        return None
+    index = torch.clamp((engagement * bins).long(), 0, bins - 1)
+    counts = torch.bincount(index, minlength=bins).to(torch.float64)
+    return (counts[index] ** -power).to(torch.float64)
+
+
+def shuffled_vectors(cache: LatentCache, seed: int) -> LatentCache:
+    """The cache with its engagement-time vectors permuted across images: the negative control.
+
+    Every image keeps its latents and caption but gets another image's vector, so a vector
+    carries no information about the picture. A method that still "controls" generation after
+    this is measuring something else than the audience.
+    """
+    permutation = torch.randperm(len(cache), generator=torch.Generator().manual_seed(seed))
+    return replace(cache, engagement_time=cache.engagement_time[permutation].contiguous())

@@ -31,6 +31,20 @@ class TrainingConfig:
     # nothing the text does not say and the model learns to ignore it; with the generic
     # caption only the vector tells the model which kind of picture to draw.
     caption_dropout: float = 0.0
+    # Probability that a sample trains with the null vector (every scale 1: the plain LoRA)
+    # instead of its own, so that the plain LoRA learns the vector-free model and sampling can
+    # guide on the vector (`ec_lora_t.generation.VectorSampling.vector_guidance`). 0: never.
+    vector_dropout: float = 0.0
+    # Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR, gamma) / SNR per sample, which
+    # gives the noisy steps, where global attributes (light, colour) are decided, their share.
+    # None: plain mean squared error (the report's loss).
+    snr_gamma: float | None = None
+    # Engagement-balanced sampling: draw images with weight density(engagement) ** -power
+    # (`ec_lora_t.training.cache.engagement_balance_weights`); 0 is uniform shuffling.
+    engagement_balance: float = 0.0
+    # The negative control: train on engagement-time vectors permuted across images. A
+    # verdict that still says "controls" after this is measuring something else.
+    shuffle_vectors: bool = False
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in MIXED_PRECISION_CHOICES:
@@ -40,5 +54,10 @@ class TrainingConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.lr_warmup_ratio < 1.0:
             raise ValueError(f"lr_warmup_ratio must be in [0, 1), got {self.lr_warmup_ratio}")
-        if not 0.0 <= self.caption_dropout <= 1.0:
-            raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        for name in ("caption_dropout", "vector_dropout"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.snr_gamma is not None and not self.snr_gamma > 0:
+            raise ValueError(f"snr_gamma must be > 0 or null, got {self.snr_gamma}")
+        if not 0.0 <= self.engagement_balance <= 1.0:
+            raise ValueError(f"engagement_balance must be in [0, 1], got {self.engagement_balance}")

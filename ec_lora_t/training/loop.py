@@ -41,7 +41,9 @@ from ec_lora_t.training.cache import (
     CachedLatentsDataset,
     EpochShuffleSampler,
     LatentCache,
+    engagement_balance_weights,
     epoch_seed,
+    shuffled_vectors,
     validate_latent_cache,
 )
 from ec_lora_t.training.checkpoint import (
@@ -169,7 +171,10 @@ def setup_training(
         eps=training.adam_epsilon,
         weight_decay=training.weight_decay,
     )
-    sampler = EpochShuffleSampler(len(cache), training.seed)
+    if training.shuffle_vectors:
+        cache = shuffled_vectors(cache, training.seed)
+    weights = engagement_balance_weights(cache.engagement_time[:, 0], training.engagement_balance)
+    sampler = EpochShuffleSampler(len(cache), training.seed, weights)
     dataloader = DataLoader(CachedLatentsDataset(cache), batch_size=training.batch_size, sampler=sampler)
     batches_per_epoch = math.ceil(len(cache) / (training.batch_size * accelerator.num_processes))
     steps_per_epoch = math.ceil(batches_per_epoch / training.gradient_accumulation_steps)
@@ -225,7 +230,8 @@ def train_epoch(run: TrainingRun, epoch: int, on_step: Callable[[int, float], No
         with accelerator.accumulate(run.unet, run.ecm):
             loss = diffusion_training_step(
                 accelerator, run.unet, run.adapter, run.ecm, run.noise_scheduler, batch, generator,
-                caption_dropout=training.caption_dropout,
+                caption_dropout=training.caption_dropout, vector_dropout=training.vector_dropout,
+                snr_gamma=training.snr_gamma,
             )
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(

@@ -17,7 +17,7 @@ from torch import nn
 
 from ec_lora_t.adapter.conditioning import (
     CONSTANT_SCALES,
-    ecm_scales,
+    ecm_outputs,
     engagement_conditioning,
 )
 from ec_lora_t.adapter.model import ECLoRAAdapter
@@ -68,6 +68,8 @@ def diffusion_training_step(
     generator: torch.Generator,
     mode: str = "ec_lora",
     caption_dropout: float = 0.0,
+    vector_dropout: float = 0.0,
+    snr_gamma: float | None = None,
 ) -> torch.Tensor:
     """Forward and backward of one micro-batch; returns the detached loss.
 
@@ -85,16 +87,30 @@ def diffusion_training_step(
         text_embeddings = torch.where(
             (dropped < caption_dropout)[:, None, None], batch["generic_text_embeddings"], text_embeddings
         )
-    # 5. One row of scales per sample: the ECM's for its vector (or a constant, plain LoRA).
-    scales = ecm_scales(ecm, batch["engagement_time"]) if mode == "ec_lora" else CONSTANT_SCALES[mode]
-    # 6. The UNet predicts the target.
-    with engagement_conditioning(adapter, scales):
+    # 5. One row of scales (and time-embedding offsets) per sample: the ECM's for its vector, or
+    #    constants (plain LoRA); with vector dropout some samples get the null vector (every
+    #    scale 1, no offset).
+    scales, offsets = ecm_outputs(ecm, batch["engagement_time"]) if mode == "ec_lora" else (CONSTANT_SCALES[mode], None)
+    if mode == "ec_lora" and vector_dropout > 0.0:
+        dropped = torch.rand(noisy.timesteps.shape[0], generator=generator, device=noisy.timesteps.device)
+        dropped = dropped < vector_dropout
+        scales = torch.where(dropped.view(-1, *([1] * (scales.ndim - 1))), torch.ones_like(scales), scales)
+        if offsets is not None:
+            offsets = torch.where(dropped[:, None], torch.zeros_like(offsets), offsets)
+    # 6. The UNet predicts the target; min-SNR weights rebalance the timesteps.
+    with engagement_conditioning(adapter, scales, offsets):
         prediction = unet(
             noisy.noisy_latents.to(compute_dtype),
             noisy.timesteps,
             encoder_hidden_states=text_embeddings.to(compute_dtype),
             return_dict=False,
         )[0]
-        loss = F.mse_loss(prediction.float(), noisy.target.float())
+        if snr_gamma is None:
+            loss = F.mse_loss(prediction.float(), noisy.target.float())
+        else:
+            per_sample = F.mse_loss(prediction.float(), noisy.target.float(), reduction="none").mean(
+                dim=tuple(range(1, prediction.ndim))
+            )
+            loss = (per_sample * min_snr_weights(noise_scheduler, noisy.timesteps, snr_gamma)).mean()
         accelerator.backward(loss)
     return loss.detach()
