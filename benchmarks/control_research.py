@@ -62,7 +62,7 @@ TRAIN_STAGE = ["stages.train", "--latents", "data/latents/latents.safetensors", 
 def evaluate_stage(name: str) -> list[str]:
     return ["stages.evaluate", "--adapter", "data/train/adapter", "--regressor", "data/regressor",
             "--features", "data/features/train.parquet", "--out", f"data/evaluate-{name}",
-            "--sweep-plot", f"data/plots/sweep-{name}.csv", "--metrics", f"metrics/evaluate-{name}.json"]
+            "--sweep-plots", f"data/plots/sweep-{name}", "--metrics", f"metrics/evaluate-{name}.json"]
 
 
 def run_stage(args: list[str], cwd: Path, device: str | None) -> None:
@@ -179,7 +179,7 @@ def main() -> None:
             if args.grids is not None:
                 args.grids.mkdir(parents=True, exist_ok=True)
                 for name in job["sample"]:
-                    grid_png = job["folder"] / f"data/evaluate-{name}/grid.png"
+                    grid_png = job["folder"] / f"data/evaluate-{name}/engagement_sweep.png"
                     if grid_png.exists():
                         shutil.copy(grid_png, args.grids / f"{job['audience']}-{job['name']}-s{job['seed']}-{name}.png")
     print(f"done in {time.perf_counter() - started:.0f} s", flush=True)

@@ -108,6 +108,7 @@ def generate(
     pretrained: Annotated[str, typer.Option(help="Base model: hub id or diffusers folder.")] = DEFAULT_PRETRAINED,
     stats: Annotated[Path, typer.Option(help="Normalisation statistics of the features stage.")] = DEFAULT_STATS,
     steps: Annotated[int, typer.Option(help="Sampling steps.")] = 30,
+    sampler: Annotated[str, typer.Option(help="ddim | dpmsolver++ (both deterministic).")] = "ddim",
     guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
     vector_guidance: Annotated[float, typer.Option(help="Guidance on the vector (1: none beyond the text's).")] = 1.0,
     vector_scale: Annotated[float, typer.Option(help="Extrapolate the ECM's scales from mid engagement (1: none).")] = 1.0,
@@ -119,7 +120,7 @@ def generate(
 
     vectors = _vectors(engagement, time, likes, comments, date, stats)
     paths = generate_pngs(pretrained, adapter, prompt, vectors, seed, out, num_inference_steps=steps,
-                          guidance_scale=guidance_scale, mode=mode,
+                          guidance_scale=guidance_scale, mode=mode, sampler=sampler,
                           sampling=VectorSampling(vector_guidance, vector_scale))
     typer.echo("\n".join(str(path) for path in paths))
 

@@ -4,9 +4,9 @@ beside the retrieval baseline (the ceiling the data allows).
 Every generated image is encoded by the pipeline's VAE and scored by the saved latent
 regressor. On the demo feed (`evaluate.ground_truth: auto` finds the demo world's manifest in
 `ingest.posts_dir`) it is also scored with the audience's hidden function, the creator's drift
-(time sweep) and prompt adherence. Writes the images, a grid, the scored table, the sweep plot
-CSV, every detail in `details.json`, and the headline numbers in metrics/evaluate.json (keys
-documented in docs/metrics.md).
+(time sweep) and prompt adherence. Writes the images, the scored table, the sweep plot
+CSV, labelled figures of both sweeps, every detail in `details.json`, a one-page `report.md`, and
+the headline numbers in metrics/evaluate.json (keys documented in docs/metrics.md).
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ from ec_lora_t.data.images import load_rgb_image, resize_and_crop
 from ec_lora_t.demo.attribute_check import style_distance, style_profile
 from ec_lora_t.demo.demo_data import read_demo_manifest
 from ec_lora_t.demo.ground_truth import SCORE_COLUMNS, demo_scores
+from ec_lora_t.evaluation.figures import sweep_figure
 from ec_lora_t.evaluation.regressor import load_regressor
+from ec_lora_t.evaluation.report import markdown_report
 from ec_lora_t.evaluation.sweep import (
     MODES_WITHOUT_VECTOR,
     RETRIEVAL,
     generate_sweep,
     headline_metrics,
-    image_grid,
     latent_means,
     retrieval_plan,
     sweep_plan,
@@ -41,7 +42,7 @@ from ec_lora_t.generation import VectorSampling, load_pipeline, save_png
 from stages._common import load_params, stage_parser, write_metrics
 
 PARAM_KEYS = (
-    "prompts", "seeds", "engagement_targets", "time", "time_targets", "fixed_engagement", "num_inference_steps",
+    "prompts", "seeds", "engagement_targets", "time", "time_targets", "fixed_engagement", "sampler", "num_inference_steps",
     "guidance_scale", "vector_guidance", "vector_guidance_anchor", "vector_scale", "batch_size", "retrieval_k", "permutations", "ground_truth",
 )
 PLOT_COLUMNS = [
@@ -83,8 +84,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--adapter", type=Path, required=True, help="adapter folder from the train stage")
     parser.add_argument("--regressor", type=Path, required=True, help="folder from the regressor stage")
     parser.add_argument("--features", type=Path, required=True, help="training table: the baseline's and creator's images")
-    parser.add_argument("--out", type=Path, required=True, help="folder for images, grid.png, sweep.csv, details.json")
-    parser.add_argument("--sweep-plot", type=Path, required=True, help="CSV of the engagement sweep (DVC plot)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for images, figures, sweep.csv, details.json, report.md")
+    parser.add_argument("--sweep-plots", type=Path, required=True,
+                        help="folder of the engagement sweep's DVC plots: one CSV per mode")
     args = parser.parse_args(argv)
     params = load_params("evaluate", args.params)
     model_params = load_params("model", args.params)
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         for index in sorted(set(retrieval["train_index"]) | (set(range(len(features))) if manifest else set()))
     }
     regressor = load_regressor(args.regressor)
-    pipeline = load_pipeline(model_params["pretrained"], adapter_dir=args.adapter)
+    pipeline = load_pipeline(model_params["pretrained"], adapter_dir=args.adapter, sampler=params["sampler"])
     anchor = params["vector_guidance_anchor"]
     sampling = VectorSampling(float(params["vector_guidance"]), float(params["vector_scale"]),
                               None if anchor is None else tuple(float(v) for v in anchor))
@@ -160,21 +162,24 @@ def main(argv: list[str] | None = None) -> None:
     scored = pd.concat(tables, ignore_index=True)
     args.out.mkdir(parents=True, exist_ok=True)
     scored.to_csv(args.out / "sweep.csv", index=False)
-    args.sweep_plot.parent.mkdir(parents=True, exist_ok=True)
-    scored.loc[(scored["sweep"] == "engagement") & (scored["mode"] != RETRIEVAL), PLOT_COLUMNS].to_csv(
-        args.sweep_plot, index=False
-    )
+    # One file per mode, so that `dvc plots show` colours the scatter by mode.
+    args.sweep_plots.mkdir(parents=True, exist_ok=True)
+    engagement_rows = scored[scored["sweep"] == "engagement"]
+    for mode, rows in engagement_rows.groupby("mode"):
+        rows[PLOT_COLUMNS].to_csv(args.sweep_plots / f"{mode}.csv", index=False)
 
-    # 4. Grid of the EC-LoRA-T engagement sweep: a row per (prompt, seed), a column per target.
-    grid_rows = plan[plan["sweep"] == "engagement"]
-    seed_position = grid_rows["seed"].map({seed: i for i, seed in enumerate(params["seeds"])})
-    grid_rows = grid_rows.assign(seed_position=seed_position).sort_values(
-        ["prompt_index", "seed_position", "target_engagement"]
-    )
-    num_columns = grid_rows["target_engagement"].nunique()
-    image_grid(
-        [images["ec_lora"][position] for position in grid_rows.index], len(grid_rows) // num_columns, num_columns
-    ).save(args.out / "grid.png")
+    # 4. Labelled figures: a row per (prompt, seed), the base model and plain LoRA beside
+    #    EC-LoRA-T's targets, the scores under each image.
+    generated = scored[scored["mode"] != RETRIEVAL]
+    figures = {}
+    for sweep in ("engagement", "time"):
+        if (generated["sweep"] == sweep).any():
+            name = f"{sweep}_sweep.png"
+            sweep_figure(generated, images, sweep, params["prompts"], params["seeds"],
+                         title=f"{sweep.capitalize()} sweep (rows: prompt x seed; truth: the audience's hidden score"
+                               f"{' / creator drift' if sweep == 'time' else ''}, reg: the latent regressor)"
+                         ).save(args.out / name)
+            figures[f"{sweep.capitalize()} sweep"] = name
 
     # 5. Metrics: every detail in details.json, the headline in metrics/evaluate.json.
     report = sweep_report(scored, permutations=int(params["permutations"]))
@@ -195,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     write_metrics(args.out / "details.json", report)
     write_metrics(args.metrics, headline_metrics(report))
+    (args.out / "report.md").write_text(markdown_report(json.loads((args.out / "details.json").read_text()), figures))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from ec_lora_t.evaluation.regressor import LatentRegressor
 from ec_lora_t.evaluation.sweep import (
     controls_signal,
     headline_metrics,
-    image_grid,
     is_monotone,
     permutation_test_spearman,
     range_ratio,
@@ -216,16 +215,6 @@ def test_sweep_plan_rejects_bad_params(kwargs, message):
         sweep_plan(**arguments)
 
 
-def test_image_grid_places_rows_and_columns():
-    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255)]
-    grid = image_grid([Image.new("RGB", (8, 8), c) for c in colours], rows=2, columns=3)
-    assert grid.size == (24, 16)
-    assert grid.getpixel((8 * 2 + 4, 4)) == colours[2]  # row 0, column 2
-    assert grid.getpixel((4, 8 + 4)) == colours[3]  # row 1, column 0
-    with pytest.raises(ValueError, match="needs 6 images"):
-        image_grid([Image.new("RGB", (8, 8))] * 5, rows=2, columns=3)
-
-
 def scored_sweep(ec_lora_effect: float, seed: int = 0) -> pd.DataFrame:
     """A scored sweep table of 3 prompts x 2 seeds: EC-LoRA-T's prediction rises with the target
     by `ec_lora_effect`; plain LoRA and base ignore the target (one image per prompt/seed).
@@ -293,6 +282,7 @@ def test_evaluate_stage_end_to_end_on_the_tiny_model(tiny_sd_dir, adapter_dir, t
             "time": 0.5,
             "time_targets": [0.0, 1.0],
             "fixed_engagement": 0.5,
+            "sampler": "dpmsolver++",
             "num_inference_steps": 2,
             "guidance_scale": 5.0,
             "vector_guidance": 2.0,
@@ -314,7 +304,7 @@ def test_evaluate_stage_end_to_end_on_the_tiny_model(tiny_sd_dir, adapter_dir, t
     }).to_parquet(tmp_path / "train.parquet")
     monkeypatch.chdir(tmp_path)
     stage.main(["--adapter", str(adapter_dir), "--regressor", "regressor", "--out", "out",
-                "--sweep-plot", "plots/sweep.csv", "--metrics", "metrics/evaluate.json", "--features", "train.parquet"])
+                "--sweep-plots", "plots/sweep", "--metrics", "metrics/evaluate.json", "--features", "train.parquet"])
 
     scored = pd.read_csv(tmp_path / "out/sweep.csv")
     generated = scored[scored["mode"] != "retrieval"]
@@ -334,11 +324,17 @@ def test_evaluate_stage_end_to_end_on_the_tiny_model(tiny_sd_dir, adapter_dir, t
     ec_lora = scored[(scored["mode"] == "ec_lora") & (scored["prompt_index"] == 0) & (scored["seed"] == 1)]
     assert ec_lora["predicted_engagement"].nunique() > 1  # the vector changes the image
 
-    plot = pd.read_csv(tmp_path / "plots/sweep.csv")
-    assert len(plot) == 3 * 2 * 2 * 3
+    plots = {mode: pd.read_csv(tmp_path / f"plots/sweep/{mode}.csv") for mode in ("ec_lora", "plain_lora", "base", "retrieval")}
+    assert [len(plots[mode]) for mode in ("ec_lora", "plain_lora", "base")] == [2 * 2 * 3] * 3
+    assert (plots["ec_lora"]["mode"] == "ec_lora").all() and len(plots["retrieval"]) == 3 * 2
+    plot = plots["ec_lora"]
     assert {"mode", "prompt", "seed", "target_engagement", "target_time", "predicted_engagement",
             "ground_truth_score"} <= set(plot.columns)
-    assert Image.open(tmp_path / "out/grid.png").size == (3 * 32, 4 * 32)  # targets x (prompts x seeds)
+    figure = Image.open(tmp_path / "out/engagement_sweep.png")
+    assert figure.height > 4 * 96 and figure.width > (2 + 3) * 96  # 4 rows (prompt x seed), base + plain + 3 targets
+    assert Image.open(tmp_path / "out/time_sweep.png").width < figure.width  # 2 time targets
+    report = (tmp_path / "out/report.md").read_text()
+    assert "![Engagement sweep](engagement_sweep.png)" in report and "controls_ground_truth" in report
 
     details = json.loads((tmp_path / "out/details.json").read_text())
     for mode in ("ec_lora", "plain_lora", "base"):

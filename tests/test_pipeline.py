@@ -102,7 +102,8 @@ def test_dvc_repro_end_to_end(pipeline_repo):
     sweep = pd.read_csv(root / "data/plots/sweep.csv")
     assert {"target_engagement", "predicted_engagement"} <= set(sweep.columns)
     assert sweep["predicted_engagement"].notna().all()
-    assert (root / "data/evaluate/grid.png").stat().st_size > 0
+    assert (root / "data/evaluate/engagement_sweep.png").stat().st_size > 0
+    assert (root / "data/evaluate/report.md").stat().st_size > 0
 
     # Nothing changed: nothing reruns.
     status = _run([sys.executable, "-m", "dvc", "status"], cwd=root).stdout

@@ -35,7 +35,6 @@ import numpy as np
 import pandas as pd
 import torch
 from diffusers import AutoencoderKL
-from diffusers.utils import make_image_grid
 from PIL import Image
 
 from ec_lora_t.adapter.conditioning import MODES
@@ -291,13 +290,6 @@ def retrieval_plan(plan: pd.DataFrame, training_vectors: np.ndarray, k: int) -> 
     return pd.DataFrame(
         rows, columns=["sweep", "target_engagement", "target_time", "prompt_index", "seed", "train_index"]
     )
-
-
-def image_grid(images: Sequence[Image.Image], rows: int, columns: int) -> Image.Image:
-    """Images in row-major order pasted into one picture (rows: prompts x seeds, columns: targets)."""
-    if len(images) != rows * columns:
-        raise ValueError(f"a {rows} x {columns} grid needs {rows * columns} images, got {len(images)}")
-    return make_image_grid(list(images), rows=rows, cols=columns)
 
 
 def generate_sweep(
