@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import ec_lora_t.data.images as images_module
@@ -41,7 +41,7 @@ class TensorCache:
 
     Each `add` writes one new part file (to a temporary name, then renamed), holding the
     tensors `<key>/<name>`; an interrupted run keeps every finished part. Opening the cache
-    reads only the parts' headers.
+    reads only the parts' headers; a part that cannot be read is passed over.
     """
 
     _PART = re.compile(r"part-(\d{5,})\.safetensors")
@@ -56,9 +56,12 @@ class TensorCache:
                 if not match:
                     continue
                 self._next_part = max(self._next_part, int(match.group(1)) + 1)
-                with safe_open(path, framework="pt") as stored:
-                    for tensor_name in stored.keys():
-                        self._part_of[tensor_name.split("/", 1)[0]] = path
+                try:
+                    with safe_open(path, framework="pt") as stored:
+                        keys = {tensor_name.split("/", 1)[0] for tensor_name in stored.keys()}
+                except (SafetensorError, OSError):
+                    continue  # a damaged part costs its entries (encoded again), never the run
+                self._part_of.update(dict.fromkeys(keys, path))
 
     def __len__(self) -> int:
         return len(self._part_of)
