@@ -43,6 +43,7 @@ def run_stage(args: list[str], cwd: Path) -> None:
 
 def summarise(workdir: Path) -> dict:
     train = json.loads((workdir / "metrics/train.json").read_text())
+    train |= json.loads((workdir / "data/run_info/train.json").read_text())  # images/s lives with the timings
     evaluate = json.loads((workdir / "metrics/evaluate.json").read_text())
     summary = {
         "train": {k: train[k] for k in ("final_epoch_mean_loss", "steps", "images_per_second", "device")},
@@ -63,9 +64,9 @@ def run_variant(name: str, overrides: dict, scratch: Path, out_dir: Path) -> dic
     params = merge_params(yaml.safe_load((REPO / "params.yaml").read_text()), overrides)
     (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     started = time.perf_counter()
-    run_stage(["stages.train", "--latents", "data/latents/latents.safetensors", "--out", "data/train/adapter",
-               "--checkpoints", "data/train/checkpoints", "--loss-plot", "data/plots/train_loss.csv",
-               "--metrics", "metrics/train.json"], workdir)
+    run_stage(["stages.train", "--latents", "data/latents", "--out", "data/train/adapter",
+               "--checkpoints", "data/train/checkpoints", "--live", "data/train/live",
+               "--metrics", "metrics/train.json", "--run-info", "data/run_info/train.json"], workdir)
     trained = time.perf_counter()
     run_stage(["stages.evaluate", "--adapter", "data/train/adapter", "--regressor", "data/regressor",
                "--out", "data/evaluate", "--sweep-plot", "data/plots/sweep.csv", "--metrics", "metrics/evaluate.json"],

@@ -139,5 +139,25 @@ def export(
     typer.echo(f"wrote {export_lora(adapter, (engagement, time), out, format=format)}")
 
 
+@app.command("app")
+def slider_app(
+    adapter: Annotated[Path, typer.Option(help="Trained adapter folder.")] = DEFAULT_ADAPTER,
+    pretrained: Annotated[str, typer.Option(help="Base model: hub id or diffusers folder.")] = DEFAULT_PRETRAINED,
+    stats: Annotated[Path, typer.Option(help="Normalisation statistics of the features stage (raw likes and dates).")] = DEFAULT_STATS,
+    host: Annotated[str, typer.Option(help="Address to serve on (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 7860,
+    steps: Annotated[int, typer.Option(help="Default sampling steps.")] = 20,
+    guidance_scale: Annotated[float, typer.Option(help="Default classifier-free guidance scale.")] = 5.0,
+) -> None:
+    """Open a local web page with engagement and time sliders (needs `pip install -e .[app]`)."""
+    try:
+        import gradio  # noqa: F401
+
+        from ec_lora_t.app import run_app
+    except ImportError as error:
+        raise typer.BadParameter(f"the app needs the optional extra: pip install -e '.[app]' ({error})") from None
+    run_app(pretrained, adapter, stats, host=host, port=port, steps=steps, guidance_scale=guidance_scale)
+
+
 if __name__ == "__main__":
     app()

@@ -32,6 +32,7 @@ from ec_lora_t.adapter.conditioning import (
 )
 from ec_lora_t.adapter.ecm import ENGAGEMENT_TIME_DIM
 from ec_lora_t.adapter.model import ECLoRAAdapter, load_adapter
+from ec_lora_t.models import diffusers_dtype, quiet_loading
 
 
 @dataclass
@@ -72,9 +73,10 @@ def load_pipeline(
     device = torch.device(device) if device is not None else default_device()
     if torch_dtype is None:
         torch_dtype = torch.float16 if device.type == "cuda" else torch.float32
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        str(pretrained), torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
-    )
+    with quiet_loading():
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            str(pretrained), **diffusers_dtype(torch_dtype), safety_checker=None, requires_safety_checker=False
+        )
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
     pipeline.scheduler = SAMPLERS[sampler].from_config(pipeline.scheduler.config)

@@ -10,18 +10,21 @@ import pyarrow.parquet as pq
 from ec_lora_t.data.captioning import build_captions
 from stages._common import load_params, stage_parser, write_metrics
 
+# How this run went (cache use), not what it produced: kept out of the committed metrics so
+# that a rerun with the same captions leaves git clean.
+RUN_INFO_KEYS = ("model_generated", "model_cache_hits")
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--posts", required=True, help="posts.parquet from the ingest stage")
     parser.add_argument("--out", required=True, help="captions.parquet to write")
     parser.add_argument("--cache", required=True, help="caption cache folder (kept between runs)")
+    parser.add_argument("--run-info", required=True, help="JSON of this run's timing and cache use (not a metric)")
     args = parser.parse_args(argv)
     params = load_params("caption", args.params)
 
     started = time.perf_counter()
-    # DVC declares the cache as an output: it must exist even when no model was called.
-    Path(args.cache).mkdir(parents=True, exist_ok=True)
     posts = pd.read_parquet(args.posts)
     result = build_captions(
         posts,
@@ -35,8 +38,12 @@ def main(argv: list[str] | None = None) -> None:
         # Ingest already rejected images over its own ingest.max_image_pixels.
         max_image_pixels=None,
     )
-    metrics = {**result.metrics, "seconds": time.perf_counter() - started}
+    metrics = {key: value for key, value in result.metrics.items() if key not in RUN_INFO_KEYS}
     write_metrics(args.metrics, metrics)
+    write_metrics(
+        args.run_info,
+        {"seconds": time.perf_counter() - started, **{key: result.metrics[key] for key in RUN_INFO_KEYS}},
+    )
     if metrics["uncaptioned"]:
         print(
             f"caption: {metrics['uncaptioned']} image(s) have no post text and caption.model is empty; "

@@ -39,6 +39,7 @@ from ec_lora_t.evaluation.sweep import (
     sweep_report,
 )
 from ec_lora_t.generation import VectorSampling, load_pipeline, save_png
+from ec_lora_t.models import diffusers_dtype, quiet_loading
 from stages._common import load_params, stage_parser, write_metrics
 
 PARAM_KEYS = (
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     images[RETRIEVAL] = [training_images[index] for index in retrieval["train_index"]]
     # The scoring VAE is loaded in fp32, as the latents stage loads it for the training images
     # (the pipeline's own VAE is fp16 on GPU).
-    vae = AutoencoderKL.from_pretrained(model_params["pretrained"], subfolder="vae", torch_dtype=torch.float32)
+    with quiet_loading():
+        vae = AutoencoderKL.from_pretrained(model_params["pretrained"], subfolder="vae", **diffusers_dtype(torch.float32))
     vae.to(pipeline.device).eval().requires_grad_(False)
 
     # 3. Score, save images, assemble the table.

@@ -10,8 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from safetensors.numpy import load_file
 
+from ec_lora_t.data.latent_shards import (
+    INDEX_NAME,
+    load_shard_tensors,
+    read_shard_index,
+)
 from ec_lora_t.evaluation.regressor import (
     PROTOCOLS,
     evaluate_grouped_kfold,
@@ -22,30 +26,21 @@ from stages._common import load_params, stage_parser, write_metrics
 INDEX_COLUMNS = ("shortcode", "image_index", "normalized_engagement", "normalized_time")
 
 
-def load_training_latents(latents_path: Path, index_path: Path) -> tuple[np.ndarray, pd.DataFrame]:
-    """`latent_mean` (N, 4, h, w) and the index rows in the same order, checked against each other."""
-    tensors = load_file(str(latents_path))
-    if "latent_mean" not in tensors:
-        raise KeyError(f"{latents_path}: no tensor 'latent_mean' (has {sorted(tensors)})")
-    latent_mean = tensors["latent_mean"]
+def load_training_latents(latents_dir: Path) -> tuple[np.ndarray, pd.DataFrame]:
+    """`latent_mean` (N, 4, h, w) of the latents stage's shards and its index rows, in the same order."""
+    index = read_shard_index(latents_dir, required_columns=INDEX_COLUMNS)
+    latent_mean = load_shard_tensors(latents_dir, ["latent_mean"], index)["latent_mean"].numpy()
     if latent_mean.ndim != 4:
-        raise ValueError(f"{latents_path}: latent_mean must be (N, C, h, w), got {latent_mean.shape}")
-    index = pd.read_parquet(index_path)
-    missing = [c for c in INDEX_COLUMNS if c not in index.columns]
-    if missing:
-        raise ValueError(f"{index_path}: missing columns {missing}")
-    if len(index) != len(latent_mean):
-        raise ValueError(f"{index_path} has {len(index)} rows but {latents_path} has {len(latent_mean)} latents")
+        raise ValueError(f"{latents_dir}: latent_mean must be (N, C, h, w), got {latent_mean.shape}")
     for column in ("normalized_engagement", "normalized_time"):
         if index[column].isna().any():
-            raise ValueError(f"{index_path}: column {column} has missing values")
+            raise ValueError(f"{latents_dir / INDEX_NAME}: column {column} has missing values")
     return latent_mean, index.reset_index(drop=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__)
-    parser.add_argument("--latents", type=Path, required=True, help="latents.safetensors from the latents stage")
-    parser.add_argument("--index", type=Path, required=True, help="index.parquet from the latents stage")
+    parser.add_argument("--latents", type=Path, required=True, help="the latents stage's shard folder (data/latents)")
     parser.add_argument("--out", type=Path, required=True, help="folder for regressor.safetensors + regressor.json")
     parser.add_argument("--predictions", type=Path, required=True, help="CSV of held-out predictions (DVC plot)")
     args = parser.parse_args(argv)
@@ -57,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     if params["protocol"] not in PROTOCOLS:
         raise ValueError(f"params.yaml: regressor.protocol must be one of {PROTOCOLS}, got {params['protocol']!r}")
 
-    latent_mean, index = load_training_latents(args.latents, args.index)
+    latent_mean, index = load_training_latents(args.latents)
     inputs = dict(
         latents=latent_mean,
         target=index["normalized_engagement"].to_numpy(),

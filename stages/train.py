@@ -1,21 +1,29 @@
 """Stage `train`: EC-LoRA layers + ECM trained from the cached latents (report 4.5, 4.6).
 
-python -m stages.train --latents data/latents/latents.safetensors --out data/train/adapter \
-    --checkpoints data/train/checkpoints --loss-plot data/plots/train_loss.csv --metrics metrics/train.json
+python -m stages.train --latents data/latents --out data/train/adapter \
+    --checkpoints data/train/checkpoints --live data/train/live --metrics metrics/train.json \
+    --run-info data/run_info/train.json
 
 Reads params sections `train` and `model` (pretrained). Resumes from the newest checkpoint
-in --checkpoints when one from the same data and params exists.
+in --checkpoints when one from the same data and params exists. Logs loss, learning rate
+and images/s per optimizer step with dvclive into --live (`plots/metrics/<name>.tsv`), live
+during `dvc exp run`; dvc.yaml declares the loss curve as an output and a plot.
 """
 
 from __future__ import annotations
 
-import csv
+import contextlib
 import math
-from pathlib import Path
+import time
 from typing import Any
+
+from dvclive import Live
+from dvclive.plots import Metric
+from tqdm.auto import tqdm
 
 from ec_lora_t.adapter import ECLoRAConfig
 from ec_lora_t.models import load_components
+from ec_lora_t.progress import progress_bar
 from ec_lora_t.training.cache import load_latent_cache
 from ec_lora_t.training.config import TrainingConfig
 from ec_lora_t.training.loop import NonFiniteLossError, make_accelerator, train_ec_lora
@@ -53,24 +61,76 @@ def configs_from_params(params: dict[str, Any], source: str = "params.yaml") -> 
     return lora_config, training
 
 
-def write_loss_plot(path: str | Path, losses: list[float]) -> None:
-    """Loss per optimizer step for `dvc plots` (columns step, loss)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["step", "loss"])
-        writer.writerows((step, f"{loss:.6g}") for step, loss in enumerate(losses, start=1))
+class TrainingMonitor:
+    """The loop's `on_step` callback: a dvclive step log (loss, learning rate, images/s) and
+    progress bars over epochs and steps.
+
+    `live` is None on processes other than the main one (only one writes the log). images/s
+    is measured between two steps (checkpoint saving at an epoch's end included), from the
+    second step the run makes on.
+    """
+
+    def __init__(self, live: Live | None, epochs: int, progress: bool | None = None):
+        self.live = live
+        self.first_step: int | None = None
+        self._last: tuple[float, int] | None = None  # (perf_counter, images_seen) at the previous step
+        self._epochs = progress_bar(total=epochs, desc="epochs", unit="epoch", enabled=progress, position=0)
+        self._steps = progress_bar(desc="steps", unit="step", enabled=progress, position=1, leave=False)
+        self._epoch: int | None = None
+
+    def __call__(self, step: int, loss: float, *, epoch: int, learning_rate: float, images_seen: int,
+                 steps_per_epoch: int) -> None:
+        now = time.perf_counter()
+        if self.first_step is None:
+            self.first_step = step
+        if epoch != self._epoch:  # a new epoch (or the first one of a resumed run)
+            self._epochs.n = epoch
+            self._epochs.refresh()
+            self._steps.reset(total=steps_per_epoch)
+            self._epoch = epoch
+        self._steps.update(1)
+        self._steps.set_postfix(loss=f"{loss:.4f}", lr=f"{learning_rate:.2e}", refresh=False)
+        if step == steps_per_epoch * (epoch + 1):
+            self._epochs.update(1)
+        if self.live is not None:
+            self.live.step = step
+            self.live.log_metric("loss", loss)
+            self.live.log_metric("learning_rate", learning_rate)
+            if self._last is not None:
+                self.live.log_metric("images_per_second", (images_seen - self._last[1]) / (now - self._last[0]))
+            self.live.next_step()
+        self._last = (time.perf_counter(), images_seen)
+
+    def close(self) -> None:
+        self._steps.close()
+        self._epochs.close()
+
+
+def complete_loss_log(live: Live, losses: list[float], first_step: int | None) -> None:
+    """After a resumed run, write the whole loss history into dvclive's loss plot.
+
+    The callback saw only the steps this run made; the checkpoint carried the earlier
+    losses, so the plot (a DVC output) is the same whether or not the run was interrupted.
+    """
+    if first_step == 1 or not losses:
+        return
+    history = Metric("loss", live.plots_dir)
+    history.output_path.unlink(missing_ok=True)
+    for step, loss in enumerate(losses, start=1):
+        history.step = step
+        history.dump(loss)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__)
-    parser.add_argument("--latents", required=True, help="latents.safetensors from the latents stage")
+    parser.add_argument("--latents", required=True, help="the latents stage's shard folder (data/latents)")
     parser.add_argument("--out", required=True, help="folder for the final adapter")
-    parser.add_argument("--checkpoints", required=True, help="folder for per-epoch checkpoints")
-    parser.add_argument("--loss-plot", required=True, help="CSV of loss per step")
+    parser.add_argument("--checkpoints", required=True, help="folder for per-epoch checkpoints (kept between runs)")
+    parser.add_argument("--live", required=True, help="dvclive folder: per-step loss, learning rate, images/s")
+    parser.add_argument("--run-info", required=True, help="JSON of this run's timings and peak memory (not a metric)")
     args = parser.parse_args(argv)
 
+    started = time.perf_counter()
     params = load_params("train", args.params)
     pretrained = load_params("model", args.params)["pretrained"]
     lora_config, training = configs_from_params(params, source=args.params)
@@ -80,14 +140,24 @@ def main(argv: list[str] | None = None) -> None:
     unet, noise_scheduler = components.unet, components.noise_scheduler
     del components
 
-    try:
-        result = train_ec_lora(
-            make_accelerator(training), unet, noise_scheduler, cache, lora_config, training, args.checkpoints, adapter_dir=args.out
-        )
-    except NonFiniteLossError as error:
-        raise SystemExit(f"stage train stopped: {error}") from error
+    accelerator = make_accelerator(training)
+    with contextlib.ExitStack() as stack:
+        live = None
+        if accelerator.is_main_process:
+            # dvc.yaml names the plots; dvclive must not write a dvc.yaml or an experiment of its own.
+            live = stack.enter_context(Live(args.live, dvcyaml=False, save_dvc_exp=False))
+        monitor = TrainingMonitor(live, training.epochs)
+        stack.callback(monitor.close)
+        try:
+            result = train_ec_lora(
+                accelerator, unet, noise_scheduler, cache, lora_config, training, args.checkpoints,
+                adapter_dir=args.out, on_step=monitor, log=tqdm.write,
+            )
+        except NonFiniteLossError as error:
+            raise SystemExit(f"stage train stopped: {error}") from error
+        if live is not None:
+            complete_loss_log(live, result.losses, monitor.first_step)
 
-    write_loss_plot(args.loss_plot, result.losses)
     last_epoch = result.losses[-math.ceil(len(result.losses) / result.epochs):]
     write_metrics(
         args.metrics,
@@ -96,14 +166,22 @@ def main(argv: list[str] | None = None) -> None:
             "final_epoch_mean_loss": sum(last_epoch) / len(last_epoch),
             "steps": result.steps,
             "epochs": result.epochs,
-            "images_per_second": result.images_per_second,
-            "peak_memory_mb": result.peak_memory_mb,
             "mixed_precision": result.mixed_precision,
             "device": result.device,
-            "resumed_from_epoch": result.resumed_from_epoch,
             "num_images": result.num_images,
             "num_lora_layers": result.num_lora_layers,
             "trainable_parameters": result.trainable_parameters,
+        },
+    )
+    # How this run went, not what it produced: kept out of the committed metrics so that a
+    # rerun with the same results leaves git clean.
+    write_metrics(
+        args.run_info,
+        {
+            "seconds": time.perf_counter() - started,
+            "images_per_second": result.images_per_second,
+            "peak_memory_mb": result.peak_memory_mb,
+            "resumed_from_epoch": result.resumed_from_epoch,
         },
     )
 

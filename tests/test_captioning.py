@@ -220,21 +220,25 @@ def test_caption_stage_with_tiny_blip_then_rerun_from_cache(tmp_path, monkeypatc
                           "batch_size": 2, "max_new_tokens": 5}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
-    args = ["--posts", "posts.parquet", "--out", "captions.parquet", "--cache", "cache", "--metrics", "caption.json"]
+    args = ["--posts", "posts.parquet", "--out", "captions.parquet", "--cache", "cache", "--metrics", "caption.json",
+            "--run-info", "run_info.json"]
 
     caption_stage.main(args)
     table = pq.read_table("captions.parquet")
     metrics = json.loads((tmp_path / "caption.json").read_text())
+    run_info = json.loads((tmp_path / "run_info.json").read_text())
     assert table.schema == CAPTIONS_SCHEMA and table.num_rows == 5
-    assert metrics["model_generated"] == 5 and metrics["from_model"] == 5
+    assert run_info["model_generated"] == 5 and metrics["from_model"] == 5
     frame = table.to_pandas()
     for row in frame.itertuples():
         assert row.full_caption == f"(tiny style) {row.caption} ({row.season})"
     assert set(frame["season"]) == {"winter"}  # make_report_feed posts weekly from 1 January
 
     caption_stage.main(args)
-    metrics = json.loads((tmp_path / "caption.json").read_text())
-    assert (metrics["model_generated"], metrics["model_cache_hits"]) == (0, 5)
+    # The rerun came from the cache (run info), and the committed metrics did not change.
+    assert json.loads((tmp_path / "caption.json").read_text()) == metrics
+    run_info = json.loads((tmp_path / "run_info.json").read_text())
+    assert (run_info["model_generated"], run_info["model_cache_hits"]) == (0, 5)
     assert pq.read_table("captions.parquet").equals(table)
 
 

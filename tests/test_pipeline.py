@@ -13,8 +13,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from safetensors.torch import load_file
 
+from ec_lora_t.training.cache import load_latent_cache
 from stages._common import merge_params
 
 REPO = Path(__file__).resolve().parent.parent
@@ -95,10 +95,11 @@ def test_dvc_repro_end_to_end(pipeline_repo):
     features = pd.read_parquet(root / "data/features/train.parquet")
     assert len(features) == len(posts)
     assert features["normalized_engagement"].between(0, 1).all() and features["normalized_time"].between(0, 1).all()
-    cache = load_file(root / "data/latents/latents.safetensors")
-    assert cache["latent_mean"].shape[0] == cache["text_embeddings"].shape[0] == len(posts)
-    loss = pd.read_csv(root / "data/plots/train_loss.csv")
+    cache = load_latent_cache(root / "data/latents")
+    assert cache.latent_mean.shape[0] == cache.text_embeddings.shape[0] == len(posts)
+    loss = pd.read_csv(root / "data/train/live/plots/metrics/loss.tsv", sep="\t")
     assert len(loss) == json.loads((root / "metrics/train.json").read_text())["steps"] > 0
+    assert json.loads((root / "data/run_info/train.json").read_text())["images_per_second"] > 0
     sweep = pd.read_csv(root / "data/plots/sweep.csv")
     assert {"target_engagement", "predicted_engagement"} <= set(sweep.columns)
     assert sweep["predicted_engagement"].notna().all()
@@ -120,9 +121,31 @@ def test_dvc_repro_end_to_end(pipeline_repo):
     instaloader.write_text(original)
     assert "up to date" in _run([sys.executable, "-m", "dvc", "status"], cwd=root).stdout
 
-    # A variant reruns only train and evaluate, and the metrics diff shows it.
     _run(["git", "add", "-A"], cwd=root)
     _run(["git", "commit", "-qm", "baseline run"], cwd=root)
+
+    # Rerunning a stage with nothing changed leaves git clean: timings and cache use are not
+    # in the committed metrics, and the outputs (so dvc.lock) come out byte for byte the same.
+    shutil.rmtree(root / "data/train/checkpoints")  # else train would resume at its last epoch
+    for stage in ("caption", "latents", "train"):
+        assert f"Running stage '{stage}'" in _run([sys.executable, "-m", "dvc", "repro", "-f", "-s", stage], cwd=root).stdout
+        assert _run(["git", "status", "--porcelain"], cwd=root).stdout == "", f"rerunning {stage} changed tracked files"
+    assert json.loads((root / "data/run_info/latents.json").read_text())["images_encoded"] == 0  # from the cache
+
+    # A remote shares the results: push, clone, pull, and nothing needs to run again.
+    remote = root.parent / "remote"
+    _run([sys.executable, "-m", "dvc", "remote", "add", "-d", "shared", str(remote)], cwd=root)
+    _run(["git", "commit", "-qam", "a DVC remote"], cwd=root)
+    _run([sys.executable, "-m", "dvc", "push"], cwd=root)
+    clone = root.parent / "clone"
+    _run(["git", "clone", "-q", str(root), str(clone)], cwd=root.parent)
+    _run([sys.executable, "-m", "dvc", "pull"], cwd=clone)
+    assert "up to date" in _run([sys.executable, "-m", "dvc", "status"], cwd=clone).stdout
+    pulled = _run([sys.executable, "-m", "dvc", "repro"], cwd=clone).stdout
+    assert "Running stage" not in pulled, pulled
+    assert (clone / "data/evaluate/grid.png").read_bytes() == (root / "data/evaluate/grid.png").read_bytes()
+
+    # A variant reruns only train and evaluate, and the metrics diff shows it.
     experiment = _run([sys.executable, "-m", "dvc", "exp", "run", "-S", "train.lora_rank=4"], cwd=root).stdout
     rerun = {line.split("'")[1] for line in experiment.splitlines() if line.startswith("Running stage")}
     assert rerun == {"train", "evaluate"}, experiment

@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
 from sklearn.linear_model import Ridge
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from ec_lora_t.data.latent_shards import LatentShardWriter, write_shard_index
 from ec_lora_t.evaluation.regressor import (
     LatentRegressor,
     evaluate_grouped_kfold,
@@ -148,25 +148,25 @@ def test_regressor_stage_writes_both_protocols_and_saves_the_chosen_one(tmp_path
     from stages import regressor as stage
 
     latents, engagement, groups, normalized_time = carousel_feed(20, 3, seed=6, engagement_from_latents=True)
-    save_file(
-        {"latent_mean": torch.from_numpy(latents), "latent_std": torch.ones(latents.shape)},
-        tmp_path / "latents.safetensors",
+    write_latent_shards(
+        tmp_path / "latents",
+        torch.from_numpy(latents),
+        pd.DataFrame(
+            {
+                "shortcode": groups,
+                "image_index": np.tile([0, 1, 2], 20),
+                "image_path": [f"img{i}.jpg" for i in range(len(groups))],
+                "normalized_engagement": engagement,
+                "normalized_time": normalized_time,
+            }
+        ),
     )
-    pd.DataFrame(
-        {
-            "shortcode": groups,
-            "image_index": np.tile([0, 1, 2], 20),
-            "image_path": [f"img{i}.jpg" for i in range(len(groups))],
-            "normalized_engagement": engagement,
-            "normalized_time": normalized_time,
-        }
-    ).to_parquet(tmp_path / "index.parquet")
     params = {"regressor": {"protocol": "report", "folds": 4, "alphas": ALPHAS, "seed": 42}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(
         sys, "argv",
-        ["regressor", "--latents", "latents.safetensors", "--index", "index.parquet", "--out", "out",
+        ["regressor", "--latents", "latents", "--out", "out",
          "--predictions", "plots/predictions.csv", "--metrics", "metrics/regressor.json"],
     )
     stage.main()
@@ -187,13 +187,27 @@ def test_regressor_stage_writes_both_protocols_and_saves_the_chosen_one(tmp_path
     ]
 
 
-def test_regressor_stage_names_the_file_with_a_row_mismatch(tmp_path):
+def write_latent_shards(out_dir, latent_mean: torch.Tensor, index: pd.DataFrame, shard_size: int = 25) -> None:
+    """The latents stage's layout: shards of `shard_size` rows and index.parquet."""
+    writer = LatentShardWriter(out_dir, shard_size)
+    writer.add({"latent_mean": latent_mean, "latent_std": torch.ones(latent_mean.shape)})
+    writer.close()
+    write_shard_index(out_dir, index, shard_size)
+
+
+def test_regressor_stage_names_the_file_with_a_missing_value(tmp_path):
     from stages.regressor import load_training_latents
 
-    save_file({"latent_mean": torch.zeros(3, *LATENT_SHAPE)}, tmp_path / "latents.safetensors")
-    pd.DataFrame(
-        {"shortcode": ["a", "b"], "image_index": [0, 0], "normalized_engagement": [0.1, 0.2],
-         "normalized_time": [0.0, 1.0]}
-    ).to_parquet(tmp_path / "index.parquet")
-    with pytest.raises(ValueError, match=r"index.parquet has 2 rows but .*latents.safetensors has 3"):
-        load_training_latents(tmp_path / "latents.safetensors", tmp_path / "index.parquet")
+    write_latent_shards(
+        tmp_path, torch.zeros(2, *LATENT_SHAPE),
+        pd.DataFrame({"shortcode": ["a", "b"], "image_index": [0, 0], "normalized_engagement": [0.1, None],
+                      "normalized_time": [0.0, 1.0]}),
+    )
+    with pytest.raises(ValueError, match=r"index.parquet: column normalized_engagement has missing values"):
+        load_training_latents(tmp_path)
+    write_latent_shards(
+        tmp_path, torch.zeros(2, *LATENT_SHAPE),
+        pd.DataFrame({"shortcode": ["a", "b"], "normalized_engagement": [0.1, 0.2], "normalized_time": [0.0, 1.0]}),
+    )
+    with pytest.raises(ValueError, match=r"index.parquet: missing columns \['image_index'\]"):
+        load_training_latents(tmp_path)

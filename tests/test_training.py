@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -92,7 +93,7 @@ def test_resumed_run_ends_like_an_uninterrupted_one(cache_path, tmp_path):
     assert straight.steps == 6 and len(straight.losses) == 6
     assert all(torch.isfinite(torch.tensor(straight.losses)))
 
-    def crash_in_epoch_two(step, loss):
+    def crash_in_epoch_two(step, loss, **info):
         if step == 3:
             raise KeyboardInterrupt  # the run is killed after epoch 1's checkpoint
     with pytest.raises(KeyboardInterrupt):
@@ -151,46 +152,91 @@ def test_bad_latent_cache_names_the_file_and_problem(tmp_path):
         load_latent_cache(tmp_path / "absent.safetensors")
 
 
-def test_train_stage_writes_adapter_plot_and_metrics(tiny_sd_dir, tmp_path):
-    from stages.train import main
-
-    cache_path = write_cache(tmp_path / "latents.safetensors", text_width=32)  # the tiny SD's text width
-
-    params = {
+def _train_stage_params(tiny_sd_dir, **train_overrides) -> dict:
+    return {
         "model": {"pretrained": str(tiny_sd_dir)},
         "train": {
             "lora_rank": 4, "lora_alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"],
             "ecm_hidden_size": 8, "ecm_depth": 2, "learning_rate": 1e-3, "weight_decay": 1e-2,
             "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8, "lr_warmup_ratio": 0.1, "epochs": 2,
             "batch_size": 4, "gradient_accumulation_steps": 1, "mixed_precision": "auto",
-            "gradient_checkpointing": True, "seed": 42,
+            "gradient_checkpointing": True, "seed": 42, **train_overrides,
         },
     }
+
+
+def _run_train_stage(tmp_path, cache_path, params, name="run"):
+    from stages.train import main
+
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    out = tmp_path / "adapter"
     main([
-        "--latents", str(cache_path), "--out", str(out), "--checkpoints", str(tmp_path / "ckpt"),
-        "--loss-plot", str(tmp_path / "plots" / "loss.csv"), "--metrics", str(tmp_path / "metrics.json"),
+        "--latents", str(cache_path), "--out", str(tmp_path / name / "adapter"),
+        "--checkpoints", str(tmp_path / "ckpt"), "--live", str(tmp_path / name / "live"),
+        "--metrics", str(tmp_path / name / "metrics.json"), "--run-info", str(tmp_path / name / "run_info.json"),
         "--params", str(tmp_path / "params.yaml"),
     ])
-    config = json.loads((out / "adapter_config.json").read_text())
+    return tmp_path / name
+
+
+def _tsv(path) -> list[dict]:
+    return list(csv.DictReader(open(path), delimiter="\t"))
+
+
+def test_train_stage_writes_adapter_live_log_and_metrics(tiny_sd_dir, tmp_path):
+    cache_path = write_cache(tmp_path / "latents.safetensors", text_width=32)  # the tiny SD's text width
+    params = _train_stage_params(tiny_sd_dir)
+    run = _run_train_stage(tmp_path, cache_path, params)
+
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert config["rank"] == 4
     assert all(name.endswith(("to_q", "to_k", "to_v", "to_out.0")) for name in config["layer_names"])
-    rows = list(csv.DictReader(open(tmp_path / "plots" / "loss.csv")))
-    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]  # 5 images in batches of 4, 2 epochs
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    # dvclive's step log: one row per optimizer step, numbered from 1 (5 images in batches of 4, 2 epochs).
+    metrics_dir = run / "live" / "plots" / "metrics"
+    loss = _tsv(metrics_dir / "loss.tsv")
+    assert [int(r["step"]) for r in loss] == [1, 2, 3, 4] and list(loss[0]) == ["step", "loss"]
+    learning_rates = [float(r["learning_rate"]) for r in _tsv(metrics_dir / "learning_rate.tsv")]
+    assert len(learning_rates) == 4 and learning_rates[0] > learning_rates[-1]  # warmup, then cosine decay to 0
+    assert [int(r["step"]) for r in _tsv(metrics_dir / "images_per_second.tsv")] == [2, 3, 4]
+    assert all(float(r["images_per_second"]) > 0 for r in _tsv(metrics_dir / "images_per_second.tsv"))
+    metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 4 and metrics["mixed_precision"] == "no"
-    assert metrics["final_loss"] == pytest.approx(float(rows[-1]["loss"]), rel=1e-4)
-    assert metrics["images_per_second"] > 0 and metrics["peak_memory_mb"] > 0
+    assert metrics["final_loss"] == pytest.approx(float(loss[-1]["loss"]), rel=1e-6)
+    # Timings are not metrics: a rerun with the same results must leave the metrics file alike.
+    assert not {"images_per_second", "peak_memory_mb", "seconds", "resumed_from_epoch"} & metrics.keys()
+    run_info = json.loads((run / "run_info.json").read_text())
+    assert run_info["images_per_second"] > 0 and run_info["peak_memory_mb"] > 0 and run_info["resumed_from_epoch"] == 0
 
     params["train"]["lora_dropout"] = 0.1  # a typo or unsupported key is an error, not ignored
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.raises(ValueError, match="unknown keys in section 'train': \\['lora_dropout'\\]"):
-        main([
-            "--latents", str(cache_path), "--out", str(out), "--checkpoints", str(tmp_path / "ckpt"),
-            "--loss-plot", str(tmp_path / "loss.csv"), "--metrics", str(tmp_path / "m.json"),
-            "--params", str(tmp_path / "params.yaml"),
-        ])
+        _run_train_stage(tmp_path, cache_path, params, name="typo")
+
+
+def test_train_stage_after_a_resume_logs_the_whole_loss_history(tiny_sd_dir, tmp_path, monkeypatch):
+    """The loss curve is a DVC output: a resumed run must write the same one as a straight run."""
+    from stages.train import TrainingMonitor
+
+    cache_path = write_cache(tmp_path / "latents.safetensors", text_width=32)
+    params = _train_stage_params(tiny_sd_dir, epochs=3)  # 2 steps per epoch
+    straight = _run_train_stage(tmp_path, cache_path, params, name="straight")
+    shutil.rmtree(tmp_path / "ckpt")
+
+    log_step = TrainingMonitor.__call__
+
+    def killed_in_epoch_two(self, step, loss, **info):
+        log_step(self, step, loss, **info)
+        if step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(TrainingMonitor, "__call__", killed_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        _run_train_stage(tmp_path, cache_path, params, name="resumed")
+    monkeypatch.undo()
+    resumed = _run_train_stage(tmp_path, cache_path, params, name="resumed")
+
+    assert json.loads((resumed / "run_info.json").read_text())["resumed_from_epoch"] == 1
+    straight_loss = (straight / "live/plots/metrics/loss.tsv").read_text()
+    assert len(_tsv(straight / "live/plots/metrics/loss.tsv")) == 6
+    assert (resumed / "live/plots/metrics/loss.tsv").read_text() == straight_loss
 
 
 def test_caption_dropout_swaps_in_the_generic_caption():

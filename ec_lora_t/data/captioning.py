@@ -11,7 +11,6 @@ images, and an interrupted run keeps every finished batch.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -21,12 +20,12 @@ from typing import Any, Callable, Protocol, Sequence
 import pandas as pd
 import pyarrow as pa
 from PIL import Image
-from tqdm.auto import tqdm
-
+from ec_lora_t.data.content_keys import file_sha256, model_files_key
 from ec_lora_t.data.fields import clean_text
 from ec_lora_t.data.images import DEFAULT_MAX_IMAGE_PIXELS, load_rgb_image
 from ec_lora_t.data.schemas import CAPTIONS_SCHEMA
 from ec_lora_t.data.seasons import season_of
+from ec_lora_t.progress import progress_bar
 
 CAPTION_SOURCES = ("blip", "post_text")
 DEFAULT_BLIP_MODEL = "Salesforce/blip-image-captioning-base"
@@ -51,14 +50,6 @@ def caption_from_post_text(text: str | None, max_words: int) -> str | None:
     if not words:
         return None
     return " ".join(words[:max_words])
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class Captioner(Protocol):
@@ -118,15 +109,7 @@ def model_cache_key(name_or_path: str | Path, max_new_tokens: int) -> str:
     For a local folder the weight files' names, sizes and modification times count too,
     so retraining a model in place does not serve stale captions.
     """
-    identity: dict[str, Any] = {"model": str(name_or_path), "max_new_tokens": int(max_new_tokens)}
-    folder = Path(name_or_path)
-    if folder.is_dir():
-        identity["files"] = sorted(
-            (f.name, f.stat().st_size, f.stat().st_mtime_ns)
-            for f in folder.iterdir()
-            if f.suffix in (".safetensors", ".bin", ".json")
-        )
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return model_files_key(name_or_path, max_new_tokens=int(max_new_tokens))
 
 
 class CaptionCache:
@@ -170,17 +153,18 @@ def caption_images(
     cache: CaptionCache,
     batch_size: int = 16,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> tuple[dict[str, str], int]:
     """Captions for every ``sha256 -> image path``, generating only those not cached.
 
     The captioner is built only when something is missing, so a fully cached rerun never
     loads the model. Returns (captions by sha256, number of images captioned now).
+    `progress` draws a bar (None: only on a terminal outside CI).
     """
     missing = [(sha, path) for sha, path in images_by_sha.items() if sha not in cache]
     if missing:
         captioner = captioner_factory()
-        with tqdm(total=len(missing), desc="captioning", unit="img", disable=not progress) as bar:
+        with progress_bar(total=len(missing), desc="captioning", unit="img", enabled=progress) as bar:
             for start in range(0, len(missing), batch_size):
                 batch = missing[start : start + batch_size]
                 images = [load_rgb_image(path, max_image_pixels) for _, path in batch]
@@ -209,7 +193,7 @@ def build_captions(
     max_new_tokens: int = 30,
     captioner_factory: Callable[[], Captioner] | None = None,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> CaptionResult:
     """Caption every image of the ingest table and tag it with style and season.
 

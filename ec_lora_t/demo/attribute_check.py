@@ -227,7 +227,7 @@ def style_distance(profile: dict[str, dict[str, float]], reference: dict[str, di
     """
     distances = {
         name: 0.5 * sum(abs(profile[name].get(value, 0.0) - reference[name].get(value, 0.0))
-                        for value in set(profile[name]) | set(reference[name]))
+                        for value in sorted(set(profile[name]) | set(reference[name])))
         for name in CHECKED_ATTRIBUTES
     }
     return {**distances, "mean": sum(distances.values()) / len(distances)}

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from torch.utils.data import Dataset, Sampler
 
 from ec_lora_t.adapter.ecm import ENGAGEMENT_TIME_DIM
+from ec_lora_t.data.latent_shards import load_shard_tensors
 
 CACHE_TENSORS = ("latent_mean", "latent_std", "text_embeddings", "engagement_time")
 # Written by the latents stage since caption dropout; older caches train without it.
@@ -89,14 +90,18 @@ def validate_latent_cache(cache: LatentCache, source: str = "latent cache") -> L
 
 
 def load_latent_cache(path: str | Path) -> LatentCache:
-    """Read `latents.safetensors` written by the latents stage (see docs/architecture.md)."""
+    """Read the latents stage's output: a shard folder (`data/latents`, see
+    `ec_lora_t.data.latent_shards`) or a single safetensors file holding every row."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        tensors = load_shard_tensors(path)
+    elif path.is_file():
+        try:
+            tensors = load_file(path)
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{path}: not a readable safetensors file ({error})") from error
+    else:
         raise FileNotFoundError(f"{path}: latent cache not found; run the latents stage first")
-    try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError) as error:
-        raise ValueError(f"{path}: not a readable safetensors file ({error})") from error
     missing = [name for name in CACHE_TENSORS if name not in tensors]
     if missing:
         raise ValueError(f"{path}: missing tensors {missing}; it has {sorted(tensors)}")

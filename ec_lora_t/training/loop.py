@@ -216,7 +216,7 @@ def resume_training(run: TrainingRun, checkpoints_dir: str | Path) -> None:
     run.log(f"resumed from {checkpoints[-1]} (epoch {run.start_epoch}, step {run.global_step})")
 
 
-def train_epoch(run: TrainingRun, epoch: int, on_step: Callable[[int, float], None] | None = None) -> None:
+def train_epoch(run: TrainingRun, epoch: int, on_step: Callable[..., None] | None = None) -> None:
     """One pass over the data (0-based `epoch`), then the epoch's checkpoint."""
     accelerator, training = run.accelerator, run.training
     epoch_started = time.perf_counter()
@@ -251,7 +251,11 @@ def train_epoch(run: TrainingRun, epoch: int, on_step: Callable[[int, float], No
             run.losses.append(step_loss)
             window_losses = []
             if on_step is not None:
-                on_step(run.global_step, step_loss)
+                on_step(
+                    run.global_step, step_loss, epoch=epoch, learning_rate=run.lr_scheduler.get_last_lr()[0],
+                    images_seen=run.timing["images_seen"],
+                    steps_per_epoch=math.ceil(len(run.dataloader) / training.gradient_accumulation_steps),
+                )
     accelerator.wait_for_everyone()
     run.timing["train_seconds"] += time.perf_counter() - epoch_started
     if accelerator.is_main_process and run.checkpoints_dir is not None:
@@ -296,14 +300,18 @@ def train_ec_lora(
     training: TrainingConfig,
     checkpoints_dir: str | Path,
     adapter_dir: str | Path | None = None,
-    on_step: Callable[[int, float], None] | None = None,
+    on_step: Callable[..., None] | None = None,
     log: Callable[[str], None] = print,
 ) -> TrainingResult:
     """Train EC-LoRA layers + ECM on `unet` (modified in place) from cached latents.
 
     Resumes from the newest checkpoint in `checkpoints_dir` that was made with the same
     data and configs. Saves the final adapter to `adapter_dir` when given. `on_step(step,
-    loss)` is called after every optimizer step (progress display; tests use it to interrupt).
+    loss, *, epoch, learning_rate, images_seen, steps_per_epoch)` is called after every
+    optimizer step (progress display and live logging; tests use it to interrupt): `epoch`
+    is 0-based, `learning_rate` the LoRA group's as the schedule set it after the step (what
+    diffusers' training scripts log), `images_seen` counts every process's images since the run started (resumed epochs
+    included).
     """
     run = setup_training(accelerator, unet, noise_scheduler, cache, lora_config, training, log=log)
     resume_training(run, checkpoints_dir)

@@ -1,0 +1,58 @@
+"""Keys of the content caches: what makes a cached caption or latent valid for reuse.
+
+A cache entry is keyed by the content it was computed from (the image file's bytes, the
+caption's text) within a namespace that names everything else the value depends on (the
+model's files, the resolution, the code that computes it). Adding posts to a feed then
+computes only the new ones, and a changed model or preprocessing never serves a stale value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def model_files_key(name_or_path: str | Path, subfolders: Sequence[str] = ("",), **settings: Any) -> str:
+    """16 hex digits naming a model (hub id or folder) and the settings a cached value depends on.
+
+    For a local folder the weight and config files of `subfolders` count too (name, size,
+    modification time), so retraining a model in place does not serve stale values. A hub id
+    counts by its name only.
+    """
+    identity: dict[str, Any] = {"model": str(name_or_path), **settings}
+    folder = Path(name_or_path)
+    if folder.is_dir():
+        identity["files"] = sorted(
+            (f.relative_to(folder).as_posix(), f.stat().st_size, f.stat().st_mtime_ns)
+            for subfolder in subfolders
+            if (folder / subfolder).is_dir()
+            for f in (folder / subfolder).iterdir()
+            if f.suffix in WEIGHT_SUFFIXES
+        )
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def source_sha256(*modules: Any) -> str:
+    """16 hex digits of the source files of `modules`: cached values made by older code are not reused."""
+    digest = hashlib.sha256()
+    for module in modules:
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:16]
