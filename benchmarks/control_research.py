@@ -26,6 +26,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -39,30 +40,25 @@ sys.path.insert(0, str(REPO))
 
 from stages._common import merge_params  # noqa: E402
 
-DATA_STAGES = [
-    ["stages.demo_data", "--out", "data/demo_posts", "--metrics", "metrics/demo_data.json"],
-    ["stages.ingest", "--out-table", "data/ingest/posts.parquet", "--out-rejects", "data/ingest/rejects.parquet",
-     "--metrics", "metrics/ingest.json"],
-    ["stages.caption", "--posts", "data/ingest/posts.parquet", "--out", "data/caption/captions.parquet",
-     "--cache", "data/caption_cache", "--metrics", "metrics/caption.json"],
-    ["stages.features", "--posts", "data/ingest/posts.parquet", "--captions", "data/caption/captions.parquet",
-     "--out", "data/features/train.parquet", "--stats", "data/features/normalization.json",
-     "--metrics", "metrics/features.json"],
-    ["stages.latents", "--features", "data/features/train.parquet", "--out", "data/latents/latents.safetensors",
-     "--index", "data/latents/index.parquet", "--metrics", "metrics/latents.json"],
-    ["stages.regressor", "--latents", "data/latents/latents.safetensors", "--index", "data/latents/index.parquet",
-     "--out", "data/regressor", "--predictions", "data/plots/regressor_predictions.csv",
-     "--metrics", "metrics/regressor.json"],
-]
-TRAIN_STAGE = ["stages.train", "--latents", "data/latents/latents.safetensors", "--out", "data/train/adapter",
-               "--checkpoints", "data/train/checkpoints", "--loss-plot", "data/plots/train_loss.csv",
-               "--metrics", "metrics/train.json"]
+# The stage commands exactly as dvc.yaml runs them (so this harness follows every change there).
+PIPELINE = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+DATA_STAGES = ["demo_data", "ingest", "caption", "features", "latents", "regressor"]
+
+
+def stage_command(stage: str, replacements: dict[str, str] | None = None) -> list[str]:
+    """dvc.yaml's command of `stage` as `-m stages.<name> ...` arguments, options replaced."""
+    args = shlex.split(PIPELINE[stage]["cmd"])
+    if args[:2] != ["python", "-m"]:
+        raise ValueError(f"unexpected command of stage {stage}: {PIPELINE[stage]['cmd']}")
+    args = args[2:]
+    for option, value in (replacements or {}).items():
+        args[args.index(option) + 1] = value
+    return args
 
 
 def evaluate_stage(name: str) -> list[str]:
-    return ["stages.evaluate", "--adapter", "data/train/adapter", "--regressor", "data/regressor",
-            "--features", "data/features/train.parquet", "--out", f"data/evaluate-{name}",
-            "--sweep-plots", f"data/plots/sweep-{name}", "--metrics", f"metrics/evaluate-{name}.json"]
+    return stage_command("evaluate", {"--out": f"data/evaluate-{name}", "--sweep-plots": f"data/plots/sweep-{name}",
+                                      "--metrics": f"metrics/evaluate-{name}.json"})
 
 
 def run_stage(args: list[str], cwd: Path, device: str | None) -> None:
@@ -88,7 +84,7 @@ def build_world(work: Path, audience: str, base: dict, device: str | None) -> Pa
     posts_dir = str(world / "data" / "demo_posts")
     write_params(world, [base, {"demo_data": {"audience": audience}, "ingest": {"posts_dir": posts_dir}}])
     for stage in DATA_STAGES:
-        run_stage(stage, world, device)
+        run_stage(stage_command(stage), world, device)
     return world
 
 
@@ -116,7 +112,7 @@ def run_training(job: dict, device: str | None) -> dict:
                                         "ingest": {"posts_dir": str(job["world"] / "data" / "demo_posts")},
                                         "train": {"seed": job["seed"]}}, job["train"]])
     started = time.perf_counter()
-    run_stage(TRAIN_STAGE, folder, device)
+    run_stage(stage_command("train"), folder, device)
     result = {"train_seconds": time.perf_counter() - started,
               "train": json.loads((folder / "metrics/train.json").read_text()), "samples": {}}
     base_params = yaml.safe_load((folder / "params.yaml").read_text())

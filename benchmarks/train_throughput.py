@@ -1,14 +1,24 @@
-"""Training throughput and peak memory of EC-LoRA-T vs plain LoRA at Stable Diffusion 1.5 shape.
+"""Speed at Stable Diffusion 1.5 shape, steady state, beside a static PEFT LoRA: one table.
 
-An SD1.5-shaped UNet with random weights (built from its config: no hub access needed),
-512 px images = 64x64 latents, batch 16, bf16, random (16, 77, 768) text embeddings. Both
-runs use the training step of `ec_lora_t.training.objective` on the same injected UNet:
-    ec_lora     the ECM computes a scale per layer and sample (the method)
-    plain_lora  every dynamic scale fixed at 1, the ECM not run and not trained
-Reports images/s and peak CUDA memory (or the process's peak RSS on a CPU) as JSON.
+Everything runs in one process on one device, so the figures compare:
 
-    python benchmarks/train_throughput.py --device cuda --steps 20 --warmup 5 --out bench.json
-    python benchmarks/train_throughput.py --device cpu --tiny --steps 2 --warmup 1   # smoke check
+1. `loop:ec_lora` - the real training loop (`ec_lora_t.training.loop.train_ec_lora`) with
+   params.yaml's `train` settings (per-rank ECM gates, caption dropout, min-SNR, ...) on a
+   synthetic latent cache of SD1.5 shape (64x64 latents, 77x768 text embeddings);
+   `loop:plain_lora` - the same loop with the vector off (`train.conditioning: plain_lora`).
+2. `step:ec_lora`, `step:plain_lora` - the training step alone on one resident batch (the
+   microbenchmark: what the loop could reach).
+3. `peft_anchor` - a static PEFT LoRA (`unet.add_adapter`) on the same targets, rank and batch,
+   with the same noise step, in the same process.
+4. `memory:batch4_checkpointing` - the loop at batch 4 with gradient checkpointing: peak memory.
+5. `sample:*` - generation at 512 px through `ec_lora_t.generation` (an SD1.5-shaped pipeline with
+   random weights and an adapter): images/s per sampler, with and without vector guidance.
+
+Steady state: timing starts after `--warmup` optimizer steps (or one sampling batch), with CUDA
+synchronised at both ends; peak memory is CUDA's max allocated since the reset.
+
+    python benchmarks/train_throughput.py --out benchmarks/results/speed_h200.json
+    python benchmarks/train_throughput.py --tiny --steps 4 --warmup 2   # CPU smoke check
 """
 
 from __future__ import annotations
@@ -18,75 +28,59 @@ import gc
 import json
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+import yaml
 
-# Run as a script from anywhere: the package lives one folder up (it may not be pip-installed).
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
 import diffusers  # noqa: E402
-from accelerate import Accelerator  # noqa: E402
-from diffusers import DDPMScheduler, UNet2DConditionModel  # noqa: E402
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
-from ec_lora_t.adapter import ECLoRAConfig, add_ec_lora  # noqa: E402
-from ec_lora_t.training.objective import diffusion_training_step  # noqa: E402
-from ec_lora_t.training.precision import COMPUTE_DTYPES, peak_memory_mb  # noqa: E402
+from ec_lora_t.adapter import ECLoRAConfig, add_ec_lora, save_adapter  # noqa: E402
+from ec_lora_t.demo.tiny_model import SHIPPED_CLIP_TOKENIZER  # noqa: E402
+from ec_lora_t.generation import VectorSampling, generate_images, load_pipeline  # noqa: E402
+from ec_lora_t.training.cache import LatentCache  # noqa: E402
+from ec_lora_t.training.config import TrainingConfig  # noqa: E402
+from ec_lora_t.training.loop import make_accelerator, train_ec_lora  # noqa: E402
+from ec_lora_t.training.objective import noisy_latents  # noqa: E402
+from ec_lora_t.training.precision import COMPUTE_DTYPES, autocast  # noqa: E402
+from stages.train import configs_from_params  # noqa: E402
 
 # stable-diffusion-v1-5/stable-diffusion-v1-5, unet/config.json (architecture keys).
 SD15_UNET_CONFIG = {
-    "act_fn": "silu",
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 768,
+    "act_fn": "silu", "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False, "cross_attention_dim": 768,
     "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "sample_size": 64,
+    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+    "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
 }
-# Same block types, narrow: for a CPU smoke check of this script.
+# SD1.5's vae/config.json and a 12-layer 768-wide CLIP text encoder (text_encoder/config.json).
+SD15_VAE_CONFIG = {
+    "block_out_channels": [128, 256, 512, 512], "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 512, "scaling_factor": 0.18215,
+}
+SD15_TEXT = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12}
+SD15_SCHEDULER_CONFIG = {
+    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+    "clip_sample": False, "steps_offset": 1, "prediction_type": "epsilon",
+}
+# Same block types, narrow: a CPU smoke check of this script.
 TINY_UNET_CONFIG = {
-    **SD15_UNET_CONFIG,
-    "block_out_channels": [32, 64],
-    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-    "layers_per_block": 1,
-    "cross_attention_dim": 32,
+    **SD15_UNET_CONFIG, "block_out_channels": [32, 64], "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "layers_per_block": 1, "cross_attention_dim": 32,
     "sample_size": 8,
 }
-# SD1.5's scheduler/scheduler_config.json (training schedule).
-SD15_SCHEDULER_CONFIG = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "clip_sample": False,
-    "steps_offset": 1,
-    "prediction_type": "epsilon",
-}
-VAE_DOWNSAMPLING = 8  # SD's VAE: 512 px -> 64 latent cells
-
-
-def random_batch(batch_size: int, latent_size: int, text_width: int, device: torch.device, seed: int) -> dict:
-    """A batch in the layout of the latents stage's cache (values random, shapes real)."""
-    generator = torch.Generator(device).manual_seed(seed)
-    shape = (batch_size, 4, latent_size, latent_size)
-    return {
-        "latent_mean": torch.randn(shape, generator=generator, device=device),
-        "latent_std": 0.1 * torch.rand(shape, generator=generator, device=device),
-        "text_embeddings": torch.randn(batch_size, 77, text_width, generator=generator, device=device),
-        "engagement_time": torch.rand(batch_size, 2, generator=generator, device=device),
-    }
+TINY_VAE_CONFIG = {**SD15_VAE_CONFIG, "block_out_channels": [32, 64], "down_block_types": ["DownEncoderBlock2D"] * 2,
+                   "up_block_types": ["UpDecoderBlock2D"] * 2, "layers_per_block": 1, "sample_size": 16}
+TINY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
 
 
 def synchronize(device: torch.device) -> None:
@@ -94,129 +88,265 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(accelerator, unet, adapter, ecm, scheduler, batch, mode: str, steps: int, warmup: int,
-            learning_rate: float) -> dict:
-    """Time `steps` optimizer steps after `warmup` untimed ones; LoRA (+ ECM) trained with AdamW."""
-    device = accelerator.device
-    trainable = adapter.lora_parameters() + (list(ecm.parameters()) if mode == "ec_lora" else [])
-    optimizer = accelerator.prepare(torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=1e-2))
-    generator = torch.Generator(device).manual_seed(0)
-    losses = []
+def reset_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
 
-    def step() -> None:
-        loss = diffusion_training_step(accelerator, unet, adapter, ecm, scheduler, batch, generator, mode=mode)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss)
 
-    for _ in range(warmup):  # allocator, cuDNN autotuning, AdamW state
+def peak_gb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def synthetic_cache(num_images: int, latent_size: int, text_width: int, seed: int = 0) -> LatentCache:
+    """A latent cache of real shapes and random values (the latents stage's layout)."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (num_images, 4, latent_size, latent_size)
+    text = torch.randn(num_images, 77, text_width, generator=generator)
+    return LatentCache(
+        latent_mean=torch.randn(shape, generator=generator), latent_std=0.1 * torch.rand(shape, generator=generator),
+        text_embeddings=text, engagement_time=torch.rand(num_images, 2, generator=generator),
+        generic_text_embeddings=text[torch.randint(4, (num_images,), generator=generator)],  # a few seasons
+    )
+
+
+class StepClock:
+    """`on_step` callback: images/s between the end of step `warmup` and the last step, synchronised."""
+
+    def __init__(self, device: torch.device, warmup: int) -> None:
+        self.device, self.warmup = device, warmup
+        self.started = self.first_images = self.last = self.last_images = None
+
+    def __call__(self, step: int, loss: float, **info) -> None:
+        if step == self.warmup:
+            synchronize(self.device)
+            self.started, self.first_images = time.perf_counter(), info["images_seen"]
+        elif step > self.warmup:
+            synchronize(self.device)
+            self.last, self.last_images = time.perf_counter(), info["images_seen"]
+
+    @property
+    def images_per_second(self) -> float:
+        return (self.last_images - self.first_images) / (self.last - self.started)
+
+
+def measure_loop(unet_config, scheduler, cache, lora_config, training, device, warmup) -> dict:
+    reset_memory(device)
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**unet_config)
+    clock = StepClock(device, warmup)
+    with tempfile.TemporaryDirectory() as checkpoints:
+        result = train_ec_lora(make_accelerator(training), unet, scheduler, cache, lora_config, training,
+                               checkpoints, on_step=clock, log=lambda message: None)
+    figures = {"images_per_second": clock.images_per_second, "whole_run_images_per_second": result.images_per_second,
+               "peak_memory_gb": peak_gb(device), "steps": result.steps, "final_loss": result.final_loss}
+    del unet
+    return figures
+
+
+def measure_step(unet, step, batch_size: int, steps: int, warmup: int, device) -> dict:
+    """Images/s of `step()` (one optimizer step on a resident batch), steady state."""
+    for _ in range(warmup):
         step()
     synchronize(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     for _ in range(steps):
         step()
     synchronize(device)
-    elapsed = time.perf_counter() - started
-    final_loss = losses[-1].item()
-    if not all(torch.isfinite(torch.stack(losses))):
-        raise RuntimeError(f"{mode}: non-finite loss during the benchmark")
-    result = {
-        "images_per_second": steps * batch["latent_mean"].shape[0] / elapsed,
-        "seconds_per_step": elapsed / steps,
-        "peak_memory_mb": peak_memory_mb(device),
-        "final_loss": final_loss,
-        "trained_parameters": sum(p.numel() for p in trainable),
-    }
-    del optimizer, losses
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return result
+    return {"images_per_second": steps * batch_size / (time.perf_counter() - started), "peak_memory_gb": peak_gb(device)}
+
+
+def measure_steps(unet_config, scheduler, lora_config, training, batch, device, steps, warmup) -> dict:
+    """The isolated training step of EC-LoRA-T and plain LoRA, and the PEFT anchor."""
+    from accelerate import Accelerator
+    from peft import LoraConfig
+
+    from ec_lora_t.training.objective import diffusion_training_step
+
+    dtype = COMPUTE_DTYPES["bf16" if device.type == "cuda" else "no"]
+    results = {}
+    for mode in ("ec_lora", "plain_lora"):
+        reset_memory(device)
+        torch.manual_seed(0)
+        with torch.device(device):
+            unet = UNet2DConditionModel(**unet_config).to(dtype).requires_grad_(False)
+        fresh_config = ECLoRAConfig(rank=lora_config.rank, alpha=lora_config.alpha,
+                                    target_modules=lora_config.target_modules,
+                                    ecm_granularity=lora_config.ecm_granularity)
+        adapter = add_ec_lora(unet, fresh_config, device)
+        accelerator = Accelerator(mixed_precision="bf16" if device.type == "cuda" else "no", cpu=device.type == "cpu")
+        trainable = adapter.lora_parameters() + (list(adapter.ecm.parameters()) if mode == "ec_lora" else [])
+        optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=device.type == "cuda")
+        generator = torch.Generator(device).manual_seed(0)
+
+        def step() -> None:
+            diffusion_training_step(accelerator, unet, adapter, adapter.ecm, scheduler, batch, generator, mode=mode,
+                                    caption_dropout=training.caption_dropout, snr_gamma=training.snr_gamma)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        results[f"step:{mode}"] = measure_step(unet, step, batch["latent_mean"].shape[0], steps, warmup, device)
+        del unet, adapter, optimizer
+    # The anchor: diffusers' own PEFT integration, the same targets, rank and alpha.
+    reset_memory(device)
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**unet_config).to(dtype).requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=lora_config.rank, lora_alpha=lora_config.alpha,
+                                target_modules=list(lora_config.target_modules), init_lora_weights="gaussian"))
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    for parameter in trainable:
+        parameter.data = parameter.data.float()  # fp32 master weights, as ours
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=device.type == "cuda")
+    generator = torch.Generator(device).manual_seed(0)
+
+    def peft_step() -> None:
+        noisy = noisy_latents(batch["latent_mean"], batch["latent_std"], scheduler, generator)
+        with autocast(device, "auto"):
+            prediction = unet(noisy.noisy_latents.to(dtype), noisy.timesteps,
+                              encoder_hidden_states=batch["text_embeddings"].to(dtype), return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(prediction.float(), noisy.target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    results["peft_anchor"] = measure_step(unet, peft_step, batch["latent_mean"].shape[0], steps, warmup, device)
+    del unet, optimizer
+    return results
+
+
+def build_pipeline_folder(out_dir: Path, unet_config: dict, vae_config: dict, text: dict) -> Path:
+    """A random-weight SD1.5-shaped pipeline in diffusers layout (loaded through from_pretrained)."""
+    torch.manual_seed(0)
+    tokenizer = CLIPTokenizer.from_pretrained(SHIPPED_CLIP_TOKENIZER)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=77,
+                                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                                pad_token_id=tokenizer.pad_token_id, **text))
+    pipeline = StableDiffusionPipeline(
+        vae=AutoencoderKL(**vae_config), text_encoder=text_encoder, tokenizer=tokenizer,
+        unet=UNet2DConditionModel(**unet_config), scheduler=DDPMScheduler(**SD15_SCHEDULER_CONFIG),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(out_dir)
+    unet = pipeline.unet
+    adapter = add_ec_lora(unet, ECLoRAConfig(rank=16, alpha=64, ecm_granularity="rank"))
+    with torch.no_grad():
+        for layer in adapter.layers:
+            layer.lora_B.weight.normal_(std=1e-3)
+    save_adapter(out_dir / "adapter", adapter)
+    return out_dir
+
+
+def measure_sampling(folder: Path, device, resolution: int, batch_size: int, steps: int) -> dict:
+    results = {}
+    prompts = [f"a photo of a person in a city, take {index}" for index in range(batch_size)]
+    vectors = torch.tensor([[index % 5 / 4, 0.5] for index in range(batch_size)])  # 5 vectors per prompt set
+    seeds = list(range(batch_size))
+    for sampler, vector_guidance in (("ddim", 1.0), ("dpmsolver++", 1.0), ("dpmsolver++", 3.0)):
+        pipeline = load_pipeline(str(folder), folder / "adapter", device=device, sampler=sampler)
+        call = dict(num_inference_steps=steps, guidance_scale=5.0, batch_size=batch_size, height=resolution,
+                    width=resolution, sampling=VectorSampling(vector_guidance=vector_guidance))
+        generate_images(pipeline, prompts, vectors, seeds, **call)  # warm-up batch
+        synchronize(device)
+        started = time.perf_counter()
+        for _ in range(2):
+            generate_images(pipeline, prompts, vectors, seeds, **call)
+        synchronize(device)
+        name = f"sample:{sampler}_{steps}steps" + ("_vector_guidance" if vector_guidance != 1.0 else "")
+        results[name] = {"images_per_second": 2 * batch_size / (time.perf_counter() - started),
+                         "peak_memory_gb": peak_gb(device)}
+        del pipeline
+        reset_memory(device)
+    return results
+
+
+def markdown_table(report: dict) -> str:
+    lines = ["| run | batch | images/s | peak memory (GB) |", "|---|---|---|---|"]
+    for name, figures in report["results"].items():
+        memory = figures.get("peak_memory_gb")
+        lines.append(f"| {name} | {figures.get('batch_size', report['batch_size'])} | "
+                     f"{figures['images_per_second']:.1f} | {'-' if memory is None else f'{memory:.1f}'} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per mode")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps before timing")
-    parser.add_argument("--batch-size", type=int, default=None, help="default 16 (2 with --tiny)")
-    parser.add_argument("--resolution", type=int, default=None, help="image px; default 512 (64 with --tiny)")
-    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
-                        help="default bf16 on CUDA, no on CPU")
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--alpha", type=float, default=64)
-    parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--modes", default="plain_lora,ec_lora", help="comma-separated, run in this order")
-    parser.add_argument("--tiny", action="store_true", help="a narrow UNet for a CPU smoke check")
-    parser.add_argument("--out", default=None, help="JSON file to write (also printed)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 32 (2 with --tiny)")
+    parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps")
+    parser.add_argument("--warmup", type=int, default=8, help="untimed steps first")
+    parser.add_argument("--sample-steps", type=int, default=20)
+    parser.add_argument("--parts", default="loop,step,memory,sample", help="comma-separated subset")
+    parser.add_argument("--tiny", action="store_true", help="a narrow model for a CPU smoke check")
+    parser.add_argument("--out", type=Path, default=None, help="JSON to write (a .md table beside it)")
     args = parser.parse_args(argv)
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda but CUDA is not available")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     unet_config = TINY_UNET_CONFIG if args.tiny else SD15_UNET_CONFIG
-    batch_size = args.batch_size or (2 if args.tiny else 16)
-    resolution = args.resolution or (64 if args.tiny else 512)
-    if resolution % VAE_DOWNSAMPLING:
-        raise SystemExit(f"--resolution must be a multiple of {VAE_DOWNSAMPLING}")
-    latent_size = resolution // VAE_DOWNSAMPLING
-    mixed_precision = args.mixed_precision or ("bf16" if device.type == "cuda" else "no")
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not set(modes) <= {"ec_lora", "plain_lora"}:
-        raise SystemExit(f"--modes takes ec_lora and plain_lora, got {modes}")
+    vae_config, text = (TINY_VAE_CONFIG, TINY_TEXT) if args.tiny else (SD15_VAE_CONFIG, SD15_TEXT)
+    batch_size = args.batch_size or (2 if args.tiny else 32)
+    latent_size, resolution = unet_config["sample_size"], unet_config["sample_size"] * 8
+    if args.tiny:
+        resolution = unet_config["sample_size"] * 2 ** (len(vae_config["block_out_channels"]) - 1)
+    parts = set(args.parts.split(","))
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
 
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")
-    torch.manual_seed(0)
-    # Random weights built straight on the device in the compute dtype (no 3.4 GB fp32 copy on the host).
-    with torch.device(accelerator.device):
-        unet = UNet2DConditionModel(**unet_config)
-    if mixed_precision != "no":
-        unet.to(COMPUTE_DTYPES[mixed_precision])
-    unet.requires_grad_(False)
+    # params.yaml's train section, as the train stage reads it; batch and length set here.
+    train_params = yaml.safe_load((REPO / "params.yaml").read_text())["train"]
+    lora_config, training = configs_from_params(train_params)
+    steps_per_epoch = 8
+    cache = synthetic_cache(batch_size * steps_per_epoch, latent_size, unet_config["cross_attention_dim"])
+    epochs = -(-(args.steps + args.warmup) // steps_per_epoch)
     scheduler = DDPMScheduler(**SD15_SCHEDULER_CONFIG)
-    lora_config = ECLoRAConfig(rank=args.rank, alpha=args.alpha)
-    adapter = add_ec_lora(unet, lora_config, accelerator.device)
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet, ecm = accelerator.prepare(unet, adapter.ecm)
-    unet.train()
-    batch = random_batch(batch_size, latent_size, unet_config["cross_attention_dim"], accelerator.device, seed=1)
+    results: dict[str, dict] = {}
 
-    results = {
-        mode: measure(accelerator, unet, adapter, ecm, scheduler, batch, mode, args.steps, args.warmup, learning_rate=1e-4)
-        for mode in modes
-    }
+    def run(**overrides) -> TrainingConfig:
+        return TrainingConfig(**{**training.__dict__, "epochs": epochs, "batch_size": batch_size,
+                                 "gradient_accumulation_steps": 1, **overrides})
+
+    if "loop" in parts:
+        for conditioning in ("ec_lora", "plain_lora"):
+            results[f"loop:{conditioning}"] = measure_loop(unet_config, scheduler, cache, lora_config,
+                                                           run(conditioning=conditioning), device, args.warmup)
+    if "step" in parts:
+        generator = torch.Generator().manual_seed(1)
+        index = torch.randperm(len(cache), generator=generator)[:batch_size]
+        batch = {name: getattr(cache, name)[index].to(device) for name in cache.tensor_names()}
+        results |= measure_steps(unet_config, scheduler, lora_config, run(), batch, device, args.steps, args.warmup)
+    if "memory" in parts:
+        small = synthetic_cache(4 * steps_per_epoch, latent_size, unet_config["cross_attention_dim"])
+        results["memory:batch4_checkpointing"] = measure_loop(
+            unet_config, scheduler, small, lora_config,
+            TrainingConfig(**{**run().__dict__, "batch_size": 4, "gradient_checkpointing": True}), device, args.warmup,
+        ) | {"batch_size": 4}
+    if "sample" in parts:
+        with tempfile.TemporaryDirectory() as folder:
+            results |= measure_sampling(build_pipeline_folder(Path(folder) / "sd", unet_config, vae_config, text),
+                                        device, resolution, min(batch_size, 16), args.sample_steps)
+            for name in results:
+                if name.startswith("sample:"):
+                    results[name]["batch_size"] = min(batch_size, 16)
+
     report = {
-        "unet": "tiny" if args.tiny else "sd15",
+        "model": "tiny" if args.tiny else "sd15", "resolution": resolution, "batch_size": batch_size,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "resolution": resolution,
-        "latent_size": latent_size,
-        "batch_size": batch_size,
-        "mixed_precision": mixed_precision,
-        "gradient_checkpointing": args.gradient_checkpointing,
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "lora_rank": args.rank,
-        "lora_alpha": args.alpha,
-        "num_lora_layers": len(lora_config.layer_names),
-        "unet_parameters": sum(p.numel() for p in unet.parameters()),
-        "peak_memory_kind": "cuda_max_allocated_since_reset" if device.type == "cuda" else "process_peak_rss",
-        "results": results,
+        "torch": torch.__version__, "diffusers": diffusers.__version__, "warmup_steps": args.warmup,
+        "timed_steps": args.steps, "train_params": train_params, "results": results,
     }
-    if {"ec_lora", "plain_lora"} <= set(results):
-        report["ec_lora_vs_plain_lora"] = {
-            "throughput_ratio": results["ec_lora"]["images_per_second"] / results["plain_lora"]["images_per_second"],
-            "peak_memory_ratio": results["ec_lora"]["peak_memory_mb"] / results["plain_lora"]["peak_memory_mb"],
-        }
-    text = json.dumps(report, indent=2)
-    print(text)
+    loop, plain = results.get("loop:ec_lora"), results.get("loop:plain_lora")
+    if loop and plain:
+        report["ec_lora_over_plain_lora"] = loop["images_per_second"] / plain["images_per_second"]
+    if loop and "step:ec_lora" in results:
+        report["loop_over_step"] = loop["images_per_second"] / results["step:ec_lora"]["images_per_second"]
+    text_report = json.dumps(report, indent=2, default=str)
+    print(text_report)
+    print(markdown_table(report))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text_report + "\n")
+        args.out.with_suffix(".md").write_text(markdown_table(report) + "\n")
     return report
 
 

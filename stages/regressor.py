@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--latents", type=Path, required=True, help="the latents stage's shard folder (data/latents)")
     parser.add_argument("--out", type=Path, required=True, help="folder for regressor.safetensors + regressor.json")
-    parser.add_argument("--predictions", type=Path, required=True, help="CSV of held-out predictions (DVC plot)")
+    parser.add_argument("--predictions", type=Path, required=True,
+                        help="folder of held-out predictions, one CSV per protocol (DVC plots)")
     args = parser.parse_args(argv)
 
     params = load_params("regressor", args.params)
@@ -83,8 +84,10 @@ def main(argv: list[str] | None = None) -> None:
         ],
         ignore_index=True,
     )
-    args.predictions.parent.mkdir(parents=True, exist_ok=True)
-    predictions.to_csv(args.predictions, index=False)
+    # One file per protocol, so that `dvc plots show` colours the scatter by protocol.
+    args.predictions.mkdir(parents=True, exist_ok=True)
+    for protocol, rows in predictions.groupby("protocol"):
+        rows.to_csv(args.predictions / f"{protocol}.csv", index=False)
 
     write_metrics(
         args.metrics,

@@ -44,7 +44,7 @@ TRAINING_KEYS = {
     "learning_rate", "ecm_learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
     "lr_warmup_ratio", "epochs", "batch_size", "gradient_accumulation_steps", "mixed_precision",
     "gradient_checkpointing", "seed", "checkpoints_total_limit", "caption_dropout", "vector_dropout", "snr_gamma",
-    "engagement_balance", "shuffle_vectors",
+    "engagement_balance", "shuffle_vectors", "conditioning",
 }
 
 

@@ -100,9 +100,12 @@ def test_dvc_repro_end_to_end(pipeline_repo):
     loss = pd.read_csv(root / "data/train/live/plots/metrics/loss.tsv", sep="\t")
     assert len(loss) == json.loads((root / "metrics/train.json").read_text())["steps"] > 0
     assert json.loads((root / "data/run_info/train.json").read_text())["images_per_second"] > 0
-    sweep = pd.read_csv(root / "data/plots/sweep.csv")
-    assert {"target_engagement", "predicted_engagement"} <= set(sweep.columns)
-    assert sweep["predicted_engagement"].notna().all()
+    for mode in ("ec_lora", "plain_lora", "base", "retrieval"):
+        sweep = pd.read_csv(root / f"data/plots/sweep/{mode}.csv")
+        assert {"target_engagement", "predicted_engagement", "ground_truth_score"} <= set(sweep.columns)
+        assert sweep["predicted_engagement"].notna().all() and (sweep["mode"] == mode).all()
+    for protocol in ("grouped_kfold", "report"):
+        assert len(pd.read_csv(root / f"data/plots/regressor/{protocol}.csv")) > 0
     assert (root / "data/evaluate/engagement_sweep.png").stat().st_size > 0
     assert (root / "data/evaluate/report.md").stat().st_size > 0
 
@@ -143,7 +146,8 @@ def test_dvc_repro_end_to_end(pipeline_repo):
     assert "up to date" in _run([sys.executable, "-m", "dvc", "status"], cwd=clone).stdout
     pulled = _run([sys.executable, "-m", "dvc", "repro"], cwd=clone).stdout
     assert "Running stage" not in pulled, pulled
-    assert (clone / "data/evaluate/grid.png").read_bytes() == (root / "data/evaluate/grid.png").read_bytes()
+    figure = "data/evaluate/engagement_sweep.png"
+    assert (clone / figure).read_bytes() == (root / figure).read_bytes()
 
     # A variant reruns only train and evaluate, and the metrics diff shows it.
     experiment = _run([sys.executable, "-m", "dvc", "exp", "run", "-S", "train.lora_rank=4"], cwd=root).stdout

@@ -45,6 +45,9 @@ class TrainingConfig:
     # The negative control: train on engagement-time vectors permuted across images. A
     # verdict that still says "controls" after this is measuring something else.
     shuffle_vectors: bool = False
+    # "ec_lora": the method; "plain_lora": the same LoRA trained without the vector (every
+    # scale 1, the ECM untouched), the baseline an ablation or a speed comparison needs.
+    conditioning: str = "ec_lora"
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in MIXED_PRECISION_CHOICES:
@@ -59,5 +62,7 @@ class TrainingConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.snr_gamma is not None and not self.snr_gamma > 0:
             raise ValueError(f"snr_gamma must be > 0 or null, got {self.snr_gamma}")
+        if self.conditioning not in ("ec_lora", "plain_lora"):
+            raise ValueError(f"conditioning must be ec_lora or plain_lora, got {self.conditioning!r}")
         if not 0.0 <= self.engagement_balance <= 1.0:
             raise ValueError(f"engagement_balance must be in [0, 1], got {self.engagement_balance}")

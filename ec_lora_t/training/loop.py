@@ -230,8 +230,8 @@ def train_epoch(run: TrainingRun, epoch: int, on_step: Callable[..., None] | Non
         with accelerator.accumulate(run.unet, run.ecm):
             loss = diffusion_training_step(
                 accelerator, run.unet, run.adapter, run.ecm, run.noise_scheduler, batch, generator,
-                caption_dropout=training.caption_dropout, vector_dropout=training.vector_dropout,
-                snr_gamma=training.snr_gamma,
+                mode=training.conditioning, caption_dropout=training.caption_dropout,
+                vector_dropout=training.vector_dropout, snr_gamma=training.snr_gamma,
             )
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
