@@ -77,14 +77,18 @@ def time_drift_score(image) -> float:
 
     The mean of E[t | scene] and E[t | garment length] under `creator_preferences` (t uniform),
     with the scene and the garment length (coat or dress vs jacket or t-shirt) read by
-    `ec_lora_t.demo.attribute_check`. City streets and jackets score late, parks, studios and
-    coats early. The ground truth of the time sweep.
+    `ec_lora_t.demo.attribute_check`, rescaled so that the earliest-looking combination (a
+    park or studio, a coat) is 0 and the latest-looking (a city street, a jacket) is 1, the
+    units of the time target. The ground truth of the time sweep.
     """
     from ec_lora_t.demo.attribute_check import read_attributes, read_garment_length
 
     scene_lateness = _lateness("scene", {scene: (scene,) for scene in world.SCENES})
     length_lateness = _lateness("garment", {"long": ("coat", "dress"), "short": ("jacket", "t-shirt")})
-    return 0.5 * (scene_lateness[read_attributes(image)["scene"]] + length_lateness[read_garment_length(image)])
+    earliest = min(scene_lateness.values()) + min(length_lateness.values())
+    latest = max(scene_lateness.values()) + max(length_lateness.values())
+    score = scene_lateness[read_attributes(image)["scene"]] + length_lateness[read_garment_length(image)]
+    return (score - earliest) / (latest - earliest)
 
 
 def read_demo_manifest(posts_dir: str | Path) -> dict | None:
