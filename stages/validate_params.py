@@ -1,0 +1,90 @@
+"""Stage `validate_params`: check every params section before any other stage runs.
+
+python -m stages.validate_params --out data/validate_params/valid --metrics metrics/validate_params.json
+
+Why a stage of its own: DVC deletes a stage's outputs before it runs the stage's command, so
+a stage that finds a bad value has already lost its previous outputs (the adapter, the
+normalisation statistics). Every other stage depends on this stage's output, so DVC runs
+this one first and stops at its error; a bad `dvc exp run -S` costs one line and nothing
+else. The output file's content never changes, so a valid param change reruns this stage
+and then only the stages that read that param, as before.
+
+Each section is checked by its schema in `stages/params/`; the error names the key, the
+value and what is allowed, one line for every problem found.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from stages._common import (
+    ParamsError,
+    Section,
+    read_params,
+    run_stage,
+    stage_parser,
+    validate_section,
+    write_metrics,
+)
+from stages.params.caption import CaptionParams
+from stages.params.demo_data import DemoDataParams
+from stages.params.evaluate import EvaluateParams
+from stages.params.features import FeaturesParams
+from stages.params.ingest import IngestParams
+from stages.params.latents import LatentsParams
+from stages.params.model import ModelParams
+from stages.params.regressor import RegressorParams
+from stages.params.train import TrainParams
+
+SCHEMAS: dict[str, type[Section]] = {
+    "demo_data": DemoDataParams,
+    "model": ModelParams,
+    "ingest": IngestParams,
+    "caption": CaptionParams,
+    "features": FeaturesParams,
+    "latents": LatentsParams,
+    "regressor": RegressorParams,
+    "train": TrainParams,
+    "evaluate": EvaluateParams,
+}
+# The same bytes every time: stages that depend on this file see it change only when it is gone.
+VALID_MARKER = "params.yaml passed stages/validate_params.py; this content never changes\n"
+
+
+def validate_params(params_path: str | Path) -> dict[str, Section]:
+    """Every section checked by its schema; one ParamsError naming every problem, else the sections."""
+    params = read_params(params_path)
+    unknown = sorted(set(params) - set(SCHEMAS))
+    problems = [f"unknown section(s) {unknown}; the sections are {sorted(SCHEMAS)}"] if unknown else []
+    sections = {}
+    for name, schema in SCHEMAS.items():
+        if name not in params:
+            problems.append(f"section '{name}' is missing")
+            continue
+        try:
+            sections[name] = validate_section(schema, name, params[name], source="", root=Path(params_path).parent)
+        except ParamsError as error:
+            problems.append(str(error).removeprefix(": "))
+    if problems:
+        raise ParamsError(f"{params_path}: {'; '.join(problems)}")
+    return sections
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = stage_parser(__doc__)
+    parser.add_argument("--out", required=True, help="marker file other stages depend on (constant content)")
+    args = parser.parse_args(argv)
+    try:
+        sections = validate_params(args.params)
+    except ParamsError as error:
+        # No "stage validate_params:" prefix: the line is about params.yaml, not this stage.
+        sys.exit(str(error))
+    write_metrics(args.metrics, {"sections": len(sections), "keys": sum(len(s.model_fields_set) for s in sections.values())})
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(VALID_MARKER)
+
+
+if __name__ == "__main__":
+    run_stage(main)
