@@ -82,7 +82,10 @@ def unet_fingerprint(unet: nn.Module) -> str:
     digest = hashlib.sha256()
     config = getattr(unet, "config", None)
     if config is not None:
-        digest.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
+        # Private keys say where the model came from (`_name_or_path`) or hold sets in hash
+        # order (`_use_default_values`): not what the model is.
+        public = {key: value for key, value in dict(config).items() if not key.startswith("_")}
+        digest.update(json.dumps(public, sort_keys=True, default=str).encode())
     for name, tensor in sorted(unet.state_dict().items()):
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(_tensor_bytes(tensor))

@@ -129,6 +129,8 @@ def make_accelerator(training: TrainingConfig) -> Accelerator:
     return Accelerator(
         mixed_precision=resolve_mixed_precision(training.mixed_precision, device_type),
         gradient_accumulation_steps=training.gradient_accumulation_steps,
+        # Without a GPU, processes started by torchrun or `accelerate launch` train together over gloo.
+        cpu=device_type == "cpu",
     )
 
 
