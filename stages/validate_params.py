@@ -10,7 +10,10 @@ else. The output file's content never changes, so a valid param change reruns th
 and then only the stages that read that param, as before.
 
 Each section is checked by its schema in `stages/params/`; the error names the key, the
-value and what is allowed, one line for every problem found.
+value and what is allowed, one line for every problem found. Then every hub id the pipeline
+will load (`model.pretrained`; `caption.model` when BLIP is asked for) must be in the local
+Hugging Face cache or reachable within seconds (`ec_lora_t.hub.resolve_pretrained`): an
+unreachable hub is found here too, not after DVC deleted the latents stage's outputs.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ec_lora_t.hub import HubUnreachableError, is_local_reference, resolve_pretrained
 from stages._common import (
     ParamsError,
     Section,
@@ -68,7 +72,27 @@ def validate_params(params_path: str | Path) -> dict[str, Section]:
             problems.append(str(error).removeprefix(": "))
     if problems:
         raise ParamsError(f"{params_path}: {'; '.join(problems)}")
+    problems = _unreachable_hub_ids(sections, Path(params_path).parent)
+    if problems:
+        raise ParamsError(f"{params_path}: {'; '.join(problems)}")
     return sections
+
+
+def _unreachable_hub_ids(sections: dict[str, Section], root: Path) -> list[str]:
+    """One line per hub id that will be loaded but is neither cached nor reachable (local paths were checked)."""
+    references = [("model.pretrained", sections["model"].pretrained)]
+    caption = sections["caption"]
+    if "blip" in (caption.source, caption.missing_text):
+        references.append(("caption.model", caption.model))
+    problems = []
+    for key, reference in references:
+        if is_local_reference(reference, root):
+            continue
+        try:
+            resolve_pretrained(reference, what=key)
+        except (HubUnreachableError, ValueError) as error:
+            problems.append(str(error))
+    return problems
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -164,3 +164,15 @@ def test_a_stage_error_is_one_line_without_a_traceback(tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f"stage train: {latents}: not a readable safetensors file"), (
         result.stderr)
     assert lines[0].endswith("(EC_LORA_T_DEBUG=1 shows the traceback)") and "Traceback" not in result.stderr
+
+
+def test_a_hub_id_that_cannot_be_loaded_stops_the_params_check(tmp_path, monkeypatch):
+    """Offline and not cached: found before any stage runs, not when latents has lost its outputs."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = params_with(tmp_path, model__pretrained="someone/not-cached")
+    with pytest.raises(ParamsError, match="model.pretrained 'someone/not-cached' is a hub id, HF_HUB_OFFLINE is set"):
+        validate_params(path)
+    # caption.model is a hub id too, but BLIP is not asked for (source post_text, missing_text generic).
+    assert validate_params(params_with(tmp_path, caption__model="someone/not-cached"))
+    with pytest.raises(ParamsError, match="caption.model 'someone/not-cached' is a hub id"):
+        validate_params(params_with(tmp_path, caption__model="someone/not-cached", caption__missing_text="blip"))
