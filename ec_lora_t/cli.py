@@ -128,6 +128,18 @@ def pretrain_base(
     typer.echo(f"saved to {out}: {summary.to_json()}")
 
 
+def _unit_interval(context: typer.Context, parameter: typer.CallbackParam, values: Any) -> Any:
+    """Parse-time check of --engagement and --time (the library checks again, for its other callers)."""
+    from ec_lora_t.adapter.ecm import check_unit_interval  # torch only, not diffusers: a bad value fails fast
+
+    for value in values if isinstance(values, list) else [values]:
+        try:
+            check_unit_interval("the value", value)
+        except ValueError as error:
+            raise typer.BadParameter(str(error)) from None
+    return values
+
+
 def _pair(name_a: str, values_a: list, name_b: str, values_b: list) -> list[tuple]:
     """Pair two repeated options; a single value of the second is used for every first."""
     if len(values_b) == 1:
@@ -165,8 +177,10 @@ def _vectors(engagement: list[float], time: list[float], likes: list[int], comme
 @app.command()
 def generate(
     prompt: Annotated[list[str], typer.Option(help="Prompt; repeat for several.")],
-    engagement: Annotated[list[float], typer.Option(help="Normalised engagement in [0, 1]; repeat for several.")] = [],
-    time: Annotated[list[float], typer.Option(help="Normalised time in [0, 1]: one, or one per --engagement.")] = [],
+    engagement: Annotated[list[float], typer.Option(help="Normalised engagement in [0, 1]; repeat for several.",
+                                                     callback=_unit_interval)] = [],
+    time: Annotated[list[float], typer.Option(help="Normalised time in [0, 1]: one, or one per --engagement.",
+                                               callback=_unit_interval)] = [],
     likes: Annotated[list[int], typer.Option(help="Raw likes, converted with --stats; repeat for several.")] = [],
     comments: Annotated[list[int], typer.Option(help="Raw comments: one, or one per --likes.")] = [],
     date: Annotated[list[str], typer.Option(help="Post date (ISO, e.g. 2025-06-01): one, or one per --likes.")] = [],
@@ -178,14 +192,14 @@ def generate(
                                                         f"{DEFAULT_PRETRAINED} in the repository].")] = None,
     stats: Annotated[Path | None, typer.Option(help="Normalisation statistics of the features stage [default: "
                                                     f"{DEFAULT_STATS} in the repository].")] = None,
-    steps: Annotated[int, typer.Option(help="Sampling steps (at least 1).")] = 30,
+    steps: Annotated[int, typer.Option(help="Sampling steps.", min=1)] = 30,
     guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
     mode: Annotated[str, typer.Option(help="ec_lora | plain_lora (ECM off) | base (no adapter).")] = "ec_lora",
 ) -> None:
     """Generate images for every prompt x vector x seed, in one batch; the vector goes into the PNG metadata."""
-    from ec_lora_t.generation import generate as generate_pngs
-
     vectors, raw = _run(_vectors, engagement, time, likes, comments, date, stats)
+    from ec_lora_t.generation import generate as generate_pngs  # diffusers: seconds to import, after the checks
+
     paths = _run(
         generate_pngs,
         pretrained or str(_run(_in_repository, DEFAULT_PRETRAINED, "--pretrained")),
@@ -198,8 +212,9 @@ def generate(
 
 @app.command()
 def export(
-    engagement: Annotated[float, typer.Option(help="Normalised engagement in [0, 1] to bake in.")],
-    time: Annotated[float, typer.Option(help="Normalised time in [0, 1] to bake in.")],
+    engagement: Annotated[float, typer.Option(help="Normalised engagement in [0, 1] to bake in.",
+                                               callback=_unit_interval)],
+    time: Annotated[float, typer.Option(help="Normalised time in [0, 1] to bake in.", callback=_unit_interval)],
     out: Annotated[Path, typer.Option(help="The .safetensors LoRA file to write.")] = Path("ec_lora_t_export.safetensors"),
     format: Annotated[str, typer.Option(help="diffusers (PEFT keys) | kohya (A1111, ComfyUI).")] = "diffusers",
     adapter: Annotated[Path | None, typer.Option(help=f"Trained adapter folder [default: {DEFAULT_ADAPTER} in the "

@@ -97,19 +97,21 @@ def test_pretrain_base_smoke_on_cpu(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("options", "expected"),
+    ("options", "expected", "status"),
     [
-        (["--engagement", "1.7"], "normalized_engagement must be a number in [0, 1]"),
-        (["--engagement", "-0.2"], "normalized_engagement must be a number in [0, 1]"),
-        (["--engagement", "nan"], "normalized_engagement must be a number in [0, 1]"),
-        (["--engagement", "0.5", "--time", "2"], "normalized_time must be a number in [0, 1]"),
-        (["--engagement", "0.5", "--steps", "0"], "sampling steps must be at least 1"),
-        (["--likes", "100", "--date", "2025-13-45"], "date '2025-13-45' is neither an epoch number nor ISO 8601"),
-        (["--likes", "-5"], "non-negative"),
+        (["--engagement", "1.7"], "Invalid value for '--engagement': the value must be a number in [0, 1]", 2),
+        (["--engagement", "-0.2"], "Invalid value for '--engagement': the value must be a number in [0, 1]", 2),
+        (["--engagement", "nan"], "Invalid value for '--engagement': the value must be a number in [0, 1]", 2),
+        (["--engagement", "0.5", "--time", "2"], "Invalid value for '--time': the value must be a number in [0, 1]", 2),
+        (["--engagement", "0.5", "--steps", "0"], "Invalid value for '--steps'", 2),
+        (["--likes", "100", "--date", "2025-13-45"], "date '2025-13-45' is neither an epoch number nor ISO 8601", 1),
+        (["--likes", "-5"], "non-negative", 1),
     ],
 )
-def test_generate_rejects_bad_values_in_one_line(tmp_path, options, expected):
+def test_generate_rejects_bad_values_in_one_line(tmp_path, capsys, options, expected, status):
     import pandas as pd
+
+    from ec_lora_t.cli import main
 
     stats = tmp_path / "normalization.json"
     EngagementTimeNormalizer.fit(likes=np.array([100, 5100]), comments=np.array([0, 0]),
@@ -117,27 +119,48 @@ def test_generate_rejects_bad_values_in_one_line(tmp_path, options, expected):
     # Neither the adapter nor the model exists: the value is rejected before either is read.
     args = ["generate", "--prompt", "a man", *options, "--stats", str(stats), "--adapter", str(tmp_path / "none"),
             "--pretrained", str(tmp_path / "no-model"), "--out", str(tmp_path / "out")]
-    result = runner.invoke(app, args)
-    assert result.exit_code == 1
-    assert result.output.count("\n") == 1 and result.output.startswith("error: "), result.output
-    assert expected in result.output and "Traceback" not in result.output
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == status
+    assert error.count("\n") == 1 and error.startswith("error: "), error
+    assert expected in error and "Traceback" not in error
     assert not (tmp_path / "out").exists()
 
 
+def test_the_library_checks_vectors_and_steps_too(tiny_sd_dir, adapter_dir, tmp_path):
+    """For callers other than the CLI: generate() and export_lora() check at their entry."""
+    from ec_lora_t.adapter.export import export_lora
+    from ec_lora_t.generation import generate
+
+    with pytest.raises(ValueError, match=r"normalized_engagement must be a number in \[0, 1\].*got 1.7"):
+        generate(str(tiny_sd_dir), adapter_dir, ["a man"], [(1.7, 0.5)], [0], tmp_path)
+    with pytest.raises(ValueError, match="sampling steps must be at least 1, got 0"):
+        generate(str(tiny_sd_dir), adapter_dir, ["a man"], [(0.5, 0.5)], [0], tmp_path, num_inference_steps=0)
+    with pytest.raises(ValueError, match=r"normalized_time must be a number in \[0, 1\].*got nan"):
+        export_lora(adapter_dir, (0.5, float("nan")), tmp_path / "lora.safetensors")
+    assert not list(tmp_path.iterdir())
+
+
 def test_debug_shows_the_traceback(tmp_path):
-    args = ["--debug", "generate", "--prompt", "a man", "--engagement", "1.7", "--adapter", str(tmp_path),
-            "--pretrained", str(tmp_path)]
+    args = ["--debug", "generate", "--prompt", "a man", "--likes", "100", "--date", "2025-13-45",
+            "--stats", str(tmp_path / "none.json"), "--adapter", str(tmp_path), "--pretrained", str(tmp_path)]
     result = runner.invoke(app, args)
     assert result.exit_code != 0
-    assert isinstance(result.exception, ValueError) and "[0, 1]" in str(result.exception)
+    assert isinstance(result.exception, ValueError) and "none.json" in str(result.exception)
+    plain = runner.invoke(app, args[1:])
+    assert plain.exit_code == 1 and plain.exception is not None and isinstance(plain.exception, SystemExit)
 
 
 @pytest.mark.parametrize(("engagement", "time"), [("1.2", "0.5"), ("0.5", "inf")])
-def test_export_rejects_out_of_range_vectors(adapter_dir, tmp_path, engagement, time):
+def test_export_rejects_out_of_range_vectors(adapter_dir, tmp_path, capsys, engagement, time):
+    from ec_lora_t.cli import main
+
     out = tmp_path / "lora.safetensors"
-    result = runner.invoke(app, ["export", "--engagement", engagement, "--time", time, "--adapter", str(adapter_dir),
-                                 "--out", str(out)])
-    assert result.exit_code == 1 and result.output.startswith("error: ") and "[0, 1]" in result.output
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--engagement", engagement, "--time", time, "--adapter", str(adapter_dir), "--out", str(out)])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.startswith("error: Invalid value for") and "[0, 1]" in error
     assert not out.exists()
 
 
