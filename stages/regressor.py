@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         result.metrics["smallest_heldout_images"] = smallest
         result.metrics["small_sample"] = smallest < SMALL_SAMPLE_IMAGES
         if smallest < SMALL_SAMPLE_IMAGES:
-            print(f"regressor: the {name} protocol holds out as few as {smallest} images at once "
+            print(f"regressor: the {name} protocol holds out as few as {smallest} image(s) at once "
                   f"(< {SMALL_SAMPLE_IMAGES}); its R^2 and Spearman are unreliable (small_sample: true)",
                   file=sys.stderr)
     write_metrics(

@@ -56,8 +56,11 @@ SCHEMAS: dict[str, type[Section]] = {
 VALID_MARKER = "params.yaml passed stages/validate_params.py; this content never changes\n"
 
 
-def validate_params(params_path: str | Path) -> dict[str, Section]:
-    """Every section checked by its schema; one ParamsError naming every problem, else the sections."""
+def validate_params(params_path: str | Path, pipeline_outputs: tuple[str, ...] = ()) -> dict[str, Section]:
+    """Every section checked by its schema; one ParamsError naming every problem, else the sections.
+
+    `pipeline_outputs`: paths that stages write (they may be missing now: ingest.posts_dir's default).
+    """
     params = read_params(params_path)
     unknown = sorted(set(params) - set(SCHEMAS))
     problems = [f"unknown section(s) {unknown}; the sections are {sorted(SCHEMAS)}"] if unknown else []
@@ -67,7 +70,8 @@ def validate_params(params_path: str | Path) -> dict[str, Section]:
             problems.append(f"section '{name}' is missing")
             continue
         try:
-            sections[name] = validate_section(schema, name, params[name], source="", root=Path(params_path).parent)
+            sections[name] = validate_section(schema, name, params[name], source="", root=Path(params_path).parent,
+                                              pipeline_outputs=pipeline_outputs)
         except ParamsError as error:
             problems.append(str(error).removeprefix(": "))
     if problems:
@@ -98,9 +102,11 @@ def _unreachable_hub_ids(sections: dict[str, Section], root: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--out", required=True, help="marker file other stages depend on (constant content)")
+    parser.add_argument("--pipeline-output", action="append", default=[],
+                        help="a folder a stage writes, so it may not exist yet (repeat)")
     args = parser.parse_args(argv)
     try:
-        sections = validate_params(args.params)
+        sections = validate_params(args.params, tuple(path.rstrip("/") for path in args.pipeline_output))
     except ParamsError as error:
         # No "stage validate_params:" prefix: the line is about params.yaml, not this stage.
         sys.exit(str(error))

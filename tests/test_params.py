@@ -17,6 +17,14 @@ from stages.validate_params import SCHEMAS, VALID_MARKER, main, validate_params
 REPO = Path(__file__).resolve().parent.parent
 
 
+# The demo_data stage writes the default ingest.posts_dir (dvc.yaml passes it to the stage).
+PIPELINE_OUTPUTS = ("data/demo_posts",)
+
+
+def check(path: Path):
+    return validate_params(path, PIPELINE_OUTPUTS)
+
+
 def params_with(tmp_path: Path, **changes) -> Path:
     """The repository's params.yaml with `section__key=value` changes, written next to a link to models/."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -36,7 +44,7 @@ def params_with(tmp_path: Path, **changes) -> Path:
 
 
 def test_the_repositorys_params_are_valid():
-    sections = validate_params(REPO / "params.yaml")
+    sections = check(REPO / "params.yaml")
     assert set(sections) == set(SCHEMAS) == set(yaml.safe_load((REPO / "params.yaml").read_text()))
 
 
@@ -63,6 +71,7 @@ def test_the_repositorys_params_are_valid():
         ({"evaluate__engagement_targets": [0.0, 1.5]}, "evaluate.engagement_targets.1 = 1.5: must be less than or"),
         ({"evaluate__time_targets": [0.5]}, "evaluate: time_targets [0.5] must hold at least 2 targets, or none"),
         ({"regressor__folds": 1}, "regressor.folds = 1: must be greater than or equal to 2"),
+        ({"ingest__posts_dir": "/no/such/posts"}, "ingest.posts_dir = '/no/such/posts': no such folder (/no/such/posts)"),
         ({"caption__source": "blip", "caption__model": None}, "caption: source 'blip' with missing_text 'generic' "
                                                               "captions with BLIP: set caption.model"),
         ({"caption__missing_text": "fallback"}, "caption.missing_text = 'fallback': must be 'generic', 'skip' or"),
@@ -73,7 +82,7 @@ def test_the_repositorys_params_are_valid():
 def test_a_bad_value_is_named_with_what_is_allowed(tmp_path, changes, expected):
     path = params_with(tmp_path, **changes)
     with pytest.raises(ParamsError) as error:
-        validate_params(path)
+        check(path)
     message = str(error.value)
     assert message.startswith(f"{path}: ") and "\n" not in message
     assert expected in message, message
@@ -82,21 +91,22 @@ def test_a_bad_value_is_named_with_what_is_allowed(tmp_path, changes, expected):
 def test_every_problem_is_reported_at_once(tmp_path):
     path = params_with(tmp_path, train__lora_rank=0, features__normalization="foo")
     with pytest.raises(ParamsError, match=r"features.normalization = 'foo'.*; train.lora_rank = 0"):
-        validate_params(path)
+        check(path)
 
 
 def test_the_stage_writes_a_constant_marker_or_exits_with_one_line(tmp_path):
     marker, metrics = tmp_path / "out" / "valid", tmp_path / "metrics.json"
-    main(["--out", str(marker), "--metrics", str(metrics), "--params", str(REPO / "params.yaml")])
+    outputs = ["--pipeline-output", "data/demo_posts"]
+    main(["--out", str(marker), "--metrics", str(metrics), "--params", str(REPO / "params.yaml"), *outputs])
     assert marker.read_text() == VALID_MARKER
     other = params_with(tmp_path, train__lora_rank=4)
-    main(["--out", str(marker), "--metrics", str(metrics), "--params", str(other)])
+    main(["--out", str(marker), "--metrics", str(metrics), "--params", str(other), *outputs])
     assert marker.read_text() == VALID_MARKER  # another good value: the same bytes, nothing downstream reruns
 
     marker.unlink()
     bad = params_with(tmp_path, train__epochs=2.5)
     with pytest.raises(SystemExit) as exit_info:
-        main(["--out", str(marker), "--metrics", str(metrics), "--params", str(bad)])
+        main(["--out", str(marker), "--metrics", str(metrics), "--params", str(bad), *outputs])
     assert str(exit_info.value) == f"{bad}: train.epochs = 2.5: must be a valid integer, got a number with a fractional part"
     assert not marker.exists()
 
@@ -144,7 +154,7 @@ def test_train_keys_map_onto_the_adapter_and_training_configs_with_their_default
             continue
         library = lora_fields[LORA_KEYS[key]] if key in LORA_KEYS else training_fields[key]
         assert field.default == library.default, key  # a key left out means the library's default
-    lora, training = configs_from_params(validate_params(REPO / "params.yaml")["train"])
+    lora, training = configs_from_params(check(REPO / "params.yaml")["train"])
     params = yaml.safe_load((REPO / "params.yaml").read_text())["train"]
     assert lora.rank == params["lora_rank"] and training.max_grad_norm == params["max_grad_norm"]
 
@@ -171,8 +181,8 @@ def test_a_hub_id_that_cannot_be_loaded_stops_the_params_check(tmp_path, monkeyp
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     path = params_with(tmp_path, model__pretrained="someone/not-cached")
     with pytest.raises(ParamsError, match="model.pretrained 'someone/not-cached' is a hub id, HF_HUB_OFFLINE is set"):
-        validate_params(path)
+        check(path)
     # caption.model is a hub id too, but BLIP is not asked for (source post_text, missing_text generic).
-    assert validate_params(params_with(tmp_path, caption__model="someone/not-cached"))
+    assert check(params_with(tmp_path, caption__model="someone/not-cached"))
     with pytest.raises(ParamsError, match="caption.model 'someone/not-cached' is a hub id"):
-        validate_params(params_with(tmp_path, caption__model="someone/not-cached", caption__missing_text="blip"))
+        check(params_with(tmp_path, caption__model="someone/not-cached", caption__missing_text="blip"))

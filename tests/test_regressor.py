@@ -220,7 +220,7 @@ def test_regressor_stage_flags_a_small_sample(tmp_path, monkeypatch, capsys):
     metrics = json.loads((tmp_path / "regressor.json").read_text())
     assert metrics["report"]["small_sample"] and metrics["report"]["smallest_heldout_images"] == 2
     assert metrics["grouped_kfold"]["small_sample"] and metrics["grouped_kfold"]["smallest_heldout_images"] == 1
-    assert "the report protocol holds out as few as 2 images" in capsys.readouterr().err
+    assert "the report protocol holds out as few as 2 image(s)" in capsys.readouterr().err
 
 
 def test_regressor_stage_names_the_file_with_a_row_mismatch(tmp_path):
