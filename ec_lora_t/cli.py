@@ -130,7 +130,8 @@ def pretrain_base(
 
 def _unit_interval(context: typer.Context, parameter: typer.CallbackParam, values: Any) -> Any:
     """Parse-time check of --engagement and --time (the library checks again, for its other callers)."""
-    from ec_lora_t.adapter.ecm import check_unit_interval  # torch only, not diffusers: a bad value fails fast
+    # torch only, not diffusers: a bad value fails fast
+    from ec_lora_t.adapter.ecm import check_unit_interval
 
     for value in values if isinstance(values, list) else [values]:
         try:
@@ -198,7 +199,8 @@ def generate(
 ) -> None:
     """Generate images for every prompt x vector x seed, in one batch; the vector goes into the PNG metadata."""
     vectors, raw = _run(_vectors, engagement, time, likes, comments, date, stats)
-    from ec_lora_t.generation import generate as generate_pngs  # diffusers: seconds to import, after the checks
+    # diffusers takes seconds to import: only after the checks above
+    from ec_lora_t.generation import generate as generate_pngs
 
     paths = _run(
         generate_pngs,

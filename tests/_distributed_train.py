@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler
+from test_training import LORA, TRAINING, micro_unet
 
 from ec_lora_t.adapter import ECLoRAConfig
 from ec_lora_t.training.cache import load_latent_cache
 from ec_lora_t.training.config import TrainingConfig
 from ec_lora_t.training.loop import NonFiniteLossError, make_accelerator, train_ec_lora
-from test_training import LORA, TRAINING, micro_unet
 
 
 def main() -> None:

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_training import write_cache
 
 TESTS = Path(__file__).resolve().parent

@@ -7,7 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from ec_lora_t.hub import HubUnreachableError, check_reference, is_local_reference, resolve_pretrained
+from ec_lora_t.hub import (
+    HubUnreachableError,
+    check_reference,
+    is_local_reference,
+    resolve_pretrained,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
