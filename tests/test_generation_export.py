@@ -170,3 +170,19 @@ def test_diffusers_pipeline_with_several_images_per_prompt_gets_each_prompts_vec
     # wrong vector; the two vectors really give different images, so that mistake is visible.
     swapped = run(PROMPTS[:1], vectors[1:], 1, seeds[:1])
     assert np.abs(together[0] - swapped[0]).mean() > 10.0
+
+
+def test_an_adapter_with_non_finite_weights_is_refused_by_name(adapter_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    broken = tmp_path / "adapter"
+    shutil.copytree(adapter_dir, broken)
+    weights = load_file(broken / "ecm.safetensors")
+    name = sorted(weights)[0]
+    weights[name].view(-1)[0] = float("inf")
+    save_file(weights, broken / "ecm.safetensors")
+    with pytest.raises(ValueError, match=rf"{broken / 'ecm.safetensors'}: non-finite weights in \['{name}'\]"):
+        export_lora(broken, (0.5, 0.5), tmp_path / "lora.safetensors")
+    assert not (tmp_path / "lora.safetensors").exists()
