@@ -52,7 +52,7 @@ def test_the_repositorys_params_are_valid():
     ("changes", "expected"),
     [
         ({"train__lora_rank": 0}, "train.lora_rank = 0: must be greater than or equal to 1"),
-        ({"train__epochs": -3}, "train.epochs = -3: must be greater than or equal to 1"),
+        ({"train__epochs": -1}, "train.epochs = -1: must be greater than or equal to 1"),
         ({"train__epochs": 2.5}, "train.epochs = 2.5: must be a valid integer, got a number with a fractional part"),
         ({"train__learning_rate": "abc"}, "train.learning_rate = 'abc': must be a valid number"),
         ({"train__lora_rank": "abc"}, "train.lora_rank = 'abc': must be a valid integer"),
