@@ -80,8 +80,7 @@ class Section(BaseModel):
     """Base of every params section's schema: unknown keys are errors, numbers must be finite.
 
     Validators that look at the file system resolve relative paths against
-    `info.context["root"]`, the params file's folder (where DVC runs the stages), and accept
-    the paths in `info.context["pipeline_outputs"]`, which a stage writes later.
+    `info.context["root"]`, the params file's folder (where DVC runs the stages).
     """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
@@ -107,15 +106,11 @@ def _describe(error: dict[str, Any], section: str, schema: type[Section]) -> str
 
 
 def validate_section(
-    schema: type[SectionT], section: str, values: Any, source: str | Path = "params.yaml", root: str | Path = ".",
-    pipeline_outputs: tuple[str, ...] = (),
+    schema: type[SectionT], section: str, values: Any, source: str | Path = "params.yaml", root: str | Path = "."
 ) -> SectionT:
-    """`values` checked against `schema`; `ParamsError` (one line, every problem) otherwise.
-
-    `pipeline_outputs`: paths a stage writes, which may not exist yet when params are checked.
-    """
+    """`values` checked against `schema`; `ParamsError` (one line, every problem) otherwise."""
     try:
-        return schema.model_validate(values, context={"root": Path(root), "pipeline_outputs": pipeline_outputs})
+        return schema.model_validate(values, context={"root": Path(root)})
     except ValidationError as error:
         problems = "; ".join(_describe(e, section, schema) for e in error.errors(include_url=False))
         raise ParamsError(f"{source}: {problems}") from None

@@ -10,10 +10,11 @@ else. The output file's content never changes, so a valid param change reruns th
 and then only the stages that read that param, as before.
 
 Each section is checked by its schema in `stages/params/`; the error names the key, the
-value and what is allowed, one line for every problem found. Then every hub id the pipeline
-will load (`model.pretrained`; `caption.model` when BLIP is asked for) must be in the local
-Hugging Face cache or reachable within seconds (`ec_lora_t.hub.resolve_pretrained`): an
-unreachable hub is found here too, not after DVC deleted the latents stage's outputs.
+value and what is allowed, one line for every problem found. Then what the stages would
+otherwise find only after DVC deleted their outputs: `ingest.posts_dir` must exist (unless a
+stage writes it: `--pipeline-output`), and every hub id the pipeline will load
+(`model.pretrained`; `caption.model` when BLIP is asked for) must be in the local Hugging Face
+cache or reachable within seconds (`ec_lora_t.hub.resolve_pretrained`).
 """
 
 from __future__ import annotations
@@ -70,16 +71,25 @@ def validate_params(params_path: str | Path, pipeline_outputs: tuple[str, ...] =
             problems.append(f"section '{name}' is missing")
             continue
         try:
-            sections[name] = validate_section(schema, name, params[name], source="", root=Path(params_path).parent,
-                                              pipeline_outputs=pipeline_outputs)
+            sections[name] = validate_section(schema, name, params[name], source="", root=Path(params_path).parent)
         except ParamsError as error:
             problems.append(str(error).removeprefix(": "))
     if problems:
         raise ParamsError(f"{params_path}: {'; '.join(problems)}")
-    problems = _unreachable_hub_ids(sections, Path(params_path).parent)
+    root = Path(params_path).parent
+    problems = _missing_posts_dir(sections, root, pipeline_outputs) + _unreachable_hub_ids(sections, root)
     if problems:
         raise ParamsError(f"{params_path}: {'; '.join(problems)}")
     return sections
+
+
+def _missing_posts_dir(sections: dict[str, Section], root: Path, pipeline_outputs: tuple[str, ...]) -> list[str]:
+    """ingest.posts_dir must exist: DVC would delete ingest's outputs before finding the dep missing."""
+    posts_dir = sections["ingest"].posts_dir
+    folder = root / Path(posts_dir).expanduser()
+    if folder.is_dir() or Path(posts_dir).as_posix().rstrip("/") in pipeline_outputs:
+        return []
+    return [f"ingest.posts_dir = {posts_dir!r}: no such folder ({folder})"]
 
 
 def _unreachable_hub_ids(sections: dict[str, Section], root: Path) -> list[str]:
