@@ -142,7 +142,6 @@ def measure_loop(unet_config, scheduler, cache, lora_config, training, device, w
                                checkpoints, on_step=clock, log=lambda message: None)
     figures = {"images_per_second": clock.images_per_second, "whole_run_images_per_second": result.images_per_second,
                "peak_memory_gb": peak_gb(device), "steps": result.steps, "final_loss": result.final_loss}
-    del unet
     return figures
 
 
@@ -188,7 +187,6 @@ def measure_steps(unet_config, scheduler, lora_config, training, batch, device, 
             optimizer.zero_grad(set_to_none=True)
 
         results[f"step:{mode}"] = measure_step(unet, step, batch["latent_mean"].shape[0], steps, warmup, device)
-        del unet, adapter, optimizer
     # The anchor: diffusers' own PEFT integration, the same targets, rank and alpha.
     reset_memory(device)
     torch.manual_seed(0)
@@ -213,7 +211,6 @@ def measure_steps(unet_config, scheduler, lora_config, training, batch, device, 
         optimizer.zero_grad(set_to_none=True)
 
     results["peft_anchor"] = measure_step(unet, peft_step, batch["latent_mean"].shape[0], steps, warmup, device)
-    del unet, optimizer
     return results
 
 
@@ -257,7 +254,6 @@ def measure_sampling(folder: Path, device, resolution: int, batch_size: int, ste
         name = f"sample:{sampler}_{steps}steps" + ("_vector_guidance" if vector_guidance != 1.0 else "")
         results[name] = {"images_per_second": 2 * batch_size / (time.perf_counter() - started),
                          "peak_memory_gb": peak_gb(device)}
-        del pipeline
         reset_memory(device)
     return results
 

@@ -1,18 +1,80 @@
-"""The `ec-lora-t` command line. Each command only parses its options and calls one library function."""
+"""The `ec-lora-t` command line. Each command only parses its options and calls one library function.
+
+Errors: a command that fails prints one line, `error: <what and why>`, and exits with status 1
+(2 for an option that does not parse); `ec-lora-t --debug <command>` (or EC_LORA_T_DEBUG=1)
+shows the traceback instead. The console script is `main`, which also folds click's usage errors
+into one line. Default paths
+(the adapter, the base model, the normalisation statistics) are read from the repository this
+package was installed from, or the one above the current folder, never from the current folder.
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
 
-app = typer.Typer(help="EC-LoRA-T: engagement- and time-conditioned LoRA for Stable Diffusion.", no_args_is_help=True)
+app = typer.Typer(
+    help="EC-LoRA-T: engagement- and time-conditioned LoRA for Stable Diffusion.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+DEBUG_ENV = "EC_LORA_T_DEBUG"
+# Defaults inside the repository (params.yaml's model.pretrained and the stages' outputs).
+DEFAULT_PRETRAINED = "models/ec-lora-t-base"
+DEFAULT_ADAPTER = "data/train/adapter"
+DEFAULT_STATS = "data/features/normalization.json"
+_debug = {"on": os.environ.get(DEBUG_ENV, "") not in ("", "0")}
+Result = TypeVar("Result")
+# click's exception base, as typer raises it (recent typer vendors click: not `click.ClickException`).
+_CLICK_EXCEPTION = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException")
+
+
+@app.callback()
+def _options(
+    debug: Annotated[bool, typer.Option("--debug", help="On an error, show the traceback, not one line.")] = False,
+) -> None:
+    _debug["on"] = debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def _run(function: Callable[..., Result], *args: Any, **kwargs: Any) -> Result:
+    """Call the command's library function; an error becomes one line on stderr and exit status 1."""
+    try:
+        return function(*args, **kwargs)
+    except Exception as error:
+        if _debug["on"]:
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        typer.echo(f"error: {message} (--debug shows the traceback)", err=True)
+        raise typer.Exit(1) from None
+
+
+def repository_root() -> Path | None:
+    """The ec-lora-t repository: the one this package lives in (an editable install), else the
+    nearest folder above the current one that holds dvc.yaml and params.yaml."""
+    package_parent = Path(__file__).resolve().parent.parent
+    for folder in (package_parent, *[Path.cwd().resolve(), *Path.cwd().resolve().parents]):
+        if (folder / "dvc.yaml").is_file() and (folder / "params.yaml").is_file():
+            return folder
+    return None
+
+
+def _in_repository(relative: str, option: str) -> Path:
+    """A default path, read from the repository root rather than the current folder."""
+    root = repository_root()
+    if root is None:
+        raise ValueError(f"{option} not given and no ec-lora-t repository found (none holds this package or "
+                         f"the current folder) to read the default {relative} from; give {option}")
+    return root / relative
 
 
 @app.command("demo-data")
 def demo_data(
-    out: Annotated[Path, typer.Option(help="Folder to write <shortcode>/img_XX.jpg + metadata.csv into.")] = Path("data/demo_posts"),
+    out: Annotated[Path | None, typer.Option(help="Folder to write <shortcode>/img_XX.jpg + metadata.csv into "
+                                                  "[default: data/demo_posts in the repository].")] = None,
     num_posts: Annotated[int, typer.Option(help="Number of posts (carousels add images).")] = 200,
     image_size: Annotated[int, typer.Option(help="Side of the square images, px.")] = 64,
     seed: Annotated[int, typer.Option(help="Seed: the same seed writes the same feed.")] = 7,
@@ -20,7 +82,8 @@ def demo_data(
     """Write the deterministic synthetic creator feed in the report's layout."""
     from ec_lora_t.demo.demo_data import write_demo_posts
 
-    summary = write_demo_posts(out, num_posts=num_posts, image_size=image_size, seed=seed)
+    out = out or _run(_in_repository, "data/demo_posts", "--out")
+    summary = _run(write_demo_posts, out, num_posts=num_posts, image_size=image_size, seed=seed)
     typer.echo(f"wrote {summary['posts']} posts ({summary['images']} images) to {out}")
 
 
@@ -37,12 +100,13 @@ def build_tiny_base(
     from ec_lora_t.demo.tiny_model import build_tiny_stable_diffusion
 
     save_dtype = torch.float16 if fp16 else torch.float32
-    typer.echo(f"saved to {build_tiny_stable_diffusion(out, seed=seed, resolution=resolution, save_dtype=save_dtype)}")
+    typer.echo(f"saved to {_run(build_tiny_stable_diffusion, out, seed=seed, resolution=resolution, save_dtype=save_dtype)}")
 
 
 @app.command("pretrain-base")
 def pretrain_base(
-    out: Annotated[Path, typer.Option(help="Folder for the model (replaced) in diffusers layout.")] = Path("models/ec-lora-t-base"),
+    out: Annotated[Path | None, typer.Option(help="Folder for the model (replaced) in diffusers layout "
+                                                  "[default: models/ec-lora-t-base in the repository].")] = None,
     steps: Annotated[int, typer.Option(help="UNet + text encoder steps.")] = 3140,
     vae_steps: Annotated[int, typer.Option(help="VAE steps, before the UNet phase.")] = 2000,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 256,
@@ -57,15 +121,24 @@ def pretrain_base(
     # No CUDA call before this: pretrain_base renders in forked workers first.
     from ec_lora_t.demo.pretrain import pretrain_base as run_pretraining
 
-    summary = run_pretraining(out, steps=steps, vae_steps=vae_steps, batch_size=batch_size, resolution=resolution,
-                              num_images=num_images, learning_rate=learning_rate, seed=seed, device=device,
-                              time_limit_s=time_limit_s)
+    out = out or _run(_in_repository, DEFAULT_PRETRAINED, "--out")
+    summary = _run(run_pretraining, out, steps=steps, vae_steps=vae_steps, batch_size=batch_size,
+                   resolution=resolution, num_images=num_images, learning_rate=learning_rate, seed=seed,
+                   device=device, time_limit_s=time_limit_s)
     typer.echo(f"saved to {out}: {summary.to_json()}")
 
 
-DEFAULT_PRETRAINED = "models/ec-lora-t-base"  # the embedded default of params.yaml's model.pretrained
-DEFAULT_ADAPTER = Path("data/train/adapter")
-DEFAULT_STATS = Path("data/features/normalization.json")
+def _unit_interval(context: typer.Context, parameter: typer.CallbackParam, values: Any) -> Any:
+    """Parse-time check of --engagement and --time (the library checks again, for its other callers)."""
+    # torch only, not diffusers: a bad value fails fast
+    from ec_lora_t.adapter.ecm import check_unit_interval
+
+    for value in values if isinstance(values, list) else [values]:
+        try:
+            check_unit_interval("the value", value)
+        except ValueError as error:
+            raise typer.BadParameter(str(error)) from None
+    return values
 
 
 def _pair(name_a: str, values_a: list, name_b: str, values_b: list) -> list[tuple]:
@@ -73,41 +146,54 @@ def _pair(name_a: str, values_a: list, name_b: str, values_b: list) -> list[tupl
     if len(values_b) == 1:
         values_b = values_b * len(values_a)
     if len(values_a) != len(values_b):
-        raise typer.BadParameter(f"give one {name_b} or one per {name_a} ({len(values_a)} {name_a}, {len(values_b)} {name_b})")
+        raise ValueError(f"give one {name_b} or one per {name_a} ({len(values_a)} {name_a}, {len(values_b)} {name_b})")
     return list(zip(values_a, values_b))
 
 
 def _vectors(engagement: list[float], time: list[float], likes: list[int], comments: list[int], date: list[str],
-             stats: Path) -> list[tuple[float, float]]:
-    """The (normalized_engagement, normalized_time) rows asked for, directly or as raw values."""
+             stats: Path | None) -> tuple[list[tuple[float, float]], list[dict] | None]:
+    """The (normalized_engagement, normalized_time) rows asked for, and for raw values what they came from.
+
+    Raw values outside the training range are clipped into [0, 1] with a warning on stderr;
+    the PNG metadata records the raw and the clipped values.
+    """
     if engagement and likes:
-        raise typer.BadParameter("give either --engagement/--time or --likes/--comments/--date, not both")
+        raise ValueError("give either --engagement/--time or --likes/--comments/--date, not both")
     if engagement:
-        return [(float(e), float(t)) for e, t in _pair("--engagement", engagement, "--time", time or [0.5])]
+        return [(float(e), float(t)) for e, t in _pair("--engagement", engagement, "--time", time or [0.5])], None
     if not likes:
-        raise typer.BadParameter("give --engagement (with --time) or --likes (with --comments and --date)")
+        raise ValueError("give --engagement (with --time) or --likes (with --comments and --date)")
     from ec_lora_t.data.features import EngagementTimeNormalizer
 
-    normalizer = EngagementTimeNormalizer.from_json(stats)
+    normalizer = EngagementTimeNormalizer.from_json(stats or _in_repository(DEFAULT_STATS, "--stats"))
     rows = _pair("--likes", likes, "--comments", comments or [0])
     dates = [d for _, d in _pair("--likes", likes, "--date", date or [None])]
-    return [tuple(float(v) for v in normalizer.vector(likes=l, comments=c, date=d)) for (l, c), d in zip(rows, dates)]
+    queries = [normalizer.query(likes=l, comments=c, date=d) for (l, c), d in zip(rows, dates)]
+    for query in queries:
+        for warning in query.warnings:
+            typer.echo(f"warning: {warning}", err=True)
+    return [query.vector for query in queries], [query.metadata() for query in queries]
 
 
 @app.command()
 def generate(
     prompt: Annotated[list[str], typer.Option(help="Prompt; repeat for several.")],
-    engagement: Annotated[list[float], typer.Option(help="Normalised engagement in [0, 1]; repeat for several.")] = [],
-    time: Annotated[list[float], typer.Option(help="Normalised time in [0, 1]: one, or one per --engagement.")] = [],
+    engagement: Annotated[list[float], typer.Option(help="Normalised engagement in [0, 1]; repeat for several.",
+                                                     callback=_unit_interval)] = [],
+    time: Annotated[list[float], typer.Option(help="Normalised time in [0, 1]: one, or one per --engagement.",
+                                               callback=_unit_interval)] = [],
     likes: Annotated[list[int], typer.Option(help="Raw likes, converted with --stats; repeat for several.")] = [],
     comments: Annotated[list[int], typer.Option(help="Raw comments: one, or one per --likes.")] = [],
     date: Annotated[list[str], typer.Option(help="Post date (ISO, e.g. 2025-06-01): one, or one per --likes.")] = [],
     seed: Annotated[list[int], typer.Option(help="Sampling seed; repeat for several.")] = [42],
     out: Annotated[Path, typer.Option(help="Folder for the PNGs.")] = Path("generated"),
-    adapter: Annotated[Path, typer.Option(help="Trained adapter folder.")] = DEFAULT_ADAPTER,
-    pretrained: Annotated[str, typer.Option(help="Base model: hub id or diffusers folder.")] = DEFAULT_PRETRAINED,
-    stats: Annotated[Path, typer.Option(help="Normalisation statistics of the features stage.")] = DEFAULT_STATS,
-    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 30,
+    adapter: Annotated[Path | None, typer.Option(help=f"Trained adapter folder [default: {DEFAULT_ADAPTER} in the "
+                                                      "repository].")] = None,
+    pretrained: Annotated[str | None, typer.Option(help="Base model: hub id or diffusers folder [default: "
+                                                        f"{DEFAULT_PRETRAINED} in the repository].")] = None,
+    stats: Annotated[Path | None, typer.Option(help="Normalisation statistics of the features stage [default: "
+                                                    f"{DEFAULT_STATS} in the repository].")] = None,
+    steps: Annotated[int, typer.Option(help="Sampling steps.", min=1)] = 30,
     sampler: Annotated[str, typer.Option(help="ddim | dpmsolver++ (both deterministic).")] = "ddim",
     guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
     vector_guidance: Annotated[float, typer.Option(help="Guidance on the vector (1: none beyond the text's).")] = 1.0,
@@ -115,28 +201,54 @@ def generate(
     mode: Annotated[str, typer.Option(help="ec_lora | plain_lora (ECM off) | base (no adapter).")] = "ec_lora",
 ) -> None:
     """Generate images for every prompt x vector x seed, in one batch; the vector goes into the PNG metadata."""
+    vectors, raw = _run(_vectors, engagement, time, likes, comments, date, stats)
+    # diffusers takes seconds to import: only after the checks above
     from ec_lora_t.generation import VectorSampling
     from ec_lora_t.generation import generate as generate_pngs
 
-    vectors = _vectors(engagement, time, likes, comments, date, stats)
-    paths = generate_pngs(pretrained, adapter, prompt, vectors, seed, out, num_inference_steps=steps,
-                          guidance_scale=guidance_scale, mode=mode, sampler=sampler,
-                          sampling=VectorSampling(vector_guidance, vector_scale))
+    paths = _run(
+        generate_pngs,
+        pretrained or str(_run(_in_repository, DEFAULT_PRETRAINED, "--pretrained")),
+        adapter or _run(_in_repository, DEFAULT_ADAPTER, "--adapter"),
+        prompt, vectors, seed, out, num_inference_steps=steps, guidance_scale=guidance_scale, mode=mode,
+        sampler=sampler, sampling=VectorSampling(vector_guidance, vector_scale), vector_metadata=raw,
+    )
     typer.echo("\n".join(str(path) for path in paths))
 
 
 @app.command()
 def export(
-    engagement: Annotated[float, typer.Option(help="Normalised engagement in [0, 1] to bake in.")],
-    time: Annotated[float, typer.Option(help="Normalised time in [0, 1] to bake in.")],
+    engagement: Annotated[float, typer.Option(help="Normalised engagement in [0, 1] to bake in.",
+                                               callback=_unit_interval)],
+    time: Annotated[float, typer.Option(help="Normalised time in [0, 1] to bake in.", callback=_unit_interval)],
     out: Annotated[Path, typer.Option(help="The .safetensors LoRA file to write.")] = Path("ec_lora_t_export.safetensors"),
     format: Annotated[str, typer.Option(help="diffusers (PEFT keys) | kohya (A1111, ComfyUI).")] = "diffusers",
-    adapter: Annotated[Path, typer.Option(help="Trained adapter folder.")] = DEFAULT_ADAPTER,
+    adapter: Annotated[Path | None, typer.Option(help=f"Trained adapter folder [default: {DEFAULT_ADAPTER} in the "
+                                                      "repository].")] = None,
 ) -> None:
     """Bake the ECM scales for one vector into a plain LoRA file that standard tools load."""
     from ec_lora_t.adapter.export import export_lora
 
-    typer.echo(f"wrote {export_lora(adapter, (engagement, time), out, format=format)}")
+    adapter = adapter or _run(_in_repository, DEFAULT_ADAPTER, "--adapter")
+    typer.echo(f"wrote {_run(export_lora, adapter, (engagement, time), out, format=format)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The `ec-lora-t` console script: `app`, with a usage error (an option that does not parse) as one line."""
+    try:
+        code = app(args=argv, prog_name="ec-lora-t", standalone_mode=False)
+    except _CLICK_EXCEPTION as error:
+        if type(error).__name__ == "NoArgsIsHelpError":  # `ec-lora-t` alone: the help
+            typer.echo(error.format_message())
+            raise SystemExit(0) from None
+        context = getattr(error, "ctx", None)
+        hint = f"; see `{context.command_path} --help`" if context is not None else ""
+        typer.echo(f"error: {' '.join(error.format_message().split()).rstrip('.')}{hint}", err=True)
+        raise SystemExit(error.exit_code) from None
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        raise SystemExit(1) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 @app.command("app")
@@ -160,4 +272,4 @@ def slider_app(
 
 
 if __name__ == "__main__":
-    app()
+    main()

@@ -30,8 +30,9 @@ from ec_lora_t.adapter.conditioning import (
     ecm_outputs,
     engagement_conditioning,
 )
-from ec_lora_t.adapter.ecm import ENGAGEMENT_TIME_DIM
+from ec_lora_t.adapter.ecm import ENGAGEMENT_TIME_DIM, check_engagement_time
 from ec_lora_t.adapter.model import ECLoRAAdapter, load_adapter
+from ec_lora_t.hub import resolve_pretrained
 from ec_lora_t.models import diffusers_dtype, quiet_loading
 
 
@@ -75,7 +76,8 @@ def load_pipeline(
         torch_dtype = torch.float16 if device.type == "cuda" else torch.float32
     with quiet_loading():
         pipeline = StableDiffusionPipeline.from_pretrained(
-            str(pretrained), **diffusers_dtype(torch_dtype), safety_checker=None, requires_safety_checker=False
+            resolve_pretrained(pretrained, what="pretrained model"), **diffusers_dtype(torch_dtype),
+            safety_checker=None, requires_safety_checker=False,
         )
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
@@ -324,19 +326,31 @@ def generate(
     device: str | None = None,
     sampling: VectorSampling = VectorSampling(),
     sampler: str = "ddim",
+    vector_metadata: Sequence[dict[str, Any]] | None = None,
 ) -> list[Path]:
     """The `ec-lora-t generate` core: every prompt x vector x seed, in one batched run, to PNGs.
 
     Files are `<row>_e<engagement>_t<time>_seed<seed>.png` in `out_dir`, with the vector,
-    prompt, seed, mode and sampler settings in the PNG text chunks.
+    prompt, seed, mode and sampler settings in the PNG text chunks, plus `vector_metadata[i]`
+    (one dict per vector, e.g. the raw likes and date it came from) in those of vector i.
+    Vectors must lie in [0, 1] and the step count be at least 1: checked before any model loads.
     """
     if not prompts or not seeds:
         raise ValueError("give at least one prompt and one seed")
     if mode == "ec_lora" and not vectors:
         raise ValueError("give at least one engagement-time vector")
+    if mode == "ec_lora":
+        vectors = check_engagement_time(vectors)
+    if vector_metadata is not None and len(vector_metadata) != len(vectors):
+        raise ValueError(f"got {len(vector_metadata)} vector_metadata entries for {len(vectors)} vectors")
+    if int(num_inference_steps) < 1:
+        raise ValueError(f"the number of sampling steps must be at least 1, got {num_inference_steps}")
+    if not (math.isfinite(guidance_scale) and guidance_scale >= 0):
+        raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
     # Without the ECM (plain_lora, base) the vector does nothing: one row per prompt and seed.
     vector_rows = [tuple(v) for v in vectors] if mode == "ec_lora" else [(float("nan"), float("nan"))]
     rows = list(itertools.product(prompts, vector_rows, seeds))
+    row_vector_index = [index for _, index, _ in itertools.product(prompts, range(len(vector_rows)), seeds)]
     pipeline = load_pipeline(pretrained, adapter_dir, device=device, sampler=sampler)
     engagement_time = torch.tensor([vector for _, vector, _ in rows], dtype=torch.float32)
     images = generate_images(
@@ -368,6 +382,8 @@ def generate(
         if mode == "ec_lora":
             metadata |= {"normalized_engagement": engagement, "normalized_time": time,
                          "engagement_time": [engagement, time]}
+            if vector_metadata is not None:
+                metadata |= vector_metadata[row_vector_index[index]]
             name = f"{index:03d}_e{engagement:.3f}_t{time:.3f}_seed{seed}.png"
         else:
             name = f"{index:03d}_{mode}_seed{seed}.png"

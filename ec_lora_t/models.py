@@ -3,7 +3,8 @@
 There is one loading path: every component comes from `from_pretrained(pretrained, subfolder=...)`,
 where `pretrained` is a hub id (`stable-diffusion-v1-5/stable-diffusion-v1-5`) or a local folder
 in diffusers layout. The demo's tiny model
-(`ec_lora_t.demo.tiny_model`) is saved in that layout and loaded the same way.
+(`ec_lora_t.demo.tiny_model`) is saved in that layout and loaded the same way. Which of the two a
+string is, and failing in seconds when it is neither there nor reachable: `ec_lora_t.hub`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import transformers
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from packaging.version import Version
 from transformers import CLIPTextModel, CLIPTokenizer
+
+from ec_lora_t.hub import resolve_pretrained
 
 # diffusers reads `dtype` in from_pretrained since 0.40 and, in pipelines, warns that
 # `torch_dtype` is deprecated (FutureWarning); older releases know only `torch_dtype`.
@@ -68,6 +71,8 @@ def quiet_loading() -> Iterator[None]:
             huggingface_hub.utils.disable_progress_bars()
 
 
+
+
 @dataclass
 class StableDiffusionComponents:
     tokenizer: CLIPTokenizer
@@ -81,7 +86,7 @@ def load_components(
     pretrained: str | Path, torch_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> StableDiffusionComponents:
     """Load tokenizer, text encoder, VAE, UNet and DDPM scheduler from a hub id or a diffusers folder."""
-    pretrained = str(pretrained)
+    pretrained = resolve_pretrained(pretrained, what="model.pretrained")
     with quiet_loading():
         tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer")
         text_encoder = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", dtype=torch_dtype)

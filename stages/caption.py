@@ -8,7 +8,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from ec_lora_t.data.captioning import build_captions
-from stages._common import load_params, stage_parser, write_metrics
+from stages._common import load_section, run_stage, stage_parser, write_metrics
+from stages.params.caption import CaptionParams
 
 # How this run went (cache use), not what it produced: kept out of the committed metrics so
 # that a rerun with the same captions leaves git clean.
@@ -22,19 +23,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache", required=True, help="caption cache folder (kept between runs)")
     parser.add_argument("--run-info", required=True, help="JSON of this run's timing and cache use (not a metric)")
     args = parser.parse_args(argv)
-    params = load_params("caption", args.params)
+    params = load_section(CaptionParams, "caption", args.params)
 
     started = time.perf_counter()
     posts = pd.read_parquet(args.posts)
     result = build_captions(
         posts,
-        source=params["source"],
-        style_tag=params["style_tag"],
-        hemisphere=params["hemisphere"],
-        model=params["model"] or None,
+        source=params.source,
+        style_tag=params.style_tag,
+        hemisphere=params.hemisphere,
+        model=params.model or None,
+        missing_text=params.missing_text,
         cache_dir=args.cache,
-        batch_size=int(params["batch_size"]),
-        max_new_tokens=int(params["max_new_tokens"]),
+        batch_size=params.batch_size,
+        max_new_tokens=params.max_new_tokens,
         # Ingest already rejected images over its own ingest.max_image_pixels.
         max_image_pixels=None,
     )
@@ -46,15 +48,18 @@ def main(argv: list[str] | None = None) -> None:
     )
     if metrics["uncaptioned"]:
         print(
-            f"caption: {metrics['uncaptioned']} image(s) have no post text and caption.model is empty; "
-            f"left out: {metrics['uncaptioned_paths']}",
+            f"caption: {metrics['uncaptioned']} image(s) have no caption (no post text and caption.missing_text "
+            f"is {params.missing_text!r}); left out: {metrics['uncaptioned_paths']}",
             file=sys.stderr,
         )
+    if metrics["generic"]:
+        print(f"caption: {metrics['generic']} image(s) have no post text; they train on the generic caption "
+              "(caption.missing_text: generic)", file=sys.stderr)
     if result.table.num_rows == 0:
-        sys.exit(f"caption: no image of {args.posts} could be captioned (source {params['source']})")
+        sys.exit(f"caption: no image of {args.posts} could be captioned (source {params.source})")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(result.table, args.out)
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

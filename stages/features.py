@@ -6,7 +6,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from ec_lora_t.data.features import build_feature_table
-from stages._common import load_params, stage_parser, write_metrics
+from stages._common import load_section, run_stage, stage_parser, write_metrics
+from stages.params.features import FeaturesParams
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -16,13 +17,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="train.parquet to write (schema: docs/schema.md)")
     parser.add_argument("--stats", required=True, help="normalization.json: statistics for later queries")
     args = parser.parse_args(argv)
-    params = load_params("features", args.params)
+    params = load_section(FeaturesParams, "features", args.params)
 
     result = build_feature_table(
         pd.read_parquet(args.posts),
         pd.read_parquet(args.captions),
-        comment_weight=float(params["comment_weight"]),
-        normalization=params["normalization"],
+        comment_weight=params.comment_weight,
+        normalization=params.normalization,
     )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(result.table, args.out)
@@ -31,4 +32,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -1,12 +1,37 @@
-"""Stage `ingest`: read the post export (report or instaloader layout) into one row per image."""
+"""Stage `ingest`: read the post export (report or instaloader layout) into one row per image.
 
+Also stops a feed too small to evaluate here, before captioning and encoding: the regressor
+stage runs both protocols, and reads `regressor.folds` for the grouped one.
+"""
+
+import math
 import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from ec_lora_t.data.ingest import IngestError, ingest_posts
-from stages._common import load_params, stage_parser, write_metrics
+from stages._common import load_section, run_stage, stage_parser, write_metrics
+from stages.params.ingest import IngestParams
+from stages.params.regressor import RegressorParams
+
+# The report protocol's random 80/20 image split needs this many images
+# (ec_lora_t.evaluation.regressor.evaluate_report_protocol).
+REPORT_PROTOCOL_MIN_IMAGES = 5
+
+
+def minimum_posts(folds: int) -> int:
+    """Fewest posts the grouped `folds`-fold protocol runs on.
+
+    Each outer fold holds out about 1/folds of the posts, and the ridge penalty is chosen by
+    a grouped split of the posts left, which needs at least 2 of them
+    (ec_lora_t.evaluation.regressor.evaluate_grouped_kfold; tests/test_regressor.py checks
+    this against it).
+    """
+    posts = folds
+    while posts - math.ceil(posts / folds) < 2:
+        posts += 1
+    return posts
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -14,14 +39,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-table", required=True, help="posts.parquet: one row per usable image")
     parser.add_argument("--out-rejects", required=True, help="rejects.parquet: path, reason, detail")
     args = parser.parse_args(argv)
-    params = load_params("ingest", args.params)
+    params = load_section(IngestParams, "ingest", args.params)
+    folds = load_section(RegressorParams, "regressor", args.params).folds
 
     try:
         result = ingest_posts(
-            params["posts_dir"],
-            format=params.get("format", "auto"),
-            videos=params.get("videos", "thumbnail"),
-            max_image_pixels=int(params["max_image_pixels"]),
+            params.posts_dir, format=params.format, videos=params.videos, max_image_pixels=params.max_image_pixels
         )
     except IngestError as error:
         sys.exit(f"ingest: {error}")
@@ -36,8 +59,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"ingest: rejected {reject.path}: {reject.reason}: {reject.detail}", file=sys.stderr)
     if not result.records:
         sys.exit(
-            f"ingest: no valid post left in {params['posts_dir']} ({metrics['rejected']} rejected, "
+            f"ingest: no valid post left in {params.posts_dir} ({metrics['rejected']} rejected, "
             f"by reason {_nonzero(metrics['rejected_by_reason'])}); see {args.out_rejects}"
+        )
+    needed = minimum_posts(folds)
+    if metrics["posts"] < needed or metrics["images"] < REPORT_PROTOCOL_MIN_IMAGES:
+        sys.exit(
+            f"ingest: {metrics['posts']} usable posts ({metrics['images']} images) in {params.posts_dir} are too few "
+            f"to evaluate: the regressor's grouped protocol with regressor.folds={folds} needs at least {needed} "
+            f"posts, its report protocol at least {REPORT_PROTOCOL_MIN_IMAGES} images. Add posts, or lower "
+            "regressor.folds (>= 2); stopped before captioning"
         )
     pq.write_table(result.posts_table(), args.out_table)
     print(
@@ -52,4 +83,4 @@ def _nonzero(counts: dict[str, int]) -> dict[str, int]:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -24,7 +24,9 @@ from ec_lora_t.data.latents import (
     text_cache_namespace,
 )
 from ec_lora_t.models import load_components
-from stages._common import load_params, stage_parser, write_metrics
+from stages._common import load_section, run_stage, stage_parser, write_metrics
+from stages.params.latents import LatentsParams
+from stages.params.model import ModelParams
 
 INDEX_COLUMNS = [
     "shortcode", "image_index", "image_path", "image_sha256", "normalized_engagement", "normalized_time",
@@ -38,9 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache", required=True, help="content cache folder (kept between runs)")
     parser.add_argument("--run-info", required=True, help="JSON of this run's timings and cache use (not a metric)")
     args = parser.parse_args(argv)
-    model_params = load_params("model", args.params)
-    params = load_params("latents", args.params)
-    pretrained, resolution = model_params["pretrained"], int(model_params["resolution"])
+    model_params = load_section(ModelParams, "model", args.params)
+    params = load_section(LatentsParams, "latents", args.params)
+    pretrained, resolution = model_params.pretrained, model_params.resolution
 
     started = time.perf_counter()
     table = pd.read_parquet(args.features)
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     components = load_components(pretrained, device=device)
     stats = EncodingStats()
     writer = LatentShardWriter(
-        args.out, int(params["shard_size"]), metadata={"pretrained": str(pretrained), "resolution": resolution}
+        args.out, params.shard_size, metadata={"pretrained": str(pretrained), "resolution": resolution}
     )
     batches = encode_feed(
         components,
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         resolution=resolution,
         image_cache=TensorCache(f"{args.cache}/{image_cache_namespace(pretrained, resolution)}"),
         text_cache=TensorCache(f"{args.cache}/{text_cache_namespace(pretrained)}"),
-        batch_size=int(params["batch_size"]),
+        batch_size=params.batch_size,
         stats=stats,
     )
     shapes = {}
@@ -96,4 +98,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -6,6 +6,7 @@ side in metrics/regressor.json; `regressor.protocol` picks the model the evaluat
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +18,16 @@ from ec_lora_t.data.latent_shards import (
     read_shard_index,
 )
 from ec_lora_t.evaluation.regressor import (
-    PROTOCOLS,
     evaluate_grouped_kfold,
     evaluate_report_protocol,
 )
-from stages._common import load_params, stage_parser, write_metrics
+from stages._common import load_section, run_stage, stage_parser, write_metrics
+from stages.params.regressor import RegressorParams
 
 INDEX_COLUMNS = ("shortcode", "image_index", "normalized_engagement", "normalized_time")
+# Below this many held-out images (in a fold, or in the report's test split) R^2 and Spearman
+# swing with single images: 2 test images give a Spearman of +-1 whatever the model.
+SMALL_SAMPLE_IMAGES = 10
 
 
 def load_training_latents(latents_dir: Path) -> tuple[np.ndarray, pd.DataFrame]:
@@ -46,12 +50,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="folder of held-out predictions, one CSV per protocol (DVC plots)")
     args = parser.parse_args(argv)
 
-    params = load_params("regressor", args.params)
-    missing = [key for key in ("protocol", "folds", "alphas", "seed") if key not in params]
-    if missing:
-        raise KeyError(f"params.yaml: section 'regressor' lacks {missing}")
-    if params["protocol"] not in PROTOCOLS:
-        raise ValueError(f"params.yaml: regressor.protocol must be one of {PROTOCOLS}, got {params['protocol']!r}")
+    params = load_section(RegressorParams, "regressor", args.params)
 
     latent_mean, index = load_training_latents(args.latents)
     inputs = dict(
@@ -62,11 +61,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     results = {
         "grouped_kfold": evaluate_grouped_kfold(
-            **inputs, folds=int(params["folds"]), alphas=list(params["alphas"]), seed=int(params["seed"])
+            **inputs, folds=params.folds, alphas=list(params.alphas), seed=params.seed
         ),
-        "report": evaluate_report_protocol(**inputs, seed=int(params["seed"])),
+        "report": evaluate_report_protocol(**inputs, seed=params.seed),
     }
-    results[params["protocol"]].regressor.save(args.out)
+    results[params.protocol].regressor.save(args.out)
 
     predictions = pd.concat(
         [
@@ -89,6 +88,14 @@ def main(argv: list[str] | None = None) -> None:
     for protocol, rows in predictions.groupby("protocol"):
         rows.to_csv(args.predictions / f"{protocol}.csv", index=False)
 
+    for name, result in results.items():
+        smallest = int(np.bincount(result.heldout_fold).min())
+        result.metrics["smallest_heldout_images"] = smallest
+        result.metrics["small_sample"] = smallest < SMALL_SAMPLE_IMAGES
+        if smallest < SMALL_SAMPLE_IMAGES:
+            print(f"regressor: the {name} protocol holds out as few as {smallest} image(s) at once "
+                  f"(< {SMALL_SAMPLE_IMAGES}); its R^2 and Spearman are unreliable (small_sample: true)",
+                  file=sys.stderr)
     write_metrics(
         args.metrics,
         {
@@ -101,4 +108,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

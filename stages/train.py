@@ -4,10 +4,13 @@ python -m stages.train --latents data/latents --out data/train/adapter \
     --checkpoints data/train/checkpoints --live data/train/live --metrics metrics/train.json \
     --run-info data/run_info/train.json
 
-Reads params sections `train` and `model` (pretrained). Resumes from the newest checkpoint
-in --checkpoints when one from the same data and params exists. Logs loss, learning rate
-and images/s per optimizer step with dvclive into --live (`plots/metrics/<name>.tsv`), live
-during `dvc exp run`; dvc.yaml declares the loss curve as an output and a plot.
+Reads params sections `train` and `model` (pretrained). An interrupted run resumes from its
+newest usable checkpoint in its own folder `--checkpoints/<fingerprint>/` (same base model,
+data, params and code); a finished run removed its checkpoints, so rerunning the stage
+(`dvc repro -f train`) trains from scratch. See ec_lora_t/training/checkpoint.py. Logs loss,
+gradient norm, learning rate and images/s per optimizer step with dvclive into --live
+(`plots/metrics/<name>.tsv`), live during `dvc exp run`; dvc.yaml declares the loss curve as
+an output and a plot.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Any
 
 from dvclive import Live
 from dvclive.plots import Metric
@@ -27,8 +29,11 @@ from ec_lora_t.progress import progress_bar
 from ec_lora_t.training.cache import load_latent_cache
 from ec_lora_t.training.config import TrainingConfig
 from ec_lora_t.training.loop import NonFiniteLossError, make_accelerator, train_ec_lora
-from stages._common import load_params, stage_parser, write_metrics
+from stages._common import load_section, run_stage, stage_parser, write_metrics
+from stages.params.model import ModelParams
+from stages.params.train import TrainParams
 
+# params key -> ECLoRAConfig field; every other key of the section is a TrainingConfig field.
 LORA_KEYS = {
     "lora_rank": "rank",
     "lora_alpha": "alpha",
@@ -38,27 +43,13 @@ LORA_KEYS = {
     "ecm_granularity": "ecm_granularity",
     "vector_embedding": "vector_embedding",
 }
-# Added after the report's setup: absent means the report's behaviour (ECLoRAConfig's default).
-OPTIONAL_LORA_KEYS = {"ecm_granularity", "vector_embedding"}
-TRAINING_KEYS = {
-    "learning_rate", "ecm_learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
-    "lr_warmup_ratio", "epochs", "batch_size", "gradient_accumulation_steps", "mixed_precision",
-    "gradient_checkpointing", "seed", "checkpoints_total_limit", "caption_dropout", "vector_dropout", "snr_gamma",
-    "engagement_balance", "shuffle_vectors", "conditioning",
-}
 
 
-def configs_from_params(params: dict[str, Any], source: str = "params.yaml") -> tuple[ECLoRAConfig, TrainingConfig]:
-    """Split the `train` section into the adapter's config and the loop's config."""
-    unknown = set(params) - set(LORA_KEYS) - TRAINING_KEYS
-    if unknown:
-        raise ValueError(f"{source}: unknown keys in section 'train': {sorted(unknown)}")
-    missing = [key for key in LORA_KEYS if key not in params and key not in OPTIONAL_LORA_KEYS]
-    if missing:
-        raise ValueError(f"{source}: section 'train' lacks {missing}")
-    lora_config = ECLoRAConfig(**{field: params[key] for key, field in LORA_KEYS.items() if key in params})
-    training = TrainingConfig(**{key: params[key] for key in TRAINING_KEYS if key in params})
-    return lora_config, training
+def configs_from_params(params: TrainParams) -> tuple[ECLoRAConfig, TrainingConfig]:
+    """Split the checked `train` section into the adapter's config and the loop's config."""
+    values = params.model_dump()
+    lora_config = ECLoRAConfig(**{field: values.pop(key) for key, field in LORA_KEYS.items()})
+    return lora_config, TrainingConfig(**values)
 
 
 class TrainingMonitor:
@@ -79,7 +70,7 @@ class TrainingMonitor:
         self._epoch: int | None = None
 
     def __call__(self, step: int, loss: float, *, epoch: int, learning_rate: float, images_seen: int,
-                 steps_per_epoch: int) -> None:
+                 steps_per_epoch: int, grad_norm: float | None = None) -> None:
         now = time.perf_counter()
         if self.first_step is None:
             self.first_step = step
@@ -96,6 +87,8 @@ class TrainingMonitor:
             self.live.step = step
             self.live.log_metric("loss", loss)
             self.live.log_metric("learning_rate", learning_rate)
+            if grad_norm is not None:
+                self.live.log_metric("grad_norm", grad_norm)
             if self._last is not None:
                 self.live.log_metric("images_per_second", (images_seen - self._last[1]) / (now - self._last[0]))
             self.live.next_step()
@@ -131,9 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
-    params = load_params("train", args.params)
-    pretrained = load_params("model", args.params)["pretrained"]
-    lora_config, training = configs_from_params(params, source=args.params)
+    lora_config, training = configs_from_params(load_section(TrainParams, "train", args.params))
+    pretrained = load_section(ModelParams, "model", args.params).pretrained
     cache = load_latent_cache(args.latents)
     # Only the UNet and the noise schedule are needed: latents and text are cached.
     components = load_components(pretrained)
@@ -157,6 +149,8 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"stage train stopped: {error}") from error
         if live is not None:
             complete_loss_log(live, result.losses, monitor.first_step)
+    if not accelerator.is_main_process:
+        return  # the main process writes the outputs
 
     last_epoch = result.losses[-math.ceil(len(result.losses) / result.epochs):]
     write_metrics(
@@ -166,6 +160,12 @@ def main(argv: list[str] | None = None) -> None:
             "final_epoch_mean_loss": sum(last_epoch) / len(last_epoch),
             "steps": result.steps,
             "epochs": result.epochs,
+            # Gradient norm of LoRA + ECM before clipping, per optimizer step (dvclive's grad_norm).
+            "max_grad_norm": result.max_grad_norm,
+            "grad_norm_final": result.grad_norms[-1],
+            "grad_norm_max": max(result.grad_norms),
+            "clipped_steps": sum(norm > result.max_grad_norm for norm in result.grad_norms)
+            if result.max_grad_norm is not None else 0,
             "mixed_precision": result.mixed_precision,
             "device": result.device,
             "num_images": result.num_images,
@@ -187,4 +187,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -135,13 +135,19 @@ def test_cache_is_keyed_by_model_and_survives_a_cut_last_line(tmp_path):
     assert model_cache_key("model-a", 30) != model_cache_key("model-a", 20)
 
 
-def test_post_text_source_uses_the_text_and_falls_back_to_the_model(tmp_path):
+def _textless_posts(tmp_path):
     posts = _posts(tmp_path, 4)
     posts.loc[1, "post_text"] = "#nothing #but #tags"
     posts.loc[2, "post_text"] = None
+    return posts
+
+
+def test_post_text_source_uses_blip_for_textless_posts_only_when_asked(tmp_path):
+    posts = _textless_posts(tmp_path)
     captioner = CountingCaptioner()
     result = build_captions(posts, source="post_text", style_tag="demo", hemisphere="south", model="fake",
-                            cache_dir=tmp_path / "cache", captioner_factory=lambda: captioner, progress=False)
+                            missing_text="blip", cache_dir=tmp_path / "cache", captioner_factory=lambda: captioner,
+                            progress=False)
     table = result.table.to_pandas()
     assert result.table.schema == CAPTIONS_SCHEMA
     assert captioner.images_seen == 2
@@ -149,13 +155,45 @@ def test_post_text_source_uses_the_text_and_falls_back_to_the_model(tmp_path):
     assert table.loc[0, "full_caption"] == "(demo style) a person wearing outfit number 0 (summer)"  # January, south
 
 
-def test_post_text_without_a_model_leaves_textless_images_out_and_says_so(tmp_path):
+def test_textless_posts_get_the_generic_caption_not_blip_by_default(tmp_path):
+    posts = _textless_posts(tmp_path)
+
+    def no_blip():
+        raise AssertionError("BLIP was loaded though missing_text is 'generic'")
+    # A model is configured (as in params.yaml), yet nothing reaches for it.
+    result = build_captions(posts, source="post_text", style_tag="demo", model="Salesforce/blip-image-captioning-base",
+                            cache_dir=tmp_path / "cache", captioner_factory=no_blip, progress=False)
+    table = result.table.to_pandas()
+    assert table["caption_source"].tolist() == ["post_text", "generic", "generic", "post_text"]
+    assert table.loc[1, "full_caption"] == f"(demo style) ({table.loc[1, 'season']})"
+    assert result.metrics["generic"] == 2 and result.metrics["from_model"] == 0
+
+
+def test_post_text_skip_leaves_textless_images_out_and_says_so(tmp_path):
     posts = _posts(tmp_path, 3)
     posts.loc[0, "post_text"] = None
-    result = build_captions(posts, source="post_text", style_tag="demo", model=None, progress=False)
+    result = build_captions(posts, source="post_text", style_tag="demo", model=None, missing_text="skip",
+                            progress=False)
     assert result.table.num_rows == 2
     assert result.metrics["uncaptioned"] == 1
     assert result.metrics["uncaptioned_paths"] == [posts.loc[0, "image_path"]]
+
+
+def test_blip_without_a_model_or_offline_fails_at_once(tmp_path, monkeypatch):
+    import time
+
+    from ec_lora_t.hub import HubUnreachableError
+
+    with pytest.raises(ValueError, match="needs a BLIP model"):
+        build_captions(_textless_posts(tmp_path), source="post_text", style_tag="demo", model=None,
+                       missing_text="blip", progress=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    with pytest.raises(HubUnreachableError, match="caption.model 'someone/blip-not-cached'.*HF_HUB_OFFLINE"):
+        build_captions(_textless_posts(tmp_path), source="post_text", style_tag="demo",
+                       model="someone/blip-not-cached", missing_text="blip", cache_dir=tmp_path / "cache",
+                       progress=False)
+    assert time.perf_counter() - started < 10
 
 
 # --- a tiny BLIP through from_pretrained ---------------------------------------------------
@@ -243,5 +281,5 @@ def test_caption_stage_with_tiny_blip_then_rerun_from_cache(tmp_path, monkeypatc
 
 
 def test_blip_source_without_a_model_is_an_error(tmp_path):
-    with pytest.raises(ValueError, match="needs a model"):
+    with pytest.raises(ValueError, match="needs a BLIP model"):
         build_captions(_posts(tmp_path, 1), source="blip", style_tag="demo", model="", progress=False)

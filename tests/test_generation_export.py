@@ -206,3 +206,19 @@ def test_vector_guidance_pushes_along_the_vector_only(tiny_sd_dir, adapter_dir):
     assert np.abs(run(vector_guidance=3.0, vector_scale=2.0) - unit).max() <= 1
     with pytest.raises(ValueError, match="vector_guidance"):
         VectorSampling(vector_guidance=float("nan"))
+
+
+def test_an_adapter_with_non_finite_weights_is_refused_by_name(adapter_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    broken = tmp_path / "adapter"
+    shutil.copytree(adapter_dir, broken)
+    weights = load_file(broken / "ecm.safetensors")
+    name = sorted(weights)[0]
+    weights[name].view(-1)[0] = float("inf")
+    save_file(weights, broken / "ecm.safetensors")
+    with pytest.raises(ValueError, match=rf"{broken / 'ecm.safetensors'}: non-finite weights in \['{name}'\]"):
+        export_lora(broken, (0.5, 0.5), tmp_path / "lora.safetensors")
+    assert not (tmp_path / "lora.safetensors").exists()

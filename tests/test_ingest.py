@@ -158,10 +158,12 @@ def test_empty_or_unknown_posts_dir_is_an_error(tmp_path):
         ingest_posts(tmp_path / "other")
 
 
-def _write_params(directory, posts_dir, **overrides):
+def _write_params(directory, posts_dir, folds=2, **overrides):
     section = {"posts_dir": str(posts_dir), "format": "auto", "videos": "thumbnail", "max_image_pixels": 89478485}
     section.update(overrides)
-    (directory / "params.yaml").write_text(yaml.safe_dump({"ingest": section}))
+    # The stage also reads regressor.folds: the smallest feed the evaluation can use.
+    regressor = {"protocol": "grouped_kfold", "folds": folds, "alphas": [1.0], "seed": 42}
+    (directory / "params.yaml").write_text(yaml.safe_dump({"ingest": section, "regressor": regressor}))
 
 
 def _run_stage(tmp_path):
@@ -202,6 +204,22 @@ def test_stage_fails_clearly_when_nothing_valid_remains_but_still_writes_rejects
     assert "no valid post" in str(raised.value.code) and "truncated_image" in str(raised.value.code)
     assert pq.read_table(tmp_path / "data/ingest/rejects.parquet").num_rows == 2
     assert not (tmp_path / "data/ingest/posts.parquet").exists()
+
+
+@pytest.mark.parametrize(("num_posts", "folds"), [(3, 5), (3, 3)])
+def test_stage_stops_a_feed_too_small_to_evaluate_before_captioning(tmp_path, monkeypatch, num_posts, folds):
+    """3 posts: too few for 5 grouped folds; with 3 folds the report protocol's 5 images are missing."""
+    make_report_feed(tmp_path / "posts", num_posts=num_posts, carousel_every=0)
+    _write_params(tmp_path, "posts", folds=folds)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as raised:
+        _run_stage(tmp_path)
+    message = str(raised.value.code)
+    assert message.startswith(f"ingest: {num_posts} usable posts ({num_posts} images) in posts are too few"), message
+    assert f"regressor.folds={folds} needs at least {ingest_stage.minimum_posts(folds)} posts" in message
+    assert "at least 5 images" in message and "stopped before captioning" in message
+    assert json.loads((tmp_path / "metrics/ingest.json").read_text())["posts"] == num_posts
+    assert not (tmp_path / "data/ingest/posts.parquet").exists()  # nothing for caption to start on
 
 
 def test_stage_on_missing_folder_exits_with_the_path(tmp_path, monkeypatch):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -149,14 +152,104 @@ def test_dvc_repro_end_to_end(pipeline_repo):
     figure = "data/evaluate/engagement_sweep.png"
     assert (clone / figure).read_bytes() == (root / figure).read_bytes()
 
-    # A variant reruns only train and evaluate, and the metrics diff shows it.
-    experiment = _run([sys.executable, "-m", "dvc", "exp", "run", "-S", "train.lora_rank=4"], cwd=root).stdout
-    rerun = {line.split("'")[1] for line in experiment.splitlines() if line.startswith("Running stage")}
-    assert rerun == {"train", "evaluate"}, experiment
-    diff = _run([sys.executable, "-m", "dvc", "metrics", "diff", "--json"], cwd=root).stdout
+    # A variant reruns only train and evaluate (and the params check, which takes a second),
+    # and the metrics diff shows it.
+    baseline_adapter = _tree_digest(root / "data/train/adapter")
+    experiment = _dvc(root, "exp", "run", "--name", "rank4", "-S", "train.lora_rank=4").stdout
+    assert _stages_run(experiment) == {"validate_params", "train", "evaluate"}, experiment
+    diff = _dvc(root, "metrics", "diff", "--json").stdout
     changed = json.loads(diff)
     assert any(path.startswith("metrics/train") for path in changed), diff
     assert any(path.startswith("metrics/evaluate") for path in changed), diff
+
+    # A bad value costs one line and nothing else: no stage ran, every output is still there.
+    rank4_adapter = _tree_digest(root / "data/train/adapter")
+    kept = {path: _tree_digest(root / path) for path in ("data/train/adapter", "data/features/normalization.json",
+                                                         "metrics/train.json", "data/plots/train_loss.csv")}
+    good_params = (root / "params.yaml").read_text()
+    for bad, expected in [("train.epochs=2.5", "train.epochs = 2.5: must be a valid integer"),
+                          ("features.normalization=foo", "features.normalization = 'foo': must be 'minmax', "),
+                          ("train.learning_rate=abc", "train.learning_rate = 'abc': must be a valid number")]:
+        failed = _dvc(root, "exp", "run", "-S", bad, check=False)
+        assert failed.returncode != 0
+        assert expected in failed.stdout + failed.stderr, failed.stdout + failed.stderr
+        assert _stages_run(failed.stdout) == {"validate_params"}, failed.stdout
+        assert {path: _tree_digest(root / path) for path in kept} == kept, bad
+        (root / "params.yaml").write_text(good_params)  # the failed -S stays in params.yaml (README)
+
+    # Back to the baseline's params: DVC's run cache gives its adapter back, nothing trains.
+    back = _dvc(root, "exp", "run", "--name", "back", "-S", "train.lora_rank=16").stdout
+    assert "Running stage 'train'" not in back and "Stage 'train' is cached" in back, back
+    assert _tree_digest(root / "data/train/adapter") == baseline_adapter
+    # `dvc exp apply` leaves nothing to retrain (the checkpoints are not a DVC output).
+    _dvc(root, "exp", "apply", "rank4")
+    assert _tree_digest(root / "data/train/adapter") == rank4_adapter
+    assert "up to date" in _dvc(root, "status").stdout
+    assert _stages_run(_dvc(root, "repro").stdout) == set()
+
+
+def _dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return _run([sys.executable, "-m", "dvc", *args], cwd=root, check=check)
+
+
+def _stages_run(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
+
+
+def _tree_digest(path: Path) -> str:
+    """sha256 of a file, or of a folder's files (names and bytes)."""
+    digest = hashlib.sha256()
+    for file in sorted([path] if path.is_file() else (p for p in path.rglob("*") if p.is_file())):
+        digest.update(file.relative_to(path.parent).as_posix().encode() + file.read_bytes())
+    return digest.hexdigest()
+
+
+def _epoch_checkpoints(root: Path) -> list[Path]:
+    return sorted((root / "data/train/checkpoints").glob("*/epoch-*"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_signal", [signal.SIGINT, signal.SIGKILL])
+def test_killed_dvc_repro_resumes_to_the_same_weights(pipeline_repo, kill_signal):
+    """Kill `dvc repro` (Ctrl-C, or kill -9) mid-epoch; the next `dvc repro` resumes from the last
+    checkpoint and ends bit-identical to an uninterrupted run; `dvc repro -f` trains from scratch."""
+    root = pipeline_repo
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    epochs = 4 if kill_signal == signal.SIGINT else 5  # params never run before: DVC's run cache has no answer
+    params["train"] |= {"epochs": epochs, "lora_rank": 16}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _dvc(root, "repro", "latents")
+
+    # Ctrl-C in a terminal signals the whole foreground process group: dvc and the stage.
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    killed = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "train"], cwd=root, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not _epoch_checkpoints(root) and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(killed.pid, kill_signal)  # in epoch 2 (or saving its checkpoint)
+    output = killed.communicate(timeout=120)[0]
+    assert killed.returncode != 0, output
+    saved = _epoch_checkpoints(root)
+    assert saved and not (root / "data/train/adapter").exists(), output
+
+    resumed = _dvc(root, "repro", "train")
+    log = resumed.stdout + resumed.stderr
+    run_dir = saved[0].parent.relative_to(root)
+    newest = max(int(path.name.split("-")[1]) for path in saved)
+    assert any(f"resumed from {run_dir}/epoch-{epoch:04d} (epoch {epoch} of {epochs} done" in log
+               for epoch in range(1, newest + 1)), log
+    assert json.loads((root / "metrics/train.json").read_text())["resumed_from_epoch"] >= 1
+    assert not _epoch_checkpoints(root)  # a finished run keeps no checkpoints
+    resumed_adapter = _tree_digest(root / "data/train/adapter")
+
+    # -s: force train alone (a bare -f reruns every stage before it too). A finished run is
+    # never resumed: this trains from scratch, and ends on the same bits.
+    scratch = _dvc(root, "repro", "-f", "-s", "train")
+    assert "starting from scratch" in scratch.stdout + scratch.stderr
+    assert "resumed from" not in scratch.stdout + scratch.stderr
+    assert json.loads((root / "metrics/train.json").read_text())["resumed_from_epoch"] == 0
+    assert _tree_digest(root / "data/train/adapter") == resumed_adapter
 
 
 @pytest.mark.slow

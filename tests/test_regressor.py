@@ -135,6 +135,19 @@ def test_grouped_kfold_needs_as_many_posts_as_folds():
         evaluate_grouped_kfold(latents, engagement, groups, normalized_time, folds=5, alphas=ALPHAS, seed=0)
 
 
+@pytest.mark.parametrize("folds", [2, 3, 4, 5, 7])
+def test_ingests_minimum_feed_is_the_smallest_the_grouped_protocol_runs_on(folds):
+    """stages.ingest.minimum_posts stops small feeds early; it must agree with the protocol itself."""
+    from stages.ingest import minimum_posts
+
+    needed = minimum_posts(folds)
+    latents, engagement, groups, normalized_time = carousel_feed(needed, 1, seed=5, engagement_from_latents=True)
+    evaluate_grouped_kfold(latents, engagement, groups, normalized_time, folds=folds, alphas=ALPHAS, seed=0)
+    latents, engagement, groups, normalized_time = carousel_feed(needed - 1, 1, seed=5, engagement_from_latents=True)
+    with pytest.raises(ValueError):
+        evaluate_grouped_kfold(latents, engagement, groups, normalized_time, folds=folds, alphas=ALPHAS, seed=0)
+
+
 def test_regression_metrics_known_values():
     target = np.array([0.0, 0.25, 0.5, 1.0])
     perfect = regression_metrics(target, target)
@@ -167,7 +180,7 @@ def test_regressor_stage_writes_both_protocols_and_saves_the_chosen_one(tmp_path
     monkeypatch.setattr(
         sys, "argv",
         ["regressor", "--latents", "latents", "--out", "out",
-         "--predictions", "plots/predictions.csv", "--metrics", "metrics/regressor.json"],
+         "--predictions", "plots/regressor", "--metrics", "metrics/regressor.json"],
     )
     stage.main()
 
@@ -178,8 +191,13 @@ def test_regressor_stage_writes_both_protocols_and_saves_the_chosen_one(tmp_path
                 "beats_time_baseline"} <= metrics[protocol].keys()
     assert metrics["grouped_kfold"]["r2"] > 0.8
     assert load_regressor(tmp_path / "out").protocol == "report"
+    # 20 posts x 3 images: folds of 15 images, a report test split of 12: not small samples.
+    assert (metrics["grouped_kfold"]["smallest_heldout_images"], metrics["report"]["smallest_heldout_images"]) == (
+        15, 12)
+    assert not metrics["grouped_kfold"]["small_sample"] and not metrics["report"]["small_sample"]
 
-    predictions = pd.read_csv(tmp_path / "plots/predictions.csv")
+    predictions = pd.concat([pd.read_csv(tmp_path / f"plots/regressor/{protocol}.csv")
+                             for protocol in ("grouped_kfold", "report")], ignore_index=True)
     counts = predictions["protocol"].value_counts()
     assert counts["grouped_kfold"] == 60 and counts["report"] == 12
     assert list(predictions.columns) == [
@@ -193,6 +211,24 @@ def write_latent_shards(out_dir, latent_mean: torch.Tensor, index: pd.DataFrame,
     writer.add({"latent_mean": latent_mean, "latent_std": torch.ones(latent_mean.shape)})
     writer.close()
     write_shard_index(out_dir, index, shard_size)
+
+
+def test_regressor_stage_flags_a_small_sample(tmp_path, monkeypatch, capsys):
+    """8 single-image posts: folds of 1-2 images, a report test split of 2; metrics and stderr say so."""
+    from stages import regressor as stage
+
+    latents, engagement, groups, normalized_time = carousel_feed(8, 1, seed=6, engagement_from_latents=True)
+    write_latent_shards(tmp_path / "latents", torch.from_numpy(latents), pd.DataFrame({
+        "shortcode": groups, "image_index": 0, "normalized_engagement": engagement, "normalized_time": normalized_time,
+    }))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(
+        {"regressor": {"protocol": "grouped_kfold", "folds": 5, "alphas": ALPHAS, "seed": 42}}))
+    monkeypatch.chdir(tmp_path)
+    stage.main(["--latents", "latents", "--out", "out", "--predictions", "predictions", "--metrics", "regressor.json"])
+    metrics = json.loads((tmp_path / "regressor.json").read_text())
+    assert metrics["report"]["small_sample"] and metrics["report"]["smallest_heldout_images"] == 2
+    assert metrics["grouped_kfold"]["small_sample"] and metrics["grouped_kfold"]["smallest_heldout_images"] == 1
+    assert "the report protocol holds out as few as 2 image(s)" in capsys.readouterr().err
 
 
 def test_regressor_stage_names_the_file_with_a_missing_value(tmp_path):

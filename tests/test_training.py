@@ -1,4 +1,5 @@
-"""Training from cached latents on the tiny UNet: resume, non-finite loss, cache errors, the stage."""
+"""Training from cached latents on the tiny UNet: resume, one folder per run, verified checkpoints,
+clipping, non-finite loss, cache errors, the stage."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from ec_lora_t.adapter import ECLoRAConfig
 from ec_lora_t.adapter.config import ADAPTER_WEIGHTS_NAME, ECM_WEIGHTS_NAME
 from ec_lora_t.training.cache import load_latent_cache
-from ec_lora_t.training.checkpoint import list_checkpoints
+from ec_lora_t.training.checkpoint import list_checkpoints, list_runs
 from ec_lora_t.training.config import TrainingConfig
 from ec_lora_t.training.loop import NonFiniteLossError, make_accelerator, train_ec_lora
 
@@ -72,11 +73,11 @@ def fresh_accelerator(training: TrainingConfig):
     return make_accelerator(training)
 
 
-def run_training(cache_path, checkpoints, adapter_dir=None, on_step=None, **overrides):
+def run_training(cache_path, checkpoints, adapter_dir=None, on_step=None, unet=None, log=None, **overrides):
     training = TrainingConfig(**{**TRAINING, **overrides})
     return train_ec_lora(
         fresh_accelerator(training),
-        micro_unet(),
+        unet if unet is not None else micro_unet(),
         DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
         load_latent_cache(cache_path),
         ECLoRAConfig(**LORA),
@@ -84,44 +85,138 @@ def run_training(cache_path, checkpoints, adapter_dir=None, on_step=None, **over
         checkpoints,
         adapter_dir=adapter_dir,
         on_step=on_step,
-        log=lambda message: None,
+        log=log if log is not None else (lambda message: None),
     )
 
 
-def test_resumed_run_ends_like_an_uninterrupted_one(cache_path, tmp_path):
-    straight = run_training(cache_path, tmp_path / "straight-ckpt", tmp_path / "straight")
-    assert straight.steps == 6 and len(straight.losses) == 6
-    assert all(torch.isfinite(torch.tensor(straight.losses)))
+def crash_at(step_to_crash: int):
+    """An on_step that kills the run at an optimizer step (2 steps per epoch: step 3 is in epoch 2)."""
 
-    def crash_in_epoch_two(step, loss, **info):
-        if step == 3:
-            raise KeyboardInterrupt  # the run is killed after epoch 1's checkpoint
+    def on_step(step, loss, **info):
+        if step == step_to_crash:
+            raise KeyboardInterrupt
+    return on_step
+
+
+def interrupted_run(cache_path, checkpoints, step_to_crash=3, **overrides):
+    """A run killed at `step_to_crash`; returns its run folder."""
+    before = set(list_runs(checkpoints))
     with pytest.raises(KeyboardInterrupt):
-        run_training(cache_path, tmp_path / "resumed-ckpt", on_step=crash_in_epoch_two)
-    assert [p.name for p in list_checkpoints(tmp_path / "resumed-ckpt")] == ["epoch-0001"]
+        run_training(cache_path, checkpoints, on_step=crash_at(step_to_crash), **overrides)
+    (run_dir,) = set(list_runs(checkpoints)) - before
+    return run_dir
 
-    resumed = run_training(cache_path, tmp_path / "resumed-ckpt", tmp_path / "resumed")
-    assert resumed.resumed_from_epoch == 1
-    assert resumed.losses == straight.losses
-    assert resumed.images_per_second > 0  # epoch 1's timing came with the checkpoint
+
+def assert_same_adapter(expected_dir, actual_dir):
     for name in (ADAPTER_WEIGHTS_NAME, ECM_WEIGHTS_NAME):
-        expected, actual = load_file(tmp_path / "straight" / name), load_file(tmp_path / "resumed" / name)
+        expected, actual = load_file(expected_dir / name), load_file(actual_dir / name)
         assert expected.keys() == actual.keys()
         for key in expected:
             assert torch.equal(expected[key], actual[key]), key
+
+
+@pytest.fixture(scope="module")
+def straight_run(cache_path, tmp_path_factory):
+    """The uninterrupted 3-epoch run every resumed run must reproduce bit for bit."""
+    root = tmp_path_factory.mktemp("straight")
+    result = run_training(cache_path, root / "checkpoints", root / "adapter")
+    return result, root / "adapter", root / "checkpoints"
+
+
+def test_resumed_run_ends_like_an_uninterrupted_one(cache_path, tmp_path, straight_run):
+    straight, straight_adapter, straight_checkpoints = straight_run
+    assert straight.steps == 6 and len(straight.losses) == 6 and len(straight.grad_norms) == 6
+    assert all(torch.isfinite(torch.tensor(straight.losses + straight.grad_norms)))
+    assert straight.images_seen == 3 * 5
+    assert list_runs(straight_checkpoints) == []  # a finished run removes its checkpoints
+
+    seen = []
+    run_dir = interrupted_run(cache_path, tmp_path / "ckpt", step_to_crash=5, checkpoints_total_limit=1)
+    assert [p.name for p in list_checkpoints(run_dir)] == ["epoch-0002"]  # only the newest (limit 1)
+    resumed = run_training(cache_path, tmp_path / "ckpt", tmp_path / "resumed", log=seen.append)
+    assert resumed.resumed_from_epoch == 2
+    assert f"resumed from {run_dir / 'epoch-0002'} (epoch 2 of 3 done, step 4)" in seen
+    assert resumed.losses == straight.losses and resumed.grad_norms == straight.grad_norms
+    # Epochs 1 and 2 count towards throughput: their images came back with the checkpoint.
+    assert resumed.images_seen == straight.images_seen
+    assert_same_adapter(straight_adapter, tmp_path / "resumed")
+    assert not run_dir.exists()
     # The adapter really trained: B left zero and the ECM left its constant-1 start.
-    lora = load_file(tmp_path / "straight" / ADAPTER_WEIGHTS_NAME)
+    lora = load_file(straight_adapter / ADAPTER_WEIGHTS_NAME)
     assert all(torch.count_nonzero(v) > 0 for k, v in lora.items() if k.endswith("lora_B.weight"))
-    ecm = load_file(tmp_path / "straight" / ECM_WEIGHTS_NAME)
+    ecm = load_file(straight_adapter / ECM_WEIGHTS_NAME)
     assert torch.count_nonzero(ecm[max(k for k in ecm if k.endswith("weight"))]) > 0
-    # Only the newest checkpoints are kept (limit 2).
-    assert [p.name for p in list_checkpoints(tmp_path / "straight-ckpt")] == ["epoch-0002", "epoch-0003"]
 
 
-def test_checkpoints_from_other_params_are_not_resumed(cache_path, tmp_path):
-    run_training(cache_path, tmp_path / "ckpt", epochs=1)
-    other = run_training(cache_path, tmp_path / "ckpt", epochs=1, learning_rate=1e-3)
+def test_another_run_keeps_and_never_resumes_this_runs_checkpoints(cache_path, tmp_path, straight_run):
+    """Train A (interrupted), run experiment B to the end, go back to A: A resumes its own epoch."""
+    _, straight_adapter, _ = straight_run
+    run_a = interrupted_run(cache_path, tmp_path / "ckpt")
+    other = run_training(cache_path, tmp_path / "ckpt", tmp_path / "b", learning_rate=1e-3)
     assert other.resumed_from_epoch == 0
+    assert [p.name for p in list_checkpoints(run_a)] == ["epoch-0001"]  # B left A's checkpoint alone
+    back_to_a = run_training(cache_path, tmp_path / "ckpt", tmp_path / "a")
+    assert back_to_a.resumed_from_epoch == 1
+    assert_same_adapter(straight_adapter, tmp_path / "a")
+
+
+def test_another_base_model_never_resumes(cache_path, tmp_path):
+    """Same config, same latent cache, one base weight changed: a run of its own."""
+    run_a = interrupted_run(cache_path, tmp_path / "ckpt")
+    other_base = micro_unet()
+    with torch.no_grad():
+        other_base.conv_in.bias[0] += 1e-3
+    seen = []
+    other = run_training(cache_path, tmp_path / "ckpt", unet=other_base, epochs=3, log=seen.append)
+    assert other.resumed_from_epoch == 0
+    assert any("starting from scratch" in line for line in seen), seen
+    assert [p.name for p in list_checkpoints(run_a)] == ["epoch-0001"]
+
+
+def test_only_the_most_recently_used_unfinished_runs_are_kept(cache_path, tmp_path):
+    runs = [interrupted_run(cache_path, tmp_path / "ckpt", learning_rate=rate, checkpoint_runs_limit=2)
+            for rate in (1e-2, 2e-2, 3e-2)]
+    assert list_runs(tmp_path / "ckpt") == runs[1:]  # the least recently used went, beyond the limit
+
+
+@pytest.mark.parametrize("damage", ["truncated", "non_finite", "half_written"])
+def test_an_unusable_newest_checkpoint_is_named_and_the_previous_one_used(cache_path, tmp_path, straight_run, damage):
+    _, straight_adapter, _ = straight_run
+    run_dir = interrupted_run(cache_path, tmp_path / "ckpt", step_to_crash=5)
+    newest = run_dir / "epoch-0002"
+    if damage == "truncated":  # a disk that filled up, a copy cut short
+        weights = newest / ADAPTER_WEIGHTS_NAME
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "non_finite":
+        tensors = load_file(newest / ECM_WEIGHTS_NAME)
+        name = sorted(tensors)[0]
+        tensors[name][0] = float("nan")
+        save_file(tensors, newest / ECM_WEIGHTS_NAME)
+    else:  # a save killed before its rename: only the dot-named folder exists
+        newest.rename(run_dir / ".epoch-0002.partial")
+    seen = []
+    resumed = run_training(cache_path, tmp_path / "ckpt", tmp_path / "adapter", log=seen.append)
+    assert resumed.resumed_from_epoch == 1
+    problems = [line for line in seen if line.startswith("cannot resume from")]
+    if damage == "half_written":
+        assert problems == []  # never even considered
+    else:
+        assert problems and str(newest) in problems[0]
+        assert ("unreadable" if damage == "truncated" else "non-finite values") in problems[0]
+    assert_same_adapter(straight_adapter, tmp_path / "adapter")
+
+
+def test_gradient_norm_is_logged_and_clipped(cache_path, tmp_path, straight_run):
+    straight, _, _ = straight_run  # max_grad_norm 1.0, the default
+    unclipped = run_training(cache_path, tmp_path / "a", max_grad_norm=None)
+    tiny = run_training(cache_path, tmp_path / "b", max_grad_norm=1e-6)
+    # The logged norm is the one before clipping: the first step's is the same in every run.
+    assert straight.grad_norms[0] == unclipped.grad_norms[0] == tiny.grad_norms[0] > 1e-6
+    assert straight.losses[0] == unclipped.losses[0] == tiny.losses[0]
+    # Clipping changes the updates, hence every loss after the first update with a learning
+    # rate above 0 (step 1 is the warm-up's, at 0).
+    assert all(a != b for a, b in zip(unclipped.losses[2:], tiny.losses[2:]))
+    assert tiny.max_grad_norm == 1e-6 and unclipped.max_grad_norm is None
 
 
 def test_non_finite_loss_stops_with_the_step(cache_path, tmp_path):
@@ -133,7 +228,8 @@ def test_non_finite_loss_stops_with_the_step(cache_path, tmp_path):
             fresh_accelerator(TrainingConfig(**TRAINING)), unet, DDPMScheduler(), load_latent_cache(cache_path),
             ECLoRAConfig(**LORA), TrainingConfig(**TRAINING), tmp_path / "ckpt", log=lambda message: None,
         )
-    assert list_checkpoints(tmp_path / "ckpt") == []
+    # The run's folder was opened, and holds no checkpoint of the failed epoch.
+    assert [list_checkpoints(run) for run in list_runs(tmp_path / "ckpt")] == [[]]
 
 
 def test_bad_latent_cache_names_the_file_and_problem(tmp_path):
@@ -154,9 +250,10 @@ def test_bad_latent_cache_names_the_file_and_problem(tmp_path):
 
 def _train_stage_params(tiny_sd_dir, **train_overrides) -> dict:
     return {
-        "model": {"pretrained": str(tiny_sd_dir)},
+        "model": {"pretrained": str(tiny_sd_dir), "resolution": 32},
         "train": {
             "lora_rank": 4, "lora_alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"],
+            "ecm_granularity": "layer",
             "ecm_hidden_size": 8, "ecm_depth": 2, "learning_rate": 1e-3, "weight_decay": 1e-2,
             "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8, "lr_warmup_ratio": 0.1, "epochs": 2,
             "batch_size": 4, "gradient_accumulation_steps": 1, "mixed_precision": "auto",
@@ -203,11 +300,15 @@ def test_train_stage_writes_adapter_live_log_and_metrics(tiny_sd_dir, tmp_path):
     assert metrics["final_loss"] == pytest.approx(float(loss[-1]["loss"]), rel=1e-6)
     # Timings are not metrics: a rerun with the same results must leave the metrics file alike.
     assert not {"images_per_second", "peak_memory_mb", "seconds", "resumed_from_epoch"} & metrics.keys()
+    grad_norms = [float(r["grad_norm"]) for r in _tsv(metrics_dir / "grad_norm.tsv")]
+    assert len(grad_norms) == 4 and metrics["grad_norm_final"] == pytest.approx(grad_norms[-1], rel=1e-6)
+    assert metrics["max_grad_norm"] == 1.0  # the default when params leave it out
+    assert metrics["clipped_steps"] == sum(norm > 1.0 for norm in grad_norms)
     run_info = json.loads((run / "run_info.json").read_text())
     assert run_info["images_per_second"] > 0 and run_info["peak_memory_mb"] > 0 and run_info["resumed_from_epoch"] == 0
 
     params["train"]["lora_dropout"] = 0.1  # a typo or unsupported key is an error, not ignored
-    with pytest.raises(ValueError, match="unknown keys in section 'train': \\['lora_dropout'\\]"):
+    with pytest.raises(ValueError, match=r"train.lora_dropout = 0.1: unknown key; section 'train' takes \['adam_beta1'"):
         _run_train_stage(tmp_path, cache_path, params, name="typo")
 
 
@@ -218,7 +319,7 @@ def test_train_stage_after_a_resume_logs_the_whole_loss_history(tiny_sd_dir, tmp
     cache_path = write_cache(tmp_path / "latents.safetensors", text_width=32)
     params = _train_stage_params(tiny_sd_dir, epochs=3)  # 2 steps per epoch
     straight = _run_train_stage(tmp_path, cache_path, params, name="straight")
-    shutil.rmtree(tmp_path / "ckpt")
+    shutil.rmtree(tmp_path / "ckpt", ignore_errors=True)  # a finished run leaves none anyway
 
     log_step = TrainingMonitor.__call__
 

@@ -29,10 +29,38 @@ down; the offset reaches the whole network directly. The head starts at zero: no
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
 ENGAGEMENT_TIME_DIM = 2  # [normalized_engagement, normalized_time]
+VECTOR_NAMES = ("normalized_engagement", "normalized_time")
+
+
+def check_unit_interval(name: str, value: float) -> float:
+    """`value` as a float; ValueError unless finite and in [0, 1].
+
+    [0, 1] is the range the ECM was trained on (min-max normalised): outside it the ECM
+    extrapolates, and a NaN makes every scale NaN (black images).
+    """
+    value = float(value)
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise ValueError(f"{name} must be a number in [0, 1] (the range the ECM was trained on), got {value}")
+    return value
+
+
+def check_engagement_time(vectors: Iterable[Iterable[float]]) -> list[tuple[float, float]]:
+    """The vectors as (normalized_engagement, normalized_time) floats, each checked by `check_unit_interval`."""
+    checked = []
+    for vector in vectors:
+        values = tuple(float(value) for value in vector)
+        if len(values) != ENGAGEMENT_TIME_DIM:
+            raise ValueError(f"an engagement-time vector has {ENGAGEMENT_TIME_DIM} values "
+                             f"({', '.join(VECTOR_NAMES)}), got {values}")
+        checked.append(tuple(check_unit_interval(name, value) for name, value in zip(VECTOR_NAMES, values)))
+    return checked
 
 
 class EngagementConditioningModule(nn.Module):

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from ec_lora_t.adapter.conditioning import ecm_scales
 from ec_lora_t.adapter.config import ECLoRAConfig
-from ec_lora_t.adapter.ecm import EngagementConditioningModule
+from ec_lora_t.adapter.ecm import EngagementConditioningModule, check_engagement_time
 from ec_lora_t.adapter.model import load_adapter_weights, load_ecm
 
 EXPORT_FORMATS = ("diffusers", "kohya")
@@ -57,12 +57,10 @@ def export_lora(
     format: str = "diffusers",
     dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Write `out_path` (.safetensors): the adapter at `engagement_time` as a plain LoRA file."""
+    """Write `out_path` (.safetensors): the adapter at `engagement_time` (each in [0, 1]) as a plain LoRA file."""
     if format not in EXPORT_FORMATS:
         raise ValueError(f"format must be one of {EXPORT_FORMATS}, got {format!r}")
-    engagement_time = tuple(float(v) for v in engagement_time)
-    if len(engagement_time) != 2:
-        raise ValueError(f"engagement_time must be (normalized_engagement, normalized_time), got {engagement_time}")
+    (engagement_time,) = check_engagement_time([engagement_time])
     adapter_dir = Path(adapter_dir)
     config, lora_state, ecm_state = load_adapter_weights(adapter_dir)
     if config.vector_embedding:

@@ -197,11 +197,20 @@ def load_adapter_config(adapter_dir: str | Path) -> ECLoRAConfig:
 def load_adapter_weights(
     adapter_dir: str | Path,
 ) -> tuple[ECLoRAConfig, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Config, LoRA state and ECM state of a saved adapter, without a model."""
+    """Config, LoRA state and ECM state of a saved adapter, without a model.
+
+    Non-finite weights are an error naming the file: they would make every image black.
+    """
     adapter_dir = Path(adapter_dir)
     config = load_adapter_config(adapter_dir)
-    lora_state = load_file(_require_file(adapter_dir / ADAPTER_WEIGHTS_NAME))
-    ecm_state = load_file(_require_file(adapter_dir / ECM_WEIGHTS_NAME))
+    states = []
+    for name in (ADAPTER_WEIGHTS_NAME, ECM_WEIGHTS_NAME):
+        state = load_file(_require_file(adapter_dir / name))
+        bad = [key for key, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+        if bad:
+            raise ValueError(f"{adapter_dir / name}: non-finite weights in {bad[:3]}; retrain the adapter")
+        states.append(state)
+    lora_state, ecm_state = states
     return config, lora_state, ecm_state
 
 

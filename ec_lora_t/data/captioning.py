@@ -25,15 +25,22 @@ from ec_lora_t.data.fields import clean_text
 from ec_lora_t.data.images import DEFAULT_MAX_IMAGE_PIXELS, load_rgb_image
 from ec_lora_t.data.schemas import CAPTIONS_SCHEMA
 from ec_lora_t.data.seasons import season_of
+from ec_lora_t.hub import resolve_pretrained
 from ec_lora_t.progress import progress_bar
 
 CAPTION_SOURCES = ("blip", "post_text")
+# What an image whose post has no usable text gets under source "post_text": its generic
+# caption (style tag and season only), nothing (left out and reported), or a BLIP caption.
+MISSING_TEXT_CHOICES = ("generic", "skip", "blip")
 DEFAULT_BLIP_MODEL = "Salesforce/blip-image-captioning-base"
 
 
 def format_full_caption(caption: str, style_tag: str, season: str) -> str:
-    """``(<style_tag> style) <caption> (<season>)``, the conditioning text of report 3.3.2."""
-    return f"({style_tag} style) {caption.strip()} ({season})"
+    """``(<style_tag> style) <caption> (<season>)``, the conditioning text of report 3.3.2.
+
+    An empty caption gives the generic ``(<style_tag> style) (<season>)``.
+    """
+    return " ".join(part for part in (f"({style_tag} style)", caption.strip(), f"({season})") if part)
 
 
 def caption_from_post_text(text: str | None, max_words: int) -> str | None:
@@ -188,6 +195,7 @@ def build_captions(
     style_tag: str,
     hemisphere: str = "north",
     model: str | Path | None = DEFAULT_BLIP_MODEL,
+    missing_text: str = "generic",
     cache_dir: str | Path | None = None,
     batch_size: int = 16,
     max_new_tokens: int = 30,
@@ -199,14 +207,20 @@ def build_captions(
 
     ``source="blip"`` captions every image with the model. ``source="post_text"`` uses the
     post's own text (caption or alt text, see :func:`caption_from_post_text`); an image
-    whose post has no usable text falls back to BLIP when ``model`` is set, and is left
-    out (counted in the metrics as ``uncaptioned``) when ``model`` is None or empty.
-    ``captioner_factory`` replaces the BLIP loader (tests count calls through it).
+    whose post has no usable text gets what ``missing_text`` says, never BLIP unasked:
+    ``generic`` its generic caption ``(<style_tag> style) (<season>)`` (caption_source
+    "generic"), ``skip`` nothing (left out, counted in the metrics as ``uncaptioned``), ``blip``
+    a caption by ``model``. ``captioner_factory`` replaces the BLIP loader (tests count calls
+    through it).
     """
     if source not in CAPTION_SOURCES:
         raise ValueError(f"caption source must be one of {CAPTION_SOURCES}, got {source!r}")
-    if source == "blip" and not model:
-        raise ValueError("caption source 'blip' needs a model (a hub id or a local folder)")
+    if missing_text not in MISSING_TEXT_CHOICES:
+        raise ValueError(f"missing_text must be one of {MISSING_TEXT_CHOICES}, got {missing_text!r}")
+    uses_model = source == "blip" or missing_text == "blip"
+    if uses_model and not model:
+        raise ValueError(f"caption source {source!r} with missing_text {missing_text!r} needs a BLIP model "
+                         "(a hub id or a local folder)")
     if not style_tag or not str(style_tag).strip():
         raise ValueError("style_tag must be a non-empty string")
     for column in ("image_path", "timestamp", "post_text"):
@@ -219,15 +233,18 @@ def build_captions(
         texts = [caption_from_post_text(text, max_new_tokens) for text in posts["post_text"].tolist()]
     else:
         texts = [None] * len(image_paths)
-    needs_model = {sha: path for sha, path, text in zip(shas, image_paths, texts) if text is None}
+    needs_model = {sha: path for sha, path, text in zip(shas, image_paths, texts) if text is None and uses_model}
 
     blip_captions: dict[str, str] = {}
     generated = cached = 0
-    if needs_model and model:
+    if needs_model:
         if cache_dir is None:
             raise ValueError("cache_dir is required when captioning with a model")
         cache = CaptionCache(cache_dir, model_cache_key(model, max_new_tokens))
-        factory = captioner_factory or (lambda: BlipCaptioner.from_pretrained(model, max_new_tokens))
+        # The hub is asked only now, and fails in seconds when it cannot be reached.
+        factory = captioner_factory or (
+            lambda: BlipCaptioner.from_pretrained(resolve_pretrained(model, what="caption.model"), max_new_tokens)
+        )
         blip_captions, generated = caption_images(
             needs_model, factory, cache, batch_size, max_image_pixels, progress
         )
@@ -236,8 +253,15 @@ def build_captions(
     rows: dict[str, list[Any]] = {name: [] for name in CAPTIONS_SCHEMA.names}
     uncaptioned: list[str] = []
     for path, sha, text, timestamp in zip(image_paths, shas, texts, posts["timestamp"]):
-        caption, caption_source = (text, "post_text") if text is not None else (blip_captions.get(sha), "blip")
-        if not caption:
+        if text is not None:
+            caption, caption_source = text, "post_text"
+        elif uses_model:
+            caption, caption_source = blip_captions.get(sha), "blip"
+        elif missing_text == "generic":
+            caption, caption_source = "", "generic"
+        else:
+            caption, caption_source = None, None
+        if caption is None or (not caption and caption_source != "generic"):
             uncaptioned.append(path)
             continue
         season = season_of(timestamp, hemisphere)
@@ -254,6 +278,7 @@ def build_captions(
         "captioned": table.num_rows,
         "from_post_text": rows["caption_source"].count("post_text"),
         "from_model": rows["caption_source"].count("blip"),
+        "generic": rows["caption_source"].count("generic"),  # no post text: the generic caption
         # Distinct images (by content hash) the model captioned now / found in the cache.
         "model_generated": generated,
         "model_cache_hits": cached,

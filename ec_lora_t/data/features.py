@@ -77,6 +77,27 @@ def _to_utc_seconds(dates: Any) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class VectorQuery:
+    """Raw numbers turned into the `engagement_time` vector (`EngagementTimeNormalizer.query`)."""
+
+    likes: float
+    comments: float
+    date: str  # ISO 8601, UTC
+    total_engagement: float
+    unclipped: tuple[float, float]  # the normalised values before clipping (rank saturates anyway)
+    vector: tuple[float, float]  # clipped into [0, 1]: what the ECM gets
+    warnings: tuple[str, ...]  # one line per clipped component
+
+    def metadata(self) -> dict[str, Any]:
+        """What a generated PNG records about the vector's origin, raw and clipped."""
+        return {
+            "raw_likes": self.likes, "raw_comments": self.comments, "raw_date": self.date,
+            "raw_total_engagement": self.total_engagement, "unclipped_engagement_time": list(self.unclipped),
+            "clipped": bool(self.warnings),
+        }
+
+
+@dataclass(frozen=True)
 class EngagementTimeNormalizer:
     """Fitted statistics that map raw engagement and dates to ``engagement_time``.
 
@@ -202,6 +223,49 @@ class EngagementTimeNormalizer:
         engagement = self.normalize_engagement(total_engagement([likes], [comments], self.comment_weight), clip, [date])
         time = self.normalize_time(date, clip)
         return np.array([engagement[0], time[0]], dtype=np.float32)
+
+    def query(self, likes: float, comments: float = 0, date: Any = None) -> VectorQuery:
+        """The vector of raw numbers, what it was before clipping into [0, 1], and why it was clipped.
+
+        A query outside the training posts' range has no trained meaning: its vector is
+        clipped to the nearest end, and `warnings` say by how much (for the CLI to print, and
+        `metadata()` for the PNG to record).
+        """
+        if date is None:
+            date = self.earliest_timestamp + pd.Timedelta(days=self.span_days)
+        moment = pd.Timestamp(_to_utc_seconds(date)[0], unit="s", tz="UTC")
+        total = float(total_engagement([likes], [comments], self.comment_weight)[0])
+        unclipped = self.vector(likes, comments, moment, clip=False)
+        warnings = []
+        low, high = self._engagement_range()
+        if not self.engagement_is_degenerate and not low <= total <= high:
+            side = "above" if total > high else "below"
+            warnings.append(
+                f"total engagement {total:g} (likes {likes:g} + {self.comment_weight:g} x comments {comments:g}) is "
+                f"{side} the training posts' range [{low:g}, {high:g}]: normalized_engagement "
+                f"{unclipped[0]:.3g} clipped to {min(max(float(unclipped[0]), 0.0), 1.0):g}"
+            )
+        last = self.earliest_timestamp + pd.Timedelta(days=self.span_days)
+        if not self.time_is_degenerate and not self.earliest_timestamp <= moment <= last:
+            side = "after the latest" if moment > last else "before the earliest"
+            warnings.append(
+                f"date {moment.date()} is {side} training post ({self.earliest_timestamp.date()} to {last.date()}): "
+                f"normalized_time {unclipped[1]:.3g} clipped to {min(max(float(unclipped[1]), 0.0), 1.0):g}"
+            )
+        return VectorQuery(
+            likes=float(likes), comments=float(comments), date=moment.isoformat(), total_engagement=total,
+            unclipped=(float(unclipped[0]), float(unclipped[1])),
+            vector=(min(max(float(unclipped[0]), 0.0), 1.0), min(max(float(unclipped[1]), 0.0), 1.0)),
+            warnings=tuple(warnings),
+        )
+
+    def _engagement_range(self) -> tuple[float, float]:
+        """The training posts' lowest and highest total engagement."""
+        if self.normalization == "rank":
+            return self.rank_values[0], self.rank_values[-1]
+        if self.normalization == "log_minmax":
+            return float(np.expm1(self.engagement_low)), float(np.expm1(self.engagement_high))
+        return self.engagement_low, self.engagement_high
 
     # -- persistence --------------------------------------------------------------------
 

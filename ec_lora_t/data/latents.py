@@ -214,9 +214,10 @@ def generic_caption(full_caption: str, caption: str, season: str) -> str:
     """The full caption without its description: `(<style> style) (<season>)`.
 
     Cut by position (the description sits just before the season tag), not by searching for
-    the description's text, which could also occur inside the style tag.
+    the description's text, which could also occur inside the style tag. An empty caption
+    (caption_source "generic") is already the generic one.
     """
-    suffix = f"{caption.strip()} ({season})"
+    suffix = " ".join(part for part in (caption.strip(), f"({season})") if part)
     if not full_caption.endswith(suffix):
         raise ValueError(f"full caption {full_caption!r} does not end with its caption and season {suffix!r}")
     return f"{full_caption[: -len(suffix)].strip()} ({season})"

@@ -13,15 +13,21 @@ accelerate skeleton (diffusers `train_text_to_image_lora.py`): freeze the UNet, 
 the compute dtype, inject the adapters, keep the trainable parameters fp32, `prepare`,
 `accumulate`, act only on `sync_gradients`, save only adapter weights.
 
-Resuming: every epoch ends with a checkpoint (`ec_lora_t.training.checkpoint`). The data
-order and all noise of epoch e are a pure function of (seed, e), so a run resumed from the
-checkpoint of epoch e replays epochs e+1... exactly as an uninterrupted run would.
+Resuming: every epoch ends with a checkpoint in the run's own folder
+(`ec_lora_t.training.checkpoint`). The data order and all noise of epoch e are a pure function
+of (seed, e), so a run resumed from the checkpoint of epoch e replays epochs e+1... exactly as an
+uninterrupted run would. A finished run removes its checkpoints: it is never resumed.
+
+Several processes: only the main process writes, prunes and logs; every process reads a
+checkpoint only after a barrier, the one the main process chose. A non-finite loss on any
+process stops every process with the same message, because the check is on the gathered
+losses, not on the local one (raising on one process alone would leave the others waiting in
+the next collective until the timeout).
 """
 
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,7 +36,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from torch import nn
 from torch.utils.data import DataLoader
@@ -47,11 +53,15 @@ from ec_lora_t.training.cache import (
     validate_latent_cache,
 )
 from ec_lora_t.training.checkpoint import (
-    list_checkpoints,
-    read_checkpoint_state,
+    close_run,
+    find_resumable,
+    load_checkpoint,
+    open_run,
     restore_checkpoint,
     run_fingerprint,
+    run_folder,
     save_checkpoint,
+    unet_fingerprint,
 )
 from ec_lora_t.training.config import TrainingConfig
 from ec_lora_t.training.objective import diffusion_training_step
@@ -63,14 +73,17 @@ from ec_lora_t.training.precision import (
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; training stops before the optimizer uses it."""
+    """The loss, the gradient norm or the weights became NaN or infinite; training stops before using them."""
 
 
 @dataclass
 class TrainingResult:
     losses: list[float]  # one per optimizer step, over the whole run (resumed epochs included)
+    grad_norms: list[float]  # one per optimizer step: the gradient norm before clipping
+    max_grad_norm: float | None  # the clipping threshold (None: no clipping)
     steps: int
     epochs: int
+    images_seen: int  # by all processes, all epochs, resumed ones included
     images_per_second: float  # all epochs, resumed ones included; checkpoint saving excluded
     peak_memory_mb: float
     mixed_precision: str
@@ -100,12 +113,14 @@ class TrainingRun:
     lr_scheduler: Any
     dataloader: DataLoader
     fingerprint: str
+    fingerprint_covers: dict[str, Any]  # what went into the fingerprint (run.json)
     num_images: int
-    log: Callable[[str], None] = print
-    checkpoints_dir: Path | None = None
+    log: Callable[[str], None] = print  # the main process's log; the others stay quiet
+    run_dir: Path | None = None  # this run's checkpoint folder (set by resume_training)
     start_epoch: int = 0
     global_step: int = 0
     losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
     # Throughput over all epochs of the run, resumed ones included (the checkpoint carries them).
     timing: dict[str, float] = field(default_factory=lambda: {"train_seconds": 0.0, "images_seen": 0})
 
@@ -116,6 +131,8 @@ def make_accelerator(training: TrainingConfig) -> Accelerator:
     return Accelerator(
         mixed_precision=resolve_mixed_precision(training.mixed_precision, device_type),
         gradient_accumulation_steps=training.gradient_accumulation_steps,
+        # Without a GPU, processes started by torchrun or `accelerate launch` train together over gloo.
+        cpu=device_type == "cpu",
     )
 
 
@@ -150,6 +167,9 @@ def setup_training(
         )
     mixed_precision = _check_accelerator(accelerator, training)
     set_seed(training.seed)  # LoRA A and ECM initialisation
+    # The base model's identity, read before it is cast or adapted: checkpoints of a run on
+    # another UNet that shares the VAE and text encoder (so the same latent cache) never resume.
+    base_model = unet_fingerprint(unet)
 
     # 1. Freeze the UNet and cast it to the compute dtype; 2. add the adapters (fp32).
     unet.requires_grad_(False)
@@ -188,32 +208,72 @@ def setup_training(
     prepared_unet, prepared_ecm, optimizer, dataloader, lr_scheduler = accelerator.prepare(
         unet, adapter.ecm, optimizer, dataloader, lr_scheduler
     )
+    fingerprint, covers = run_fingerprint(
+        cache, lora_config, training, mixed_precision, base_model, accelerator.num_processes
+    )
     return TrainingRun(
         accelerator=accelerator, training=training, adapter=adapter, unet=prepared_unet, ecm=prepared_ecm,
         noise_scheduler=noise_scheduler, optimizer=optimizer, lr_scheduler=lr_scheduler, dataloader=dataloader,
-        fingerprint=run_fingerprint(cache, lora_config, training, mixed_precision), num_images=len(cache), log=log,
+        fingerprint=fingerprint, fingerprint_covers=covers, num_images=len(cache),
+        log=log if accelerator.is_main_process else _quiet,
     )
+
+
+def _quiet(message: str) -> None:
+    """The log of processes other than the main one."""
 
 
 def resume_training(run: TrainingRun, checkpoints_dir: str | Path) -> None:
-    """4. Continue from the newest checkpoint of this run; checkpoints of other runs are deleted."""
-    run.checkpoints_dir = Path(checkpoints_dir)
-    checkpoints = list_checkpoints(run.checkpoints_dir)
-    if not checkpoints:
+    """4. Continue from the newest usable checkpoint of this run's own folder under `checkpoints_dir`.
+
+    Other runs' folders are kept (up to `checkpoint_runs_limit` unfinished runs). An unusable
+    newest checkpoint (unreadable, cut short, non-finite) is named in the log and the one
+    before it is used.
+    """
+    accelerator, root = run.accelerator, Path(checkpoints_dir)
+    run.run_dir = run_folder(root, run.fingerprint)
+    if accelerator.is_main_process:
+        open_run(root, run.fingerprint, run.fingerprint_covers, run.training.checkpoint_runs_limit, run.log)
+    # No process reads while the main one creates, cleans or prunes folders.
+    accelerator.wait_for_everyone()
+    loaded = find_resumable(run.run_dir, run.fingerprint, run.log) if accelerator.is_main_process else None
+    # Every process resumes the checkpoint the main process chose.
+    (chosen_epoch,) = broadcast_object_list([loaded.epoch if loaded is not None else None])
+    if chosen_epoch is None:
+        run.log(f"run {run.run_dir}: starting from scratch (no usable checkpoint of this run)")
         return
-    saved = read_checkpoint_state(checkpoints[-1])
-    if saved.get("fingerprint") != run.fingerprint:
-        run.log(f"{run.checkpoints_dir}: checkpoints were made with other data or params; starting from scratch")
-        if run.accelerator.is_main_process:
-            for old in checkpoints:
-                shutil.rmtree(old)
-        return
+    if loaded is None:
+        loaded = load_checkpoint(run.run_dir / f"epoch-{chosen_epoch:04d}", run.fingerprint)
     run.start_epoch, run.global_step, run.losses = restore_checkpoint(
-        checkpoints[-1], saved, run.adapter, run.accelerator.unwrap_model(run.ecm), run.optimizer, run.lr_scheduler,
-        run.accelerator,
+        loaded, run.adapter, accelerator.unwrap_model(run.ecm), run.optimizer, run.lr_scheduler, accelerator
     )
-    run.timing = {key: saved["timing"][key] for key in run.timing}
-    run.log(f"resumed from {checkpoints[-1]} (epoch {run.start_epoch}, step {run.global_step})")
+    run.grad_norms = list(loaded.state.get("grad_norms", []))
+    run.timing = {key: loaded.state["timing"][key] for key in run.timing}
+    run.log(f"resumed from {loaded.path} (epoch {run.start_epoch} of {run.training.epochs} done, "
+            f"step {run.global_step})")
+
+
+def _non_finite(what: str, values: torch.Tensor, step: int, epoch: int, batch_index: int) -> NonFiniteLossError:
+    """The same message on every process: `values` holds one entry per process."""
+    values = values.detach().float().cpu().flatten()
+    if values.numel() == 1:
+        found = f"{what} is {values.item()}"
+    else:
+        bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
+        found = f"{what} is non-finite on process(es) {bad} of {values.numel()} ({values.tolist()})"
+    return NonFiniteLossError(
+        f"{found} at optimizer step {step} (epoch {epoch + 1}, batch {batch_index + 1}); stopped before the "
+        "update. Lower learning_rate or max_grad_norm, or use mixed_precision bf16 or no instead of fp16"
+    )
+
+
+def _check_finite_weights(run: TrainingRun, when: str) -> None:
+    ecm = run.accelerator.unwrap_model(run.ecm)
+    named = [(f"LoRA layer {k}", p) for k, p in enumerate(run.adapter.lora_parameters())]
+    named += [(f"ECM {name}", p) for name, p in ecm.named_parameters()]
+    bad = [name for name, parameter in named if not torch.isfinite(parameter).all()]
+    if bad:
+        raise NonFiniteLossError(f"adapter weights became non-finite {when} ({bad[:3]}); nothing was saved")
 
 
 def train_epoch(run: TrainingRun, epoch: int, on_step: Callable[..., None] | None = None) -> None:
@@ -225,7 +285,10 @@ def train_epoch(run: TrainingRun, epoch: int, on_step: Callable[..., None] | Non
     generator = torch.Generator(device=accelerator.device).manual_seed(
         epoch_seed(training.seed, epoch, stream=1 + accelerator.process_index)
     )
+    trainable = run.adapter.lora_parameters() + list(run.ecm.parameters())
+    max_norm = math.inf if training.max_grad_norm is None else training.max_grad_norm  # inf: measure only
     window_losses: list[torch.Tensor] = []
+    grad_norm = torch.tensor(float("nan"))
     for batch_index, batch in enumerate(run.dataloader):
         with accelerator.accumulate(run.unet, run.ecm):
             loss = diffusion_training_step(
@@ -233,13 +296,17 @@ def train_epoch(run: TrainingRun, epoch: int, on_step: Callable[..., None] | Non
                 mode=training.conditioning, caption_dropout=training.caption_dropout,
                 vector_dropout=training.vector_dropout, snr_gamma=training.snr_gamma,
             )
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"loss is {loss.item()} at optimizer step {run.global_step + 1} (epoch {epoch + 1}, "
-                    f"batch {batch_index + 1}); stopped before the update. Lower learning_rate, or use "
-                    "mixed_precision bf16 or no instead of fp16"
-                )
+            # (num_processes,): every process sees every loss, so all stop together or none does.
+            process_losses = accelerator.gather(loss.reshape(1))
+            if not torch.isfinite(process_losses).all():
+                raise _non_finite("loss", process_losses, run.global_step + 1, epoch, batch_index)
             window_losses.append(loss)
+            if accelerator.sync_gradients:
+                # The norm of the summed gradients, the same on every process; clipped to max_norm.
+                grad_norm = accelerator.clip_grad_norm_(trainable, max_norm)
+                # With fp16 the grad scaler skips steps with overflowing gradients itself.
+                if accelerator.scaler is None and not torch.isfinite(grad_norm):
+                    raise _non_finite("the gradient norm", grad_norm.reshape(1), run.global_step + 1, epoch, batch_index)
             run.optimizer.step()
             run.lr_scheduler.step()
             run.optimizer.zero_grad()
@@ -249,37 +316,48 @@ def train_epoch(run: TrainingRun, epoch: int, on_step: Callable[..., None] | Non
             run.global_step += 1
             step_loss = accelerator.gather(torch.stack(window_losses).mean()).mean().item()
             run.losses.append(step_loss)
+            run.grad_norms.append(float(grad_norm))
             window_losses = []
             if on_step is not None:
                 on_step(
                     run.global_step, step_loss, epoch=epoch, learning_rate=run.lr_scheduler.get_last_lr()[0],
-                    images_seen=run.timing["images_seen"],
+                    images_seen=run.timing["images_seen"], grad_norm=run.grad_norms[-1],
                     steps_per_epoch=math.ceil(len(run.dataloader) / training.gradient_accumulation_steps),
                 )
     accelerator.wait_for_everyone()
     run.timing["train_seconds"] += time.perf_counter() - epoch_started
-    if accelerator.is_main_process and run.checkpoints_dir is not None:
+    _check_finite_weights(run, f"in epoch {epoch + 1}")
+    if accelerator.is_main_process and run.run_dir is not None:
         checkpoint = save_checkpoint(
-            run.checkpoints_dir, epoch + 1, run.adapter, accelerator.unwrap_model(run.ecm), run.optimizer,
+            run.run_dir, epoch + 1, run.adapter, accelerator.unwrap_model(run.ecm), run.optimizer,
             run.lr_scheduler, accelerator,
             {"fingerprint": run.fingerprint, "epoch": epoch + 1, "global_step": run.global_step, "losses": run.losses,
-             "timing": run.timing},
+             "grad_norms": run.grad_norms, "timing": run.timing},
             training.checkpoints_total_limit,
         )
-        run.log(f"epoch {epoch + 1}/{training.epochs}: step {run.global_step}, loss {run.losses[-1]:.5f} -> {checkpoint}")
+        run.log(f"epoch {epoch + 1}/{training.epochs}: step {run.global_step}, loss {run.losses[-1]:.5f}, "
+                f"gradient norm {run.grad_norms[-1]:.4g} -> {checkpoint}")
 
 
 def finish_training(run: TrainingRun, adapter_dir: str | Path | None = None) -> TrainingResult:
-    """6. Save only the adapter weights (never the frozen UNet) and sum the run up."""
+    """6. Save only the adapter weights (never the frozen UNet), remove the run's checkpoints, sum the run up."""
     accelerator = run.accelerator
     accelerator.wait_for_everyone()
     ecm = accelerator.unwrap_model(run.ecm)
+    _check_finite_weights(run, "by the end of training")
     if adapter_dir is not None and accelerator.is_main_process:
         save_adapter(adapter_dir, run.adapter, ecm)
+    if run.run_dir is not None and accelerator.is_main_process:
+        # Checkpoints are resume state: a finished run is trained again from scratch, never resumed.
+        close_run(run.run_dir)
+        run.log(f"run finished; removed its checkpoints {run.run_dir}")
     return TrainingResult(
         losses=run.losses,
+        grad_norms=run.grad_norms,
+        max_grad_norm=run.training.max_grad_norm,
         steps=run.global_step,
         epochs=run.training.epochs,
+        images_seen=int(run.timing["images_seen"]),
         images_per_second=run.timing["images_seen"] / run.timing["train_seconds"],
         peak_memory_mb=peak_memory_mb(accelerator.device),
         mixed_precision=str(accelerator.mixed_precision),
@@ -305,13 +383,13 @@ def train_ec_lora(
 ) -> TrainingResult:
     """Train EC-LoRA layers + ECM on `unet` (modified in place) from cached latents.
 
-    Resumes from the newest checkpoint in `checkpoints_dir` that was made with the same
-    data and configs. Saves the final adapter to `adapter_dir` when given. `on_step(step,
-    loss, *, epoch, learning_rate, images_seen, steps_per_epoch)` is called after every
-    optimizer step (progress display and live logging; tests use it to interrupt): `epoch`
-    is 0-based, `learning_rate` the LoRA group's as the schedule set it after the step (what
-    diffusers' training scripts log), `images_seen` counts every process's images since the run started (resumed epochs
-    included).
+    Resumes from the newest usable checkpoint of this run (same base model, data, configs,
+    code) under `checkpoints_dir`. Saves the final adapter to `adapter_dir` when given.
+    `on_step(step, loss, *, epoch, learning_rate, images_seen, steps_per_epoch)` is called after
+    every optimizer step (progress display and live logging; tests use it to interrupt):
+    `epoch` is 0-based, `learning_rate` the LoRA group's as the schedule set it after the step
+    (what diffusers' training scripts log), `images_seen` counts every process's images since
+    the run started (resumed epochs included).
     """
     run = setup_training(accelerator, unet, noise_scheduler, cache, lora_config, training, log=log)
     resume_training(run, checkpoints_dir)

@@ -1,0 +1,62 @@
+"""Schema of params.yaml section `train`: the adapter and its training run (`stages/train.py`).
+
+Keys up to `ecm_granularity` describe the adapter (`ec_lora_t.adapter.ECLoRAConfig`, with the
+`lora_` prefix dropped); the others are `ec_lora_t.training.config.TrainingConfig` fields of the
+same name. A key with a default here may be left out of params.yaml; its default is the
+library's (tests/test_params.py checks that they agree).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+
+from stages._common import Float, Int, Section
+
+Positive = Annotated[Float, Field(gt=0)]
+Fraction = Annotated[Float, Field(ge=0, lt=1)]
+
+
+class TrainParams(Section):
+    # 1. The adapter.
+    lora_rank: Annotated[Int, Field(ge=1)]
+    lora_alpha: Positive
+    target_modules: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+    ecm_hidden_size: Annotated[Int, Field(ge=1)]
+    ecm_depth: Annotated[Int, Field(ge=1)]
+    ecm_granularity: Literal["layer", "rank"] = "layer"  # ec_lora_t.adapter.config.ECM_GRANULARITIES
+    vector_embedding: bool = False  # also offset the UNet's timestep embedding
+    # 2. The optimiser and its schedule.
+    learning_rate: Positive
+    ecm_learning_rate: Positive | None = None  # None: learning_rate
+    weight_decay: Annotated[Float, Field(ge=0)]
+    adam_beta1: Fraction
+    adam_beta2: Fraction
+    adam_epsilon: Positive
+    lr_warmup_ratio: Fraction
+    max_grad_norm: Positive | None = 1.0  # None: no clipping (the norm is still logged)
+    # 3. The run.
+    epochs: Annotated[Int, Field(ge=1)]
+    batch_size: Annotated[Int, Field(ge=1)]
+    gradient_accumulation_steps: Annotated[Int, Field(ge=1)] = 1
+    # ec_lora_t.training.precision.MIXED_PRECISION_CHOICES
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    gradient_checkpointing: bool = False
+    caption_dropout: Annotated[Float, Field(ge=0, le=1)] = 0.0
+    vector_dropout: Annotated[Float, Field(ge=0, le=1)] = 0.0
+    snr_gamma: Positive | None = None  # min-SNR-gamma loss weights; None: plain MSE
+    engagement_balance: Annotated[Float, Field(ge=0, le=1)] = 0.0
+    shuffle_vectors: bool = False  # the negative control
+    conditioning: Literal["ec_lora", "plain_lora"] = "ec_lora"
+    seed: Annotated[Int, Field(ge=0)]
+    # 4. Resume state (neither changes the result).
+    checkpoints_total_limit: Annotated[Int, Field(ge=1)] | None = 2  # per run; None: keep every epoch
+    checkpoint_runs_limit: Annotated[Int, Field(ge=1)] | None = 3  # unfinished runs kept; None: all
+
+    @field_validator("target_modules")
+    @classmethod
+    def _no_duplicates(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("must not repeat a module name")
+        return value

@@ -1,0 +1,188 @@
+"""Params schemas (stages/params/): every section checked before any stage runs, in one line per problem."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages._common import ParamsError
+from stages.validate_params import SCHEMAS, VALID_MARKER, main, validate_params
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# The demo_data stage writes the default ingest.posts_dir (dvc.yaml passes it to the stage).
+PIPELINE_OUTPUTS = ("data/demo_posts",)
+
+
+def check(path: Path):
+    return validate_params(path, PIPELINE_OUTPUTS)
+
+
+def params_with(tmp_path: Path, **changes) -> Path:
+    """The repository's params.yaml with `section__key=value` changes, written next to a link to models/."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for dotted, value in changes.items():
+        section, _, key = dotted.partition("__")
+        if key:
+            params[section][key] = value
+        elif value is None:
+            del params[section]
+        else:
+            params[section] = value
+    if not (tmp_path / "models").exists():  # relative model paths resolve as in the repository
+        (tmp_path / "models").symlink_to(REPO / "models")
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def test_the_repositorys_params_are_valid():
+    sections = check(REPO / "params.yaml")
+    assert set(sections) == set(SCHEMAS) == set(yaml.safe_load((REPO / "params.yaml").read_text()))
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"train__lora_rank": 0}, "train.lora_rank = 0: must be greater than or equal to 1"),
+        ({"train__epochs": -1}, "train.epochs = -1: must be greater than or equal to 1"),
+        ({"train__epochs": 2.5}, "train.epochs = 2.5: must be a valid integer, got a number with a fractional part"),
+        ({"train__learning_rate": "abc"}, "train.learning_rate = 'abc': must be a valid number"),
+        ({"train__lora_rank": "abc"}, "train.lora_rank = 'abc': must be a valid integer"),
+        ({"train__lora_rank": True}, "train.lora_rank = True: must be a number, not a boolean"),
+        ({"train__learning_rate": float("nan")}, "train.learning_rate = nan: must be a finite number"),
+        ({"train__max_grad_norm": 0}, "train.max_grad_norm = 0: must be greater than 0"),
+        ({"train__target_modules": []}, "train.target_modules = []: must have at least 1 item(s)"),
+        ({"train__lora_dropout": 0.1}, "train.lora_dropout = 0.1: unknown key; section 'train' takes ["),
+        ({"features__normalization": "foo"}, "features.normalization = 'foo': must be 'minmax', 'log_minmax', 'rank' or 'detrended'"),
+        ({"model__pretrained": "models/ec-lora-t-bse"},
+         "model.pretrained = 'models/ec-lora-t-bse': it is a local path ('models' exists here, so it is a path)"),
+        ({"model__pretrained": "/nonexistent"}, "model.pretrained = '/nonexistent': it is a local path"),
+        ({"model__pretrained": "no such/hub id"}, "is neither an existing local folder nor a hub id"),
+        ({"model__resolution": 30}, "model.resolution = 30: must be a multiple of 8"),
+        ({"evaluate__engagement_targets": []}, "evaluate.engagement_targets = []: must have at least 2 item(s)"),
+        ({"evaluate__engagement_targets": [0.0, 1.5]}, "evaluate.engagement_targets.1 = 1.5: must be less than or"),
+        ({"evaluate__time_targets": [0.5]}, "evaluate: time_targets [0.5] must hold at least 2 targets, or none"),
+        ({"regressor__folds": 1}, "regressor.folds = 1: must be greater than or equal to 2"),
+        ({"ingest__posts_dir": "/no/such/posts"}, "ingest.posts_dir = '/no/such/posts': no such folder (/no/such/posts)"),
+        ({"caption__source": "blip", "caption__model": None}, "caption: source 'blip' with missing_text 'generic' "
+                                                              "captions with BLIP: set caption.model"),
+        ({"caption__missing_text": "fallback"}, "caption.missing_text = 'fallback': must be 'generic', 'skip' or"),
+        ({"train": None}, "section 'train' is missing"),
+        ({"extra": {"a": 1}}, "unknown section(s) ['extra']"),
+    ],
+)
+def test_a_bad_value_is_named_with_what_is_allowed(tmp_path, changes, expected):
+    path = params_with(tmp_path, **changes)
+    with pytest.raises(ParamsError) as error:
+        check(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    assert expected in message, message
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    path = params_with(tmp_path, train__lora_rank=0, features__normalization="foo")
+    with pytest.raises(ParamsError, match=r"features.normalization = 'foo'.*; train.lora_rank = 0"):
+        check(path)
+
+
+def test_the_stage_writes_a_constant_marker_or_exits_with_one_line(tmp_path):
+    marker, metrics = tmp_path / "out" / "valid", tmp_path / "metrics.json"
+    outputs = ["--pipeline-output", "data/demo_posts"]
+    main(["--out", str(marker), "--metrics", str(metrics), "--params", str(REPO / "params.yaml"), *outputs])
+    assert marker.read_text() == VALID_MARKER
+    other = params_with(tmp_path, train__lora_rank=4)
+    main(["--out", str(marker), "--metrics", str(metrics), "--params", str(other), *outputs])
+    assert marker.read_text() == VALID_MARKER  # another good value: the same bytes, nothing downstream reruns
+
+    marker.unlink()
+    bad = params_with(tmp_path, train__epochs=2.5)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(marker), "--metrics", str(metrics), "--params", str(bad), *outputs])
+    assert str(exit_info.value) == f"{bad}: train.epochs = 2.5: must be a valid integer, got a number with a fractional part"
+    assert not marker.exists()
+
+
+def _choices(schema, field: str) -> tuple:
+    annotation = schema.model_fields[field].annotation
+    return typing.get_args(annotation)
+
+
+def test_the_schemas_allow_exactly_the_librarys_choices():
+    from ec_lora_t.adapter.config import ECM_GRANULARITIES
+    from ec_lora_t.data.captioning import CAPTION_SOURCES, MISSING_TEXT_CHOICES
+    from ec_lora_t.data.features import NORMALIZATIONS
+    from ec_lora_t.data.ingest import FORMATS, VIDEO_MODES
+    from ec_lora_t.data.seasons import HEMISPHERES
+    from ec_lora_t.evaluation.regressor import PROTOCOLS
+    from ec_lora_t.training.precision import MIXED_PRECISION_CHOICES
+
+    expected = {
+        ("train", "ecm_granularity"): ECM_GRANULARITIES,
+        ("train", "mixed_precision"): MIXED_PRECISION_CHOICES,
+        ("features", "normalization"): NORMALIZATIONS,
+        ("caption", "source"): CAPTION_SOURCES,
+        ("caption", "missing_text"): MISSING_TEXT_CHOICES,
+        ("caption", "hemisphere"): HEMISPHERES,
+        ("regressor", "protocol"): PROTOCOLS,
+        ("ingest", "format"): FORMATS,
+        ("ingest", "videos"): VIDEO_MODES,
+    }
+    for (section, field), choices in expected.items():
+        assert set(_choices(SCHEMAS[section], field)) == set(choices), (section, field)
+
+
+def test_train_keys_map_onto_the_adapter_and_training_configs_with_their_defaults():
+    from ec_lora_t.adapter.config import ECLoRAConfig
+    from ec_lora_t.training.config import TrainingConfig
+    from stages.train import LORA_KEYS, configs_from_params
+
+    schema = SCHEMAS["train"]
+    training_fields = {f.name: f for f in dataclasses.fields(TrainingConfig)}
+    lora_fields = {f.name: f for f in dataclasses.fields(ECLoRAConfig)}
+    assert set(schema.model_fields) == set(LORA_KEYS) | set(training_fields)
+    for key, field in schema.model_fields.items():
+        if field.is_required():
+            continue
+        library = lora_fields[LORA_KEYS[key]] if key in LORA_KEYS else training_fields[key]
+        assert field.default == library.default, key  # a key left out means the library's default
+    lora, training = configs_from_params(check(REPO / "params.yaml")["train"])
+    params = yaml.safe_load((REPO / "params.yaml").read_text())["train"]
+    assert lora.rank == params["lora_rank"] and training.max_grad_norm == params["max_grad_norm"]
+
+
+def test_a_stage_error_is_one_line_without_a_traceback(tmp_path):
+    """A truncated latent cache: the train stage names the file and stops, in one line."""
+    latents = tmp_path / "latents.safetensors"
+    latents.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")  # a header cut short
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.train", "--latents", str(latents), "--out", str(tmp_path / "adapter"),
+         "--checkpoints", str(tmp_path / "ckpt"), "--live", str(tmp_path / "live"),
+         "--metrics", str(tmp_path / "train.json"), "--run-info", str(tmp_path / "run_info.json")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.startswith("stage ")]
+    assert len(lines) == 1 and lines[0].startswith(f"stage train: {latents}: not a readable safetensors file"), (
+        result.stderr)
+    assert lines[0].endswith("(EC_LORA_T_DEBUG=1 shows the traceback)") and "Traceback" not in result.stderr
+
+
+def test_a_hub_id_that_cannot_be_loaded_stops_the_params_check(tmp_path, monkeypatch):
+    """Offline and not cached: found before any stage runs, not when latents has lost its outputs."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = params_with(tmp_path, model__pretrained="someone/not-cached")
+    with pytest.raises(ParamsError, match="model.pretrained 'someone/not-cached' is a hub id, HF_HUB_OFFLINE is set"):
+        check(path)
+    # caption.model is a hub id too, but BLIP is not asked for (source post_text, missing_text generic).
+    assert check(params_with(tmp_path, caption__model="someone/not-cached"))
+    with pytest.raises(ParamsError, match="caption.model 'someone/not-cached' is a hub id"):
+        check(params_with(tmp_path, caption__model="someone/not-cached", caption__missing_text="blip"))
