@@ -39,7 +39,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import diffusers  # noqa: E402
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from diffusers import (  # noqa: E402
+    AutoencoderKL,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
 from ec_lora_t.adapter import ECLoRAConfig, add_ec_lora, save_adapter  # noqa: E402
@@ -50,7 +55,7 @@ from ec_lora_t.training.config import TrainingConfig  # noqa: E402
 from ec_lora_t.training.loop import make_accelerator, train_ec_lora  # noqa: E402
 from ec_lora_t.training.objective import noisy_latents  # noqa: E402
 from ec_lora_t.training.precision import COMPUTE_DTYPES, autocast  # noqa: E402
-from stages.train import configs_from_params  # noqa: E402
+from stages.params.train import TrainParams, configs_from_params  # noqa: E402
 
 # stable-diffusion-v1-5/stable-diffusion-v1-5, unet/config.json (architecture keys).
 SD15_UNET_CONFIG = {
@@ -214,18 +219,22 @@ def measure_steps(unet_config, scheduler, lora_config, training, batch, device, 
     return results
 
 
-def build_pipeline_folder(out_dir: Path, unet_config: dict, vae_config: dict, text: dict) -> Path:
-    """A random-weight SD1.5-shaped pipeline in diffusers layout (loaded through from_pretrained)."""
+def build_pipeline_folder(out_dir: Path, unet_config: dict, vae_config: dict, text: dict, device) -> Path:
+    """A random-weight SD1.5-shaped pipeline in diffusers layout (loaded through from_pretrained),
+    built on `device` and saved in fp16 (the dtype generation loads on a GPU)."""
     torch.manual_seed(0)
     tokenizer = CLIPTokenizer.from_pretrained(SHIPPED_CLIP_TOKENIZER)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=77,
-                                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                                pad_token_id=tokenizer.pad_token_id, **text))
-    pipeline = StableDiffusionPipeline(
-        vae=AutoencoderKL(**vae_config), text_encoder=text_encoder, tokenizer=tokenizer,
-        unet=UNet2DConditionModel(**unet_config), scheduler=DDPMScheduler(**SD15_SCHEDULER_CONFIG),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    with torch.device(device):
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **text))
+        pipeline = StableDiffusionPipeline(
+            vae=AutoencoderKL(**vae_config), text_encoder=text_encoder, tokenizer=tokenizer,
+            unet=UNet2DConditionModel(**unet_config), scheduler=DDPMScheduler(**SD15_SCHEDULER_CONFIG),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    if device.type == "cuda":
+        pipeline.to(torch.float16)
     pipeline.save_pretrained(out_dir)
     unet = pipeline.unet
     adapter = add_ec_lora(unet, ECLoRAConfig(rank=16, alpha=64, ecm_granularity="rank"))
@@ -241,7 +250,7 @@ def measure_sampling(folder: Path, device, resolution: int, batch_size: int, ste
     prompts = [f"a photo of a person in a city, take {index}" for index in range(batch_size)]
     vectors = torch.tensor([[index % 5 / 4, 0.5] for index in range(batch_size)])  # 5 vectors per prompt set
     seeds = list(range(batch_size))
-    for sampler, vector_guidance in (("ddim", 1.0), ("dpmsolver++", 1.0), ("dpmsolver++", 3.0)):
+    for sampler, vector_guidance in (("dpmsolver++", 1.0), ("dpmsolver++", 3.0)):
         pipeline = load_pipeline(str(folder), folder / "adapter", device=device, sampler=sampler)
         call = dict(num_inference_steps=steps, guidance_scale=5.0, batch_size=batch_size, height=resolution,
                     width=resolution, sampling=VectorSampling(vector_guidance=vector_guidance))
@@ -291,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # params.yaml's train section, as the train stage reads it; batch and length set here.
     train_params = yaml.safe_load((REPO / "params.yaml").read_text())["train"]
-    lora_config, training = configs_from_params(train_params)
+    lora_config, training = configs_from_params(TrainParams.model_validate(train_params))
     steps_per_epoch = 8
     cache = synthetic_cache(batch_size * steps_per_epoch, latent_size, unet_config["cross_attention_dim"])
     epochs = -(-(args.steps + args.warmup) // steps_per_epoch)
@@ -302,24 +311,32 @@ def main(argv: list[str] | None = None) -> dict:
         return TrainingConfig(**{**training.__dict__, "epochs": epochs, "batch_size": batch_size,
                                  "gradient_accumulation_steps": 1, **overrides})
 
+    def save(partial: dict) -> None:
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.with_suffix(".partial.json").write_text(json.dumps(partial, indent=2, default=str) + "\n")
+
     if "loop" in parts:
         for conditioning in ("ec_lora", "plain_lora"):
             results[f"loop:{conditioning}"] = measure_loop(unet_config, scheduler, cache, lora_config,
                                                            run(conditioning=conditioning), device, args.warmup)
+            save(results)
     if "step" in parts:
         generator = torch.Generator().manual_seed(1)
         index = torch.randperm(len(cache), generator=generator)[:batch_size]
         batch = {name: getattr(cache, name)[index].to(device) for name in cache.tensor_names()}
         results |= measure_steps(unet_config, scheduler, lora_config, run(), batch, device, args.steps, args.warmup)
+        save(results)
     if "memory" in parts:
         small = synthetic_cache(4 * steps_per_epoch, latent_size, unet_config["cross_attention_dim"])
         results["memory:batch4_checkpointing"] = measure_loop(
             unet_config, scheduler, small, lora_config,
             TrainingConfig(**{**run().__dict__, "batch_size": 4, "gradient_checkpointing": True}), device, args.warmup,
         ) | {"batch_size": 4}
+        save(results)
     if "sample" in parts:
         with tempfile.TemporaryDirectory() as folder:
-            results |= measure_sampling(build_pipeline_folder(Path(folder) / "sd", unet_config, vae_config, text),
+            results |= measure_sampling(build_pipeline_folder(Path(folder) / "sd", unet_config, vae_config, text, device),
                                         device, resolution, min(batch_size, 16), args.sample_steps)
             for name in results:
                 if name.startswith("sample:"):

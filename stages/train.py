@@ -23,33 +23,13 @@ from dvclive import Live
 from dvclive.plots import Metric
 from tqdm.auto import tqdm
 
-from ec_lora_t.adapter import ECLoRAConfig
 from ec_lora_t.models import load_components
 from ec_lora_t.progress import progress_bar
 from ec_lora_t.training.cache import load_latent_cache
-from ec_lora_t.training.config import TrainingConfig
 from ec_lora_t.training.loop import NonFiniteLossError, make_accelerator, train_ec_lora
 from stages._common import load_section, run_stage, stage_parser, write_metrics
 from stages.params.model import ModelParams
-from stages.params.train import TrainParams
-
-# params key -> ECLoRAConfig field; every other key of the section is a TrainingConfig field.
-LORA_KEYS = {
-    "lora_rank": "rank",
-    "lora_alpha": "alpha",
-    "target_modules": "target_modules",
-    "ecm_hidden_size": "ecm_hidden_size",
-    "ecm_depth": "ecm_depth",
-    "ecm_granularity": "ecm_granularity",
-    "vector_embedding": "vector_embedding",
-}
-
-
-def configs_from_params(params: TrainParams) -> tuple[ECLoRAConfig, TrainingConfig]:
-    """Split the checked `train` section into the adapter's config and the loop's config."""
-    values = params.model_dump()
-    lora_config = ECLoRAConfig(**{field: values.pop(key) for key, field in LORA_KEYS.items()})
-    return lora_config, TrainingConfig(**values)
+from stages.params.train import TrainParams, configs_from_params
 
 
 class TrainingMonitor:
@@ -57,8 +37,8 @@ class TrainingMonitor:
     progress bars over epochs and steps.
 
     `live` is None on processes other than the main one (only one writes the log). images/s
-    is measured between two steps (checkpoint saving at an epoch's end included), from the
-    second step the run makes on.
+    is the loop's, measured between its synchronised reads of the device, else the time
+    between two calls (checkpoint saving at an epoch's end included), from the second step on.
     """
 
     def __init__(self, live: Live | None, epochs: int, progress: bool | None = None):
@@ -70,7 +50,8 @@ class TrainingMonitor:
         self._epoch: int | None = None
 
     def __call__(self, step: int, loss: float, *, epoch: int, learning_rate: float, images_seen: int,
-                 steps_per_epoch: int, grad_norm: float | None = None) -> None:
+                 steps_per_epoch: int, grad_norm: float | None = None,
+                 images_per_second: float | None = None) -> None:
         now = time.perf_counter()
         if self.first_step is None:
             self.first_step = step
@@ -89,8 +70,12 @@ class TrainingMonitor:
             self.live.log_metric("learning_rate", learning_rate)
             if grad_norm is not None:
                 self.live.log_metric("grad_norm", grad_norm)
-            if self._last is not None:
-                self.live.log_metric("images_per_second", (images_seen - self._last[1]) / (now - self._last[0]))
+            # The loop's figure is measured between its synchronised reads of the GPU; without it
+            # (the first read of a window), the time since the previous call.
+            if images_per_second is None and self._last is not None:
+                images_per_second = (images_seen - self._last[1]) / (now - self._last[0])
+            if images_per_second is not None:
+                self.live.log_metric("images_per_second", images_per_second)
             self.live.next_step()
         self._last = (time.perf_counter(), images_seen)
 
@@ -179,8 +164,12 @@ def main(argv: list[str] | None = None) -> None:
         args.run_info,
         {
             "seconds": time.perf_counter() - started,
+            # After the first 10 steps, between synchronised reads of the device: the speed of
+            # the hardware. The whole-run figure beside it includes the start-up steps.
+            "steady_images_per_second": result.steady_images_per_second,
             "images_per_second": result.images_per_second,
             "peak_memory_mb": result.peak_memory_mb,
+            "device": result.device,
             "resumed_from_epoch": result.resumed_from_epoch,
         },
     )

@@ -143,7 +143,7 @@ def test_the_schemas_allow_exactly_the_librarys_choices():
 def test_train_keys_map_onto_the_adapter_and_training_configs_with_their_defaults():
     from ec_lora_t.adapter.config import ECLoRAConfig
     from ec_lora_t.training.config import TrainingConfig
-    from stages.train import LORA_KEYS, configs_from_params
+    from stages.params.train import LORA_KEYS, configs_from_params
 
     schema = SCHEMAS["train"]
     training_fields = {f.name: f for f in dataclasses.fields(TrainingConfig)}

@@ -175,3 +175,77 @@ def shuffled_vectors(cache: LatentCache, seed: int) -> LatentCache:
     """
     permutation = torch.randperm(len(cache), generator=torch.Generator().manual_seed(seed))
     return replace(cache, engagement_time=cache.engagement_time[permutation].contiguous())
+
+
+def _deduplicated(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distinct rows, index of each row's distinct row): many images share a caption (carousels,
+    and the generic "(style) (season)" caption of caption dropout has a handful of values)."""
+    keys, table, index = {}, [], []
+    flat = rows.reshape(rows.shape[0], -1).contiguous()
+    for row in range(flat.shape[0]):
+        key = flat[row].numpy().tobytes()
+        if key not in keys:
+            keys[key] = len(table)
+            table.append(rows[row])
+        index.append(keys[key])
+    return torch.stack(table), torch.tensor(index, dtype=torch.long)
+
+
+class ResidentBatches:
+    """The latent cache held on the training device and served in the sampler's replayable order.
+
+    A batch is a few index lookups on the device, not a Python collate of single images or a
+    host-to-device copy per step. Text embeddings are kept once per distinct caption (in
+    `text_dtype`, e.g. the bf16 the UNet reads) and looked up per batch. With several
+    processes the epoch's batches are dealt out as accelerate deals a prepared DataLoader's
+    (batch k to process k mod P, the last round completed from the epoch's start), so every
+    process makes the same number of steps.
+    """
+
+    def __init__(
+        self,
+        cache: LatentCache,
+        sampler: EpochShuffleSampler,
+        batch_size: int,
+        device: torch.device,
+        text_dtype: torch.dtype = torch.float32,
+        process_index: int = 0,
+        num_processes: int = 1,
+    ) -> None:
+        self.sampler, self.batch_size = sampler, batch_size
+        self.process_index, self.num_processes = process_index, num_processes
+        self.latent_mean = cache.latent_mean.to(device)
+        self.latent_std = cache.latent_std.to(device)
+        self.engagement_time = cache.engagement_time.to(device)
+        self.text = {}
+        for name in ("text_embeddings", "generic_text_embeddings"):
+            if getattr(cache, name) is not None:
+                table, index = _deduplicated(getattr(cache, name))
+                self.text[name] = (table.to(device, text_dtype), index.to(device))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def _batch_indices(self) -> list[list[int]]:
+        order = list(self.sampler)
+        batches = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        if self.num_processes > 1:
+            rounds = -(-len(batches) // self.num_processes)
+            batches = (batches + batches)[: rounds * self.num_processes][self.process_index :: self.num_processes]
+        return batches
+
+    def __len__(self) -> int:
+        return len(self._batch_indices()) if self.num_processes > 1 else -(-len(self.sampler) // self.batch_size)
+
+    def __iter__(self):
+        device = self.latent_mean.device
+        for indices in self._batch_indices():
+            rows = torch.tensor(indices, dtype=torch.long).to(device, non_blocking=True)
+            batch = {
+                "latent_mean": self.latent_mean[rows],
+                "latent_std": self.latent_std[rows],
+                "engagement_time": self.engagement_time[rows],
+            }
+            for name, (table, index) in self.text.items():
+                batch[name] = table[index[rows]]
+            yield batch

@@ -27,6 +27,7 @@ the next collective until the timeout).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -39,14 +40,13 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from torch import nn
-from torch.utils.data import DataLoader
 
 from ec_lora_t.adapter.config import ECLoRAConfig
 from ec_lora_t.adapter.model import ECLoRAAdapter, add_ec_lora, save_adapter
 from ec_lora_t.training.cache import (
-    CachedLatentsDataset,
     EpochShuffleSampler,
     LatentCache,
+    ResidentBatches,
     engagement_balance_weights,
     epoch_seed,
     shuffled_vectors,
@@ -85,6 +85,8 @@ class TrainingResult:
     epochs: int
     images_seen: int  # by all processes, all epochs, resumed ones included
     images_per_second: float  # all epochs, resumed ones included; checkpoint saving excluded
+    # After the first STEADY_AFTER_STEPS steps of this run, synchronised (None: too few steps).
+    steady_images_per_second: float | None
     peak_memory_mb: float
     mixed_precision: str
     resumed_from_epoch: int  # 0 when the run started fresh
@@ -111,7 +113,7 @@ class TrainingRun:
     noise_scheduler: Any
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any
-    dataloader: DataLoader
+    batches: ResidentBatches
     fingerprint: str
     fingerprint_covers: dict[str, Any]  # what went into the fingerprint (run.json)
     num_images: int
@@ -121,6 +123,12 @@ class TrainingRun:
     global_step: int = 0
     losses: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
+    # Steady-state throughput of this process's run (after STEADY_AFTER_STEPS, between host
+    # reads, synchronised): (perf_counter, images_seen) at its start and latest read.
+    steady_start: tuple[float, int] | None = None
+    steady_end: tuple[float, int] | None = None
+    timing_window: tuple[float, int] | None = None  # the previous host read, for per-window images/s
+    first_step_of_run: int = 1  # the first optimizer step this process makes (after a resume: later)
     # Throughput over all epochs of the run, resumed ones included (the checkpoint carries them).
     timing: dict[str, float] = field(default_factory=lambda: {"train_seconds": 0.0, "images_seen": 0})
 
@@ -195,9 +203,13 @@ def setup_training(
         cache = shuffled_vectors(cache, training.seed)
     weights = engagement_balance_weights(cache.engagement_time[:, 0], training.engagement_balance)
     sampler = EpochShuffleSampler(len(cache), training.seed, weights)
-    dataloader = DataLoader(CachedLatentsDataset(cache), batch_size=training.batch_size, sampler=sampler)
-    batches_per_epoch = math.ceil(len(cache) / (training.batch_size * accelerator.num_processes))
-    steps_per_epoch = math.ceil(batches_per_epoch / training.gradient_accumulation_steps)
+    # The whole cache on the device, batches by index (the demo at 512 px is about 160 MB).
+    batches = ResidentBatches(
+        cache, sampler, training.batch_size, accelerator.device,
+        text_dtype=COMPUTE_DTYPES[mixed_precision], process_index=accelerator.process_index,
+        num_processes=accelerator.num_processes,
+    )
+    steps_per_epoch = math.ceil(len(batches) / training.gradient_accumulation_steps)
     total_steps = training.epochs * steps_per_epoch
     # accelerate's prepared scheduler steps once per process; scale the schedule to match.
     lr_scheduler = get_cosine_schedule_with_warmup(
@@ -205,15 +217,15 @@ def setup_training(
         num_warmup_steps=round(training.lr_warmup_ratio * total_steps) * accelerator.num_processes,
         num_training_steps=total_steps * accelerator.num_processes,
     )
-    prepared_unet, prepared_ecm, optimizer, dataloader, lr_scheduler = accelerator.prepare(
-        unet, adapter.ecm, optimizer, dataloader, lr_scheduler
+    prepared_unet, prepared_ecm, optimizer, lr_scheduler = accelerator.prepare(
+        unet, adapter.ecm, optimizer, lr_scheduler
     )
     fingerprint, covers = run_fingerprint(
         cache, lora_config, training, mixed_precision, base_model, accelerator.num_processes
     )
     return TrainingRun(
         accelerator=accelerator, training=training, adapter=adapter, unet=prepared_unet, ecm=prepared_ecm,
-        noise_scheduler=noise_scheduler, optimizer=optimizer, lr_scheduler=lr_scheduler, dataloader=dataloader,
+        noise_scheduler=noise_scheduler, optimizer=optimizer, lr_scheduler=lr_scheduler, batches=batches,
         fingerprint=fingerprint, fingerprint_covers=covers, num_images=len(cache),
         log=log if accelerator.is_main_process else _quiet,
     )
@@ -249,6 +261,7 @@ def resume_training(run: TrainingRun, checkpoints_dir: str | Path) -> None:
     )
     run.grad_norms = list(loaded.state.get("grad_norms", []))
     run.timing = {key: loaded.state["timing"][key] for key in run.timing}
+    run.first_step_of_run = run.global_step + 1
     run.log(f"resumed from {loaded.path} (epoch {run.start_epoch} of {run.training.epochs} done, "
             f"step {run.global_step})")
 
@@ -276,54 +289,125 @@ def _check_finite_weights(run: TrainingRun, when: str) -> None:
         raise NonFiniteLossError(f"adapter weights became non-finite {when} ({bad[:3]}); nothing was saved")
 
 
+# On a GPU the host reads the step losses and gradient norms every this many optimizer steps,
+# not every step: a per-step read waits for the GPU and leaves it idle while Python queues the
+# next step. On a CPU there is nothing to overlap and every step is checked before its update.
+GPU_SYNC_EVERY = 20
+# Steady-state throughput is timed from the first host read after this many optimizer steps
+# (allocator growth, cuDNN autotuning and the optimizer's first step are behind it).
+STEADY_AFTER_STEPS = 10
+
+
+@dataclass
+class _PendingStep:
+    """An optimizer step whose loss and gradient norm the host has not read yet."""
+
+    step: int
+    epoch: int
+    batch_index: int
+    loss: torch.Tensor  # 0-d, this process's mean over the step's micro-batches
+    grad_norm: torch.Tensor  # 0-d, before clipping, the same on every process
+    learning_rate: float
+    images_seen: int
+
+
+def _flush(run: TrainingRun, pending: list[_PendingStep], on_step: Callable[..., None] | None) -> None:
+    """Read the pending steps' losses and norms (one host synchronisation), stop every process
+    on a non-finite value, record them, and report them to `on_step`."""
+    if not pending:
+        return
+    accelerator = run.accelerator
+    # (num_processes, steps): every process sees every loss, so all stop together or none does.
+    losses = accelerator.gather(torch.stack([p.loss for p in pending]).reshape(1, -1))
+    norms = torch.stack([p.grad_norm for p in pending]).float().cpu()
+    losses = losses.float().cpu()
+    for column, item in enumerate(pending):
+        if not torch.isfinite(losses[:, column]).all():
+            raise _non_finite("loss", losses[:, column], item.step, item.epoch, item.batch_index)
+        if accelerator.scaler is None and not torch.isfinite(norms[column]):
+            raise _non_finite("the gradient norm", norms[column].reshape(1), item.step, item.epoch, item.batch_index)
+    now = time.perf_counter()
+    clock = run.timing_window
+    window_rate = None
+    if clock is not None:
+        window_rate = (pending[-1].images_seen - clock[1]) / max(now - clock[0], 1e-9)
+    run.timing_window = (now, pending[-1].images_seen)
+    if run.steady_start is None and pending[-1].step - run.first_step_of_run + 1 >= STEADY_AFTER_STEPS:
+        run.steady_start = (now, pending[-1].images_seen)
+    elif run.steady_start is not None:
+        run.steady_end = (now, pending[-1].images_seen)
+    step_losses = losses.mean(dim=0).tolist()
+    for item, loss, norm in zip(pending, step_losses, norms.tolist()):
+        run.losses.append(loss)
+        run.grad_norms.append(norm)
+        if on_step is not None:
+            on_step(
+                item.step, loss, epoch=item.epoch, learning_rate=item.learning_rate, images_seen=item.images_seen,
+                grad_norm=norm, images_per_second=window_rate,
+                steps_per_epoch=math.ceil(len(run.batches) / run.training.gradient_accumulation_steps),
+            )
+    pending.clear()
+
+
 def train_epoch(run: TrainingRun, epoch: int, on_step: Callable[..., None] | None = None) -> None:
     """One pass over the data (0-based `epoch`), then the epoch's checkpoint."""
     accelerator, training = run.accelerator, run.training
     epoch_started = time.perf_counter()
     run.unet.train()
-    run.dataloader.set_epoch(epoch)
+    run.batches.set_epoch(epoch)
     generator = torch.Generator(device=accelerator.device).manual_seed(
         epoch_seed(training.seed, epoch, stream=1 + accelerator.process_index)
     )
     trainable = run.adapter.lora_parameters() + list(run.ecm.parameters())
     max_norm = math.inf if training.max_grad_norm is None else training.max_grad_norm  # inf: measure only
+    sync_every = GPU_SYNC_EVERY if accelerator.device.type == "cuda" else 1
     window_losses: list[torch.Tensor] = []
+    pending: list[_PendingStep] = []
     grad_norm = torch.tensor(float("nan"))
-    for batch_index, batch in enumerate(run.dataloader):
-        with accelerator.accumulate(run.unet, run.ecm):
+    accumulation = training.gradient_accumulation_steps
+    num_batches = len(run.batches)
+    for batch_index, batch in enumerate(run.batches):
+        # The update comes after every `accumulation` micro-batches and after the epoch's last
+        # (a shorter window). The batches are no prepared DataLoader, so the loop says which
+        # micro-batch ends a window; the others skip the gradient all-reduce (no_sync).
+        ends_window = (batch_index + 1) % accumulation == 0 or batch_index == num_batches - 1
+        with contextlib.ExitStack() as no_sync:
+            if not ends_window:
+                no_sync.enter_context(accelerator.no_sync(run.unet))
+                no_sync.enter_context(accelerator.no_sync(run.ecm))
             loss = diffusion_training_step(
                 accelerator, run.unet, run.adapter, run.ecm, run.noise_scheduler, batch, generator,
                 mode=training.conditioning, caption_dropout=training.caption_dropout,
                 vector_dropout=training.vector_dropout, snr_gamma=training.snr_gamma,
             )
-            # (num_processes,): every process sees every loss, so all stop together or none does.
+        if sync_every == 1:
+            # Checked before the update: a non-finite loss never reaches the weights.
             process_losses = accelerator.gather(loss.reshape(1))
             if not torch.isfinite(process_losses).all():
                 raise _non_finite("loss", process_losses, run.global_step + 1, epoch, batch_index)
-            window_losses.append(loss)
-            if accelerator.sync_gradients:
-                # The norm of the summed gradients, the same on every process; clipped to max_norm.
-                grad_norm = accelerator.clip_grad_norm_(trainable, max_norm)
-                # With fp16 the grad scaler skips steps with overflowing gradients itself.
-                if accelerator.scaler is None and not torch.isfinite(grad_norm):
-                    raise _non_finite("the gradient norm", grad_norm.reshape(1), run.global_step + 1, epoch, batch_index)
-            run.optimizer.step()
-            run.lr_scheduler.step()
-            run.optimizer.zero_grad()
+        window_losses.append(loss)
         run.timing["images_seen"] += batch["latent_mean"].shape[0] * accelerator.num_processes
-        # 5. Act only when the accumulated gradients were applied.
-        if accelerator.sync_gradients:
-            run.global_step += 1
-            step_loss = accelerator.gather(torch.stack(window_losses).mean()).mean().item()
-            run.losses.append(step_loss)
-            run.grad_norms.append(float(grad_norm))
-            window_losses = []
-            if on_step is not None:
-                on_step(
-                    run.global_step, step_loss, epoch=epoch, learning_rate=run.lr_scheduler.get_last_lr()[0],
-                    images_seen=run.timing["images_seen"], grad_norm=run.grad_norms[-1],
-                    steps_per_epoch=math.ceil(len(run.dataloader) / training.gradient_accumulation_steps),
-                )
+        if not ends_window:
+            continue
+        # 5. The update. The norm of the summed gradients, the same on every process; clipped to max_norm.
+        grad_norm = accelerator.clip_grad_norm_(trainable, max_norm)
+        # With fp16 the grad scaler skips steps with overflowing gradients itself.
+        if sync_every == 1 and accelerator.scaler is None and not torch.isfinite(grad_norm):
+            raise _non_finite("the gradient norm", grad_norm.reshape(1), run.global_step + 1, epoch, batch_index)
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad()
+        run.global_step += 1
+        pending.append(_PendingStep(
+            run.global_step, epoch, batch_index, torch.stack(window_losses).mean().detach(),
+            torch.as_tensor(grad_norm).detach(), run.lr_scheduler.get_last_lr()[0], int(run.timing["images_seen"]),
+        ))
+        window_losses = []
+        if len(pending) >= sync_every:
+            _flush(run, pending, on_step)
+    # On a GPU a non-finite value may have been used by up to GPU_SYNC_EVERY updates before it
+    # was read: it stops the run here, before any checkpoint or adapter is written.
+    _flush(run, pending, on_step)
     accelerator.wait_for_everyone()
     run.timing["train_seconds"] += time.perf_counter() - epoch_started
     _check_finite_weights(run, f"in epoch {epoch + 1}")
@@ -337,6 +421,8 @@ def train_epoch(run: TrainingRun, epoch: int, on_step: Callable[..., None] | Non
         )
         run.log(f"epoch {epoch + 1}/{training.epochs}: step {run.global_step}, loss {run.losses[-1]:.5f}, "
                 f"gradient norm {run.grad_norms[-1]:.4g} -> {checkpoint}")
+        # Saving is not training: the next window's throughput starts after it.
+        run.timing_window = None
 
 
 def finish_training(run: TrainingRun, adapter_dir: str | Path | None = None) -> TrainingResult:
@@ -359,6 +445,10 @@ def finish_training(run: TrainingRun, adapter_dir: str | Path | None = None) -> 
         epochs=run.training.epochs,
         images_seen=int(run.timing["images_seen"]),
         images_per_second=run.timing["images_seen"] / run.timing["train_seconds"],
+        steady_images_per_second=(
+            (run.steady_end[1] - run.steady_start[1]) / (run.steady_end[0] - run.steady_start[0])
+            if run.steady_start is not None and run.steady_end is not None else None
+        ),
         peak_memory_mb=peak_memory_mb(accelerator.device),
         mixed_precision=str(accelerator.mixed_precision),
         resumed_from_epoch=run.start_epoch,

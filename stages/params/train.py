@@ -60,3 +60,28 @@ class TrainParams(Section):
         if len(set(value)) != len(value):
             raise ValueError("must not repeat a module name")
         return value
+
+
+# params key -> ECLoRAConfig field; every other key of the section is a TrainingConfig field.
+LORA_KEYS = {
+    "lora_rank": "rank",
+    "lora_alpha": "alpha",
+    "target_modules": "target_modules",
+    "ecm_hidden_size": "ecm_hidden_size",
+    "ecm_depth": "ecm_depth",
+    "ecm_granularity": "ecm_granularity",
+    "vector_embedding": "vector_embedding",
+}
+
+
+def configs_from_params(params: TrainParams):
+    """Split the checked `train` section into the adapter's config and the loop's config:
+    (`ECLoRAConfig`, `TrainingConfig`)."""
+    # Imported here: the params check (validate_params) reads the schema only, and must not
+    # depend on (and rerun with) the adapter's and the loop's code.
+    from ec_lora_t.adapter.config import ECLoRAConfig
+    from ec_lora_t.training.config import TrainingConfig
+
+    values = params.model_dump()
+    lora_config = ECLoRAConfig(**{field: values.pop(key) for key, field in LORA_KEYS.items()})
+    return lora_config, TrainingConfig(**values)
