@@ -88,9 +88,32 @@ def build_world(work: Path, audience: str, base: dict, device: str | None) -> Pa
     return world
 
 
+def research_summary(details: dict) -> dict:
+    """What the research tables compare, from the evaluate stage's details: EC-LoRA-T's ground
+    truth and regressor scores against the ceiling, adherence against the base model, time."""
+    engagement, time = details["engagement_sweep"], details.get("time_sweep", {})
+
+    def scores(metrics: dict, ceiling: dict | None) -> dict:
+        keys = ("spearman", "p_value", "range_ratio", "share_of_ceiling", "monotone")
+        return {key: metrics.get(key) for key in keys} | ({"ceiling": ceiling["spearman"]} if ceiling else {})
+
+    summary = {"verdict": details["verdict"],
+               "regressor": scores(engagement["ec_lora"], engagement.get("retrieval"))}
+    if "ground_truth" in engagement["ec_lora"]:
+        summary["ground_truth"] = scores(engagement["ec_lora"]["ground_truth"],
+                                         engagement.get("retrieval", {}).get("ground_truth"))
+    adherence = details.get("adherence")
+    if adherence and adherence.get("ec_lora"):
+        summary["adherence"] = {"base": sum(adherence["base"].values()) / len(adherence["base"]),
+                                "worst_drop": max(adherence["base"][k] - v for k, v in adherence["ec_lora"].items())}
+    if "ground_truth" in time.get("ec_lora", {}):
+        summary["time"] = scores(time["ec_lora"]["ground_truth"], time.get("retrieval", {}).get("ground_truth"))
+    return summary
+
+
 def summarise(folder: Path, name: str) -> dict:
     details = json.loads((folder / f"data/evaluate-{name}/details.json").read_text())
-    headline = json.loads((folder / f"metrics/evaluate-{name}.json").read_text())
+    headline = research_summary(details)
     engagement = details["engagement_sweep"]
     by_target = {
         mode: {key: round(value["mean"], 4) for key, value in metrics["ground_truth"]["by_target"].items()}

@@ -31,6 +31,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 MODES = {"EC-LoRA-T": "ec_lora", "plain LoRA (ECM off)": "plain_lora", "base model": "base"}
 DEFAULT_PROMPT = "(democreator style) (summer)"  # the generic caption of the embedded demo
 DISPLAY_SIZE = 384  # px: small models draw 32 px images, shown enlarged with nearest-neighbour
+# The evaluate stage's default (params.yaml evaluate.vector_guidance): what the README's numbers measured.
+DEFAULT_VECTOR_GUIDANCE = 4.0
 
 
 @dataclass
@@ -41,15 +43,17 @@ class SliderPage:
     normalizer: Any | None  # ec_lora_t.data.features.EngagementTimeNormalizer, None without statistics
 
     def generate(self, prompt: str, engagement: float, time: float, seed: float, mode: str = "EC-LoRA-T",
-                 steps: float = 20, guidance_scale: float = 5.0) -> tuple[Image.Image, str]:
+                 steps: float = 20, guidance_scale: float = 5.0,
+                 vector_guidance: float = DEFAULT_VECTOR_GUIDANCE) -> tuple[Image.Image, str]:
         """One image for (prompt, vector, seed) in `mode`, enlarged for the page, and a description."""
-        from ec_lora_t.generation import generate_images
+        from ec_lora_t.generation import VectorSampling, generate_images
 
         mode_name = MODES[mode]
         vector = torch.tensor([[float(engagement), float(time)]])
         image = generate_images(
             self.pipeline, [prompt], vector if mode_name == "ec_lora" else None, [int(seed)],
             num_inference_steps=int(steps), guidance_scale=float(guidance_scale), mode=mode_name,
+            sampling=VectorSampling(vector_guidance=float(vector_guidance)),
         )[0]
         scale = max(1, DISPLAY_SIZE // max(image.size))
         shown = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
@@ -116,11 +120,13 @@ def build_app(page: SliderPage, steps: int = 20, guidance_scale: float = 5.0):
                 with gr.Accordion("Sampling", open=False):
                     steps_slider = gr.Slider(1, 100, value=steps, step=1, label="Steps")
                     guidance = gr.Slider(1.0, 15.0, value=guidance_scale, step=0.5, label="Guidance scale")
+                    vector_guidance = gr.Slider(1.0, 8.0, value=DEFAULT_VECTOR_GUIDANCE, step=0.5,
+                                                label="Vector guidance (1: none; 4: the evaluated default)")
                 run = gr.Button("Generate", variant="primary")
             with gr.Column():
                 image = gr.Image(label="Generated image", type="pil", format="png", height=DISPLAY_SIZE)
                 description = gr.Markdown()
-        inputs = [prompt, engagement, time, seed, mode, steps_slider, guidance]
+        inputs = [prompt, engagement, time, seed, mode, steps_slider, guidance, vector_guidance]
         run.click(page.generate, inputs, [image, description], api_name="generate")
         # Letting go of a slider generates again (about a second per image on a CPU for the demo).
         for slider in (engagement, time):

@@ -196,7 +196,9 @@ def generate(
     steps: Annotated[int, typer.Option(help="Sampling steps.", min=1)] = 30,
     sampler: Annotated[str, typer.Option(help="ddim | dpmsolver++ (both deterministic).")] = "ddim",
     guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
-    vector_guidance: Annotated[float, typer.Option(help="Guidance on the vector (1: none beyond the text's).")] = 1.0,
+    vector_guidance: Annotated[float, typer.Option(
+        help="Guidance on the vector away from the average post (1: none beyond the text's; 4: the "
+             "evaluate stage's default).")] = 4.0,
     vector_scale: Annotated[float, typer.Option(help="Extrapolate the ECM's scales from mid engagement (1: none).")] = 1.0,
     mode: Annotated[str, typer.Option(help="ec_lora | plain_lora (ECM off) | base (no adapter).")] = "ec_lora",
 ) -> None:

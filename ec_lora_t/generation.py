@@ -13,14 +13,14 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
@@ -34,6 +34,12 @@ from ec_lora_t.adapter.ecm import ENGAGEMENT_TIME_DIM, check_engagement_time
 from ec_lora_t.adapter.model import ECLoRAAdapter, load_adapter
 from ec_lora_t.hub import resolve_pretrained
 from ec_lora_t.models import diffusers_dtype, quiet_loading
+
+# diffusers' pipeline module imports CLIP's and SigLIP's image processors (for IP-Adapter), and
+# transformers says, once each, that it falls back to the PIL processors without torchvision:
+# the intended setup (README), so the import runs where quiet_loading drops that notice.
+with quiet_loading():
+    from diffusers import StableDiffusionPipeline
 
 
 @dataclass
@@ -260,12 +266,14 @@ def generate_images(
     height: int | None = None,
     width: int | None = None,
     sampling: VectorSampling = VectorSampling(),
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[Image.Image]:
     """One image per row (prompts[i], engagement_time[i], seeds[i]), in row order.
 
     `engagement_time` (N, 2) is required in mode "ec_lora" and ignored otherwise. Rows are
     generated `batch_size` at a time; the result does not depend on `batch_size`. DDIM with
-    eta = 0: the image is a function of the row alone.
+    eta = 0: the image is a function of the row alone. `on_batch(n)` is called after each
+    batch with its number of images (a progress bar's `update`).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -291,6 +299,8 @@ def generate_images(
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, mode=mode, sampling=sampling,
             negative_prompt=negative_prompt, height=height or default_size, width=width or default_size,
         )
+        if on_batch is not None:
+            on_batch(len(prompts[rows]))
     return images
 
 

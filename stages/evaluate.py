@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 from diffusers import AutoencoderKL
+from dvclive import Live
 
 from ec_lora_t.adapter.conditioning import MODES
 from ec_lora_t.data.images import load_rgb_image, resize_and_crop
@@ -80,6 +81,20 @@ def style_shift(creator_images: list, images: dict[str, list], profiles_path: Pa
     return {mode: style_distance(profiles[mode], profiles["creator"]) for mode in images}
 
 
+def log_response_curves(live: Live, scored: pd.DataFrame) -> None:
+    """dvclive plots of each sweep's mean score per target, one file per (sweep, score, mode), so
+    that `dvc plots show` draws one line per mode: how far each mode's images follow the target."""
+    for sweep, target in (("engagement", "target_engagement"), ("time", "target_time")):
+        scores = {"regressor": "predicted_engagement", "ground_truth": "time_ground_truth" if sweep == "time"
+                  else "ground_truth_score"}
+        for mode, rows in scored[scored["sweep"] == sweep].groupby("mode"):
+            for score, column in scores.items():
+                means = rows.groupby(target)[column].mean()
+                if means.notna().all() and len(means) > 0:
+                    live.log_plot(f"{sweep}_{score}/{mode}", means.rename("mean_score").reset_index(),
+                                  x=target, y="mean_score")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--adapter", type=Path, required=True, help="adapter folder from the train stage")
@@ -88,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for images, figures, sweep.csv, details.json, report.md")
     parser.add_argument("--sweep-plots", type=Path, required=True,
                         help="folder of the engagement sweep's DVC plots: one CSV per mode")
+    parser.add_argument("--live", type=Path, required=True,
+                        help="dvclive folder: each sweep's mean score per target, by mode")
     args = parser.parse_args(argv)
     params = load_params("evaluate", args.params)
     model_params = load_params("model", args.params)
@@ -169,6 +186,9 @@ def main(argv: list[str] | None = None) -> None:
     engagement_rows = scored[scored["sweep"] == "engagement"]
     for mode, rows in engagement_rows.groupby("mode"):
         rows[PLOT_COLUMNS].to_csv(args.sweep_plots / f"{mode}.csv", index=False)
+    # dvc.yaml names the plots; dvclive must not write a dvc.yaml or an experiment of its own.
+    with Live(str(args.live), dvcyaml=False, save_dvc_exp=False) as live:
+        log_response_curves(live, scored)
 
     # 4. Labelled figures: a row per (prompt, seed), the base model and plain LoRA beside
     #    EC-LoRA-T's targets, the scores under each image.

@@ -2,7 +2,7 @@
 
 python -m stages.train --latents data/latents --out data/train/adapter \
     --checkpoints data/train/checkpoints --live data/train/live --metrics metrics/train.json \
-    --run-info data/run_info/train.json
+    --run-info data/run_info/train.json --summary data/train/summary.json
 
 Reads params sections `train` and `model` (pretrained). An interrupted run resumes from its
 newest usable checkpoint in its own folder `--checkpoints/<fingerprint>/` (same base model,
@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoints", required=True, help="folder for per-epoch checkpoints (kept between runs)")
     parser.add_argument("--live", required=True, help="dvclive folder: per-step loss, learning rate, images/s")
     parser.add_argument("--run-info", required=True, help="JSON of this run's timings and peak memory (not a metric)")
+    parser.add_argument("--summary", required=True, help="JSON of the run's results beyond the headline metrics")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -138,8 +139,15 @@ def main(argv: list[str] | None = None) -> None:
         return  # the main process writes the outputs
 
     last_epoch = result.losses[-math.ceil(len(result.losses) / result.epochs):]
+    clipped_steps = (sum(norm > result.max_grad_norm for norm in result.grad_norms)
+                     if result.max_grad_norm is not None else 0)
+    # The few numbers compared across experiments (dvc exp show); the rest in --summary.
     write_metrics(
         args.metrics,
+        {"loss": sum(last_epoch) / len(last_epoch), "steps": result.steps, "clipped_steps": clipped_steps},
+    )
+    write_metrics(
+        args.summary,
         {
             "final_loss": result.final_loss,
             "final_epoch_mean_loss": sum(last_epoch) / len(last_epoch),
@@ -149,8 +157,7 @@ def main(argv: list[str] | None = None) -> None:
             "max_grad_norm": result.max_grad_norm,
             "grad_norm_final": result.grad_norms[-1],
             "grad_norm_max": max(result.grad_norms),
-            "clipped_steps": sum(norm > result.max_grad_norm for norm in result.grad_norms)
-            if result.max_grad_norm is not None else 0,
+            "clipped_steps": clipped_steps,
             "mixed_precision": result.mixed_precision,
             "device": result.device,
             "num_images": result.num_images,

@@ -64,7 +64,7 @@ def running_app(tiny_sd_dir, adapter_dir, tmp_path_factory):
 
 def generate(client: Client, engagement: float, seed: int = 42, mode: str = "EC-LoRA-T") -> np.ndarray:
     image_path, description = client.predict(
-        "a man on a city street", engagement, 0.5, seed, mode, 3, 5.0, api_name="/generate"
+        "a man on a city street", engagement, 0.5, seed, mode, 3, 5.0, 4.0, api_name="/generate"
     )
     assert f"seed {seed}" in description
     return np.asarray(Image.open(image_path).convert("RGB"), dtype=np.int16)

@@ -72,3 +72,31 @@ def test_an_interrupted_two_process_run_resumes_after_a_barrier(cache, tmp_path,
     assert [r["resumed_from_epoch"] for r in resumed] == [1, 1], output
     assert output.count("resumed from") == 1  # logged by the main process only
     assert all(r["losses"] == straight[0][0]["losses"] for r in resumed)
+
+
+def test_the_train_stage_runs_under_its_launcher_param_on_two_processes(tiny_sd_dir, tmp_path):
+    """dvc.yaml starts the stage as `${train.launcher} -m stages.train ...`: the real stage under a
+    2-process launcher writes one adapter and one metrics file, from half the steps per epoch."""
+    import yaml
+    from test_training import _train_stage_params
+
+    dvc_yaml = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    assert dvc_yaml["stages"]["train"]["cmd"].startswith("${train.launcher} -m stages.train ")
+    assert yaml.safe_load((REPO / "params.yaml").read_text())["train"]["launcher"] == "python"
+
+    cache = write_cache(tmp_path / "latents.safetensors", num_images=8, text_width=32)  # the tiny SD's width
+    params = _train_stage_params(tiny_sd_dir, batch_size=2, epochs=2)
+    params["train"]["launcher"] = f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node 2"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    command = (f"{params['train']['launcher']} -m stages.train --latents {cache} --out {tmp_path / 'adapter'} "
+               f"--checkpoints {tmp_path / 'ckpt'} --live {tmp_path / 'live'} --metrics {tmp_path / 'metrics.json'} "
+               f"--run-info {tmp_path / 'run_info.json'} --summary {tmp_path / 'summary.json'} "
+               f"--params {tmp_path / 'params.yaml'}")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    completed = subprocess.run(command, shell=True, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    # 8 images in batches of 2 over 2 processes: 2 optimizer steps per epoch, not 4.
+    assert metrics["steps"] == 4
+    assert (tmp_path / "adapter" / "ecm.safetensors").is_file()
+    assert len((tmp_path / "live/plots/metrics/loss.tsv").read_text().splitlines()) == 1 + 4

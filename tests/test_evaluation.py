@@ -304,7 +304,8 @@ def test_evaluate_stage_end_to_end_on_the_tiny_model(tiny_sd_dir, adapter_dir, t
     }).to_parquet(tmp_path / "train.parquet")
     monkeypatch.chdir(tmp_path)
     stage.main(["--adapter", str(adapter_dir), "--regressor", "regressor", "--out", "out",
-                "--sweep-plots", "plots/sweep", "--metrics", "metrics/evaluate.json", "--features", "train.parquet"])
+                "--sweep-plots", "plots/sweep", "--live", "out/live", "--metrics", "metrics/evaluate.json",
+                "--features", "train.parquet"])
 
     scored = pd.read_csv(tmp_path / "out/sweep.csv")
     generated = scored[scored["mode"] != "retrieval"]
@@ -330,6 +331,14 @@ def test_evaluate_stage_end_to_end_on_the_tiny_model(tiny_sd_dir, adapter_dir, t
     plot = plots["ec_lora"]
     assert {"mode", "prompt", "seed", "target_engagement", "target_time", "predicted_engagement",
             "ground_truth_score"} <= set(plot.columns)
+    # dvclive's response curves: a file per (sweep, score, mode), one point per target, the table's means.
+    curve = json.loads((tmp_path / "out/live/plots/custom/engagement_ground_truth/ec_lora.json").read_text())
+    curve = curve if isinstance(curve, list) else next(iter(curve.values()))
+    ec_lora_rows = scored[(scored["mode"] == "ec_lora") & (scored["sweep"] == "engagement")]
+    expected = ec_lora_rows.groupby("target_engagement")["ground_truth_score"].mean()
+    assert [point["target_engagement"] for point in curve] == list(expected.index)
+    assert [point["mean_score"] for point in curve] == pytest.approx(list(expected))
+    assert len(json.loads((tmp_path / "out/live/plots/custom/time_regressor/base.json").read_text())) >= 1
     figure = Image.open(tmp_path / "out/engagement_sweep.png")
     assert figure.height > 4 * 96 and figure.width > (2 + 3) * 96  # 4 rows (prompt x seed), base + plain + 3 targets
     assert Image.open(tmp_path / "out/time_sweep.png").width < figure.width  # 2 time targets
@@ -354,10 +363,13 @@ def test_evaluate_stage_end_to_end_on_the_tiny_model(tiny_sd_dir, adapter_dir, t
     assert details["num_images"] == 28
 
     headline = json.loads((tmp_path / "metrics/evaluate.json").read_text())
-    assert headline["verdict"] == details["verdict"]
-    assert headline["ground_truth"]["spearman"] == details["engagement_sweep"]["ec_lora"]["ground_truth"]["spearman"]
-    assert headline["ground_truth"]["ceiling"] == details["engagement_sweep"]["retrieval"]["ground_truth"]["spearman"]
-    assert {"regressor", "ground_truth", "adherence", "time"} <= headline.keys()
+    truth = details["engagement_sweep"]["ec_lora"]["ground_truth"]
+    assert headline == {
+        "score": "ground_truth", "controls": details["verdict"]["controls_ground_truth"],
+        "keeps_prompt": details["verdict"]["keeps_prompt"], "controls_time": details["verdict"]["controls_time"],
+        "spearman": truth["spearman"], "of_ceiling": truth["share_of_ceiling"], "range_ratio": truth["range_ratio"],
+        "time_spearman": details["time_sweep"]["ec_lora"]["ground_truth"]["spearman"],
+    }
 
 
 def test_retrieval_plan_takes_the_nearest_training_images_per_target():
@@ -409,8 +421,11 @@ def test_share_of_ceiling_and_monotone_against_the_retrieval_baseline():
     assert engagement["ec_lora"]["ground_truth"]["monotone"] is True
     assert "share_of_ceiling" not in engagement["retrieval"]
     headline = headline_metrics(report)
-    assert headline["ground_truth"]["ceiling"] == ceiling
-    assert headline["verdict"] == report["verdict"]
+    assert headline["spearman"] == engagement["ec_lora"]["ground_truth"]["spearman"]
+    assert headline["of_ceiling"] == engagement["ec_lora"]["ground_truth"]["share_of_ceiling"]
+    assert headline["controls"] == report["verdict"]["controls_ground_truth"] and headline["score"] == "ground_truth"
+    no_truth = headline_metrics(sweep_report(table.assign(ground_truth_score=float("nan")), permutations=50))
+    assert no_truth["score"] == "regressor" and no_truth["time_spearman"] is None
 
 
 def test_monotone_needs_every_step_up():

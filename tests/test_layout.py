@@ -90,3 +90,11 @@ def test_no_stage_reads_sys_argv_and_all_share_one_parser():
         assert "sys.argv" not in source, stage
         assert "stage_parser(__doc__)" in source and "def main(argv: list[str] | None = None)" in source, stage
         assert "--params" not in source.replace('"--params", str(', ""), f"{stage} declares --params itself"
+
+
+@pytest.mark.parametrize("module", [f"stages.{stage}" for stage in sorted(STAGES)] + ["ec_lora_t.cli", "ec_lora_t.app"])
+def test_importing_an_entry_point_prints_nothing(module):
+    """A normal run shows no library notices: importing diffusers' pipelines makes transformers
+    print its torchvision fallback notice unless `generation` imports them quietly."""
+    result = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout == result.stderr == "", result.stderr

@@ -143,14 +143,14 @@ def test_the_schemas_allow_exactly_the_librarys_choices():
 def test_train_keys_map_onto_the_adapter_and_training_configs_with_their_defaults():
     from ec_lora_t.adapter.config import ECLoRAConfig
     from ec_lora_t.training.config import TrainingConfig
-    from stages.params.train import LORA_KEYS, configs_from_params
+    from stages.params.train import LORA_KEYS, STAGE_KEYS, configs_from_params
 
     schema = SCHEMAS["train"]
     training_fields = {f.name: f for f in dataclasses.fields(TrainingConfig)}
     lora_fields = {f.name: f for f in dataclasses.fields(ECLoRAConfig)}
-    assert set(schema.model_fields) == set(LORA_KEYS) | set(training_fields)
+    assert set(schema.model_fields) == set(LORA_KEYS) | set(training_fields) | STAGE_KEYS
     for key, field in schema.model_fields.items():
-        if field.is_required():
+        if field.is_required() or key in STAGE_KEYS:
             continue
         library = lora_fields[LORA_KEYS[key]] if key in LORA_KEYS else training_fields[key]
         assert field.default == library.default, key  # a key left out means the library's default
@@ -166,7 +166,8 @@ def test_a_stage_error_is_one_line_without_a_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "stages.train", "--latents", str(latents), "--out", str(tmp_path / "adapter"),
          "--checkpoints", str(tmp_path / "ckpt"), "--live", str(tmp_path / "live"),
-         "--metrics", str(tmp_path / "train.json"), "--run-info", str(tmp_path / "run_info.json")],
+         "--metrics", str(tmp_path / "train.json"), "--run-info", str(tmp_path / "run_info.json"),
+         "--summary", str(tmp_path / "summary.json")],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 1

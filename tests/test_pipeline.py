@@ -165,7 +165,7 @@ def test_dvc_repro_end_to_end(pipeline_repo):
     # A bad value costs one line and nothing else: no stage ran, every output is still there.
     rank4_adapter = _tree_digest(root / "data/train/adapter")
     kept = {path: _tree_digest(root / path) for path in ("data/train/adapter", "data/features/normalization.json",
-                                                         "metrics/train.json", "data/plots/train_loss.csv")}
+                                                         "metrics/train.json", "data/train/live/plots/metrics/loss.tsv")}
     good_params = (root / "params.yaml").read_text()
     for bad, expected in [("train.epochs=2.5", "train.epochs = 2.5: must be a valid integer"),
                           ("features.normalization=foo", "features.normalization = 'foo': must be 'minmax', "),
@@ -239,7 +239,7 @@ def test_killed_dvc_repro_resumes_to_the_same_weights(pipeline_repo, kill_signal
     newest = max(int(path.name.split("-")[1]) for path in saved)
     assert any(f"resumed from {run_dir}/epoch-{epoch:04d} (epoch {epoch} of {epochs} done" in log
                for epoch in range(1, newest + 1)), log
-    assert json.loads((root / "metrics/train.json").read_text())["resumed_from_epoch"] >= 1
+    assert json.loads((root / "data/run_info/train.json").read_text())["resumed_from_epoch"] >= 1
     assert not _epoch_checkpoints(root)  # a finished run keeps no checkpoints
     resumed_adapter = _tree_digest(root / "data/train/adapter")
 
@@ -248,7 +248,7 @@ def test_killed_dvc_repro_resumes_to_the_same_weights(pipeline_repo, kill_signal
     scratch = _dvc(root, "repro", "-f", "-s", "train")
     assert "starting from scratch" in scratch.stdout + scratch.stderr
     assert "resumed from" not in scratch.stdout + scratch.stderr
-    assert json.loads((root / "metrics/train.json").read_text())["resumed_from_epoch"] == 0
+    assert json.loads((root / "data/run_info/train.json").read_text())["resumed_from_epoch"] == 0
     assert _tree_digest(root / "data/train/adapter") == resumed_adapter
 
 

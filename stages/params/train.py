@@ -50,7 +50,12 @@ class TrainParams(Section):
     shuffle_vectors: bool = False  # the negative control
     conditioning: Literal["ec_lora", "plain_lora"] = "ec_lora"
     seed: Annotated[Int, Field(ge=0)]
-    # 4. Resume state (neither changes the result).
+    # 4. How the stage is started (dvc.yaml's cmd is `${train.launcher} -m stages.train ...`): `python`
+    #    for one process; a distributed launcher for several GPUs, e.g. `python -m
+    #    accelerate.commands.launch --multi_gpu --num_processes 2`. The number of processes
+    #    is part of the run's fingerprint; the launcher's words are not.
+    launcher: Annotated[str, Field(min_length=1)] = "python"
+    # 5. Resume state (neither changes the result).
     checkpoints_total_limit: Annotated[Int, Field(ge=1)] | None = 2  # per run; None: keep every epoch
     checkpoint_runs_limit: Annotated[Int, Field(ge=1)] | None = 3  # unfinished runs kept; None: all
 
@@ -62,7 +67,9 @@ class TrainParams(Section):
         return value
 
 
-# params key -> ECLoRAConfig field; every other key of the section is a TrainingConfig field.
+# params key -> ECLoRAConfig field; every other key of the section but the stage's own
+# (STAGE_KEYS) is a TrainingConfig field.
+STAGE_KEYS = {"launcher"}
 LORA_KEYS = {
     "lora_rank": "rank",
     "lora_alpha": "alpha",
@@ -82,6 +89,6 @@ def configs_from_params(params: TrainParams):
     from ec_lora_t.adapter.config import ECLoRAConfig
     from ec_lora_t.training.config import TrainingConfig
 
-    values = params.model_dump()
+    values = params.model_dump(exclude=STAGE_KEYS)
     lora_config = ECLoRAConfig(**{field: values.pop(key) for key, field in LORA_KEYS.items()})
     return lora_config, TrainingConfig(**values)
