@@ -41,7 +41,7 @@ from ec_lora_t.evaluation.sweep import (
 )
 from ec_lora_t.generation import VectorSampling, load_pipeline, save_png
 from ec_lora_t.models import diffusers_dtype, quiet_loading
-from stages._common import load_params, stage_parser, write_metrics
+from stages._common import load_params, run_stage, stage_parser, write_metrics
 
 PARAM_KEYS = (
     "prompts", "seeds", "engagement_targets", "time", "time_targets", "fixed_engagement", "sampler", "num_inference_steps",
@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="folder of the engagement sweep's DVC plots: one CSV per mode")
     parser.add_argument("--live", type=Path, required=True,
                         help="dvclive folder: each sweep's mean score per target, by mode")
+    parser.add_argument("--run-info", type=Path, required=True, help="JSON of this run's timing (not a metric)")
     args = parser.parse_args(argv)
     params = load_params("evaluate", args.params)
     model_params = load_params("model", args.params)
@@ -218,12 +219,13 @@ def main(argv: list[str] | None = None) -> None:
         "num_prompts": len(params["prompts"]),
         "num_seeds": len(params["seeds"]),
         "num_images": int(scored.loc[scored["mode"] != RETRIEVAL, "image_path"].nunique()),
-        "seconds": time.perf_counter() - started,
     }
     write_metrics(args.out / "details.json", report)
     write_metrics(args.metrics, headline_metrics(report))
     (args.out / "report.md").write_text(markdown_report(json.loads((args.out / "details.json").read_text()), figures))
+    # Outside the outputs: wall time differs between two runs with the same results.
+    write_metrics(args.run_info, {"seconds": time.perf_counter() - started})
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

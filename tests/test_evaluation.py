@@ -305,7 +305,7 @@ def test_evaluate_stage_end_to_end_on_the_tiny_model(tiny_sd_dir, adapter_dir, t
     monkeypatch.chdir(tmp_path)
     stage.main(["--adapter", str(adapter_dir), "--regressor", "regressor", "--out", "out",
                 "--sweep-plots", "plots/sweep", "--live", "out/live", "--metrics", "metrics/evaluate.json",
-                "--features", "train.parquet"])
+                "--features", "train.parquet", "--run-info", "run_info/evaluate.json"])
 
     scored = pd.read_csv(tmp_path / "out/sweep.csv")
     generated = scored[scored["mode"] != "retrieval"]
@@ -361,6 +361,8 @@ def test_evaluate_stage_end_to_end_on_the_tiny_model(tiny_sd_dir, adapter_dir, t
     assert set(details["verdict"]) == {"controls_engagement", "controls_ground_truth", "controls_time", "keeps_prompt",
                                        "style_shift"}
     assert details["num_images"] == 28
+    # Wall time differs between reruns: in the run info, never in an output DVC hashes.
+    assert "seconds" not in details and json.loads((tmp_path / "run_info/evaluate.json").read_text())["seconds"] > 0
 
     headline = json.loads((tmp_path / "metrics/evaluate.json").read_text())
     truth = details["engagement_sweep"]["ec_lora"]["ground_truth"]
