@@ -199,7 +199,9 @@ def test_stage_writes_table_statistics_and_metrics(tmp_path, monkeypatch):
     recomputed = [normalizer.vector(likes=r.likes_count, comments=r.comments_count, date=r.timestamp) for r in frame.itertuples()]
     assert np.allclose(np.stack(recomputed), np.stack(frame["engagement_time"]), atol=1e-6)
     metrics = json.loads((tmp_path / "metrics/features.json").read_text())
-    assert metrics["normalization"] == "log_minmax" and metrics["images"] == 5 and metrics["posts"] == 4
+    assert metrics == {"images": 5, "posts": 4, "images_without_caption": 0, "engagement_degenerate": False,
+                       "time_degenerate": False, "span_days": pytest.approx(metrics["span_days"])}
+    assert json.loads((tmp_path / "out/normalization.json").read_text())["normalization"] == "log_minmax"
 
 
 def test_detrended_engagement_is_relative_to_the_time_trend():

@@ -30,8 +30,8 @@ SMALL_PARAMS = {
 }
 
 
-def _run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+def _run(args: list[str], cwd: Path, check: bool = True, **env_vars: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **env_vars)
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
@@ -161,6 +161,11 @@ def test_dvc_repro_end_to_end(pipeline_repo):
     changed = json.loads(diff)
     assert any(path.startswith("metrics/train") for path in changed), diff
     assert any(path.startswith("metrics/evaluate") for path in changed), diff
+    # The headline metrics of a one-param experiment fit a 160-column terminal: no column cut.
+    shown = _run([sys.executable, "-m", "dvc", "exp", "show", "--only-changed", "--no-pager"], cwd=root,
+                 COLUMNS="160").stdout
+    assert "rank4" in shown and "spearman" in shown and "…" not in shown, shown
+    assert max(len(line.rstrip()) for line in shown.splitlines()) <= 160, shown
 
     # A bad value costs one line and nothing else: no stage ran, every output is still there.
     rank4_adapter = _tree_digest(root / "data/train/adapter")

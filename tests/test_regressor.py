@@ -180,11 +180,16 @@ def test_regressor_stage_writes_both_protocols_and_saves_the_chosen_one(tmp_path
     monkeypatch.setattr(
         sys, "argv",
         ["regressor", "--latents", "latents", "--out", "out",
-         "--predictions", "plots/regressor", "--metrics", "metrics/regressor.json"],
+         "--predictions", "plots/regressor", "--metrics", "metrics/regressor.json", "--details", "details.json"],
     )
     stage.main()
 
-    metrics = json.loads((tmp_path / "metrics/regressor.json").read_text())
+    headline = json.loads((tmp_path / "metrics/regressor.json").read_text())
+    metrics = json.loads((tmp_path / "details.json").read_text())
+    assert headline == {"heldout_r2": metrics["grouped_kfold"]["r2"],
+                        "heldout_spearman": metrics["grouped_kfold"]["spearman"],
+                        "beats_time_baseline": metrics["grouped_kfold"]["beats_time_baseline"],
+                        "small_sample": False, "report_r2": metrics["report"]["r2"]}
     assert metrics["num_images"] == 60 and metrics["num_posts"] == 20 and metrics["num_features"] == 16
     for protocol in ("report", "grouped_kfold"):
         assert {"r2", "mse", "spearman", "baseline_mean", "baseline_time", "beats_mean_baseline",
@@ -224,8 +229,10 @@ def test_regressor_stage_flags_a_small_sample(tmp_path, monkeypatch, capsys):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(
         {"regressor": {"protocol": "grouped_kfold", "folds": 5, "alphas": ALPHAS, "seed": 42}}))
     monkeypatch.chdir(tmp_path)
-    stage.main(["--latents", "latents", "--out", "out", "--predictions", "predictions", "--metrics", "regressor.json"])
-    metrics = json.loads((tmp_path / "regressor.json").read_text())
+    stage.main(["--latents", "latents", "--out", "out", "--predictions", "predictions", "--metrics", "regressor.json",
+                "--details", "details.json"])
+    assert json.loads((tmp_path / "regressor.json").read_text())["small_sample"]
+    metrics = json.loads((tmp_path / "details.json").read_text())
     assert metrics["report"]["small_sample"] and metrics["report"]["smallest_heldout_images"] == 2
     assert metrics["grouped_kfold"]["small_sample"] and metrics["grouped_kfold"]["smallest_heldout_images"] == 1
     assert "the report protocol holds out as few as 2 image(s)" in capsys.readouterr().err

@@ -390,18 +390,14 @@ def build_feature_table(
     if "source_format" not in table:
         table["source_format"] = "unknown"
     arrow = pa.Table.from_pandas(table[FEATURES_SCHEMA.names], schema=FEATURES_SCHEMA, preserve_index=False)
+    # The few numbers worth comparing across experiments; the normalization itself is a param,
+    # and its statistics are in normalization.json.
     metrics = {
-        "normalization": normalization,
-        "comment_weight": normalizer.comment_weight,
         "images": arrow.num_rows,
         "posts": normalizer.num_posts,
         "images_without_caption": int(len(posts) - len(table)),
         "engagement_degenerate": normalizer.engagement_is_degenerate,
         "time_degenerate": normalizer.time_is_degenerate,
-        "total_engagement_min": float(table["total_engagement"].min()),
-        "total_engagement_max": float(table["total_engagement"].max()),
         "span_days": normalizer.span_days,
-        "normalized_engagement_mean": float(table["normalized_engagement"].mean()),
-        "normalized_time_mean": float(table["normalized_time"].mean()),
     }
     return FeatureResult(table=arrow, normalizer=normalizer, metrics=metrics)
