@@ -227,8 +227,11 @@ def test_killed_dvc_repro_resumes_to_the_same_weights(pipeline_repo, kill_signal
 
     # Ctrl-C in a terminal signals the whole foreground process group: dvc and the stage.
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    # A shell without job control starts background commands with SIGINT ignored, and that
+    # is inherited: restore the default, as a terminal's foreground job has it.
     killed = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "train"], cwd=root, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 600
     while not _epoch_checkpoints(root) and killed.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
