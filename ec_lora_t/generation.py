@@ -77,6 +77,8 @@ def load_pipeline(
     Defaults: CUDA in fp16 when available, else CPU in fp32. The LoRA matrices and the ECM
     stay fp32 whatever the pipeline's dtype.
     """
+    if sampler not in SAMPLERS:  # before loading the model, not after
+        raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
     device = torch.device(device) if device is not None else default_device()
     if torch_dtype is None:
         torch_dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -85,8 +87,6 @@ def load_pipeline(
             resolve_pretrained(pretrained, what="pretrained model"), **diffusers_dtype(torch_dtype),
             safety_checker=None, requires_safety_checker=False,
         )
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
     pipeline.scheduler = SAMPLERS[sampler].from_config(pipeline.scheduler.config)
     adapter = None
     if adapter_dir is not None:

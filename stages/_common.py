@@ -132,12 +132,13 @@ def merge_params(base: dict[str, Any], override: dict[str, Any]) -> dict[str, An
     return merged
 
 
-def write_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
-    """Write metrics as JSON; non-finite floats become null so the file stays valid JSON."""
+def write_metrics(path: str | Path, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Write metrics as JSON; non-finite floats become null so the file stays valid JSON.
+    Returns what was written (plain Python values), for callers that render it further."""
 
     def clean(value: Any) -> Any:
         if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
+            return {k: clean(v) for k, v in sorted(value.items())}  # the file's order
         if isinstance(value, (list, tuple)):
             return [clean(v) for v in value]
         if hasattr(value, "item"):  # numpy / torch scalars
@@ -146,9 +147,11 @@ def write_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
             return None
         return value
 
+    cleaned = clean(metrics)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(clean(metrics), indent=2, sort_keys=True) + "\n")
+    path.write_text(json.dumps(cleaned, indent=2, sort_keys=True) + "\n")
+    return cleaned
 
 
 def one_line(error: BaseException) -> str:

@@ -41,12 +41,9 @@ from ec_lora_t.evaluation.sweep import (
 )
 from ec_lora_t.generation import VectorSampling, load_pipeline, save_png
 from ec_lora_t.models import diffusers_dtype, quiet_loading
-from stages._common import load_params, run_stage, stage_parser, write_metrics
+from stages._common import load_params, load_section, run_stage, stage_parser, write_metrics
+from stages.params.evaluate import EvaluateParams
 
-PARAM_KEYS = (
-    "prompts", "seeds", "engagement_targets", "time", "time_targets", "fixed_engagement", "sampler", "num_inference_steps",
-    "guidance_scale", "vector_guidance", "vector_guidance_anchor", "vector_scale", "batch_size", "retrieval_k", "permutations", "ground_truth",
-)
 PLOT_COLUMNS = [
     "mode", "prompt_index", "prompt", "seed", "target_engagement", "target_time", "predicted_engagement",
     "ground_truth_score",
@@ -60,13 +57,13 @@ def image_name(mode: str, row) -> str:
     return f"{mode}/p{row.prompt_index:02d}_seed{row.seed}_e{row.target_engagement:.2f}_t{row.target_time:.2f}.png"
 
 
-def resolve_ground_truth(setting, posts_dir: str) -> dict | None:
+def resolve_ground_truth(setting: str | bool, posts_dir: str) -> dict | None:
     """The demo manifest when ground truth applies, else None. `auto`: when the posts are the
-    demo feed; `true`: required (an error elsewhere); `false`: never."""
-    if setting is False or setting == "false":
+    demo feed; True: required (an error elsewhere); False: never."""
+    if setting is False:
         return None
     manifest = read_demo_manifest(posts_dir)
-    if manifest is None and setting is not True and setting != "true":
+    if manifest is None and setting is not True:
         return None
     if manifest is None:
         raise SystemExit(f"evaluate.ground_truth is true but {posts_dir} is not the demo feed (no demo_world.json)")
@@ -107,41 +104,37 @@ def main(argv: list[str] | None = None) -> None:
                         help="dvclive folder: each sweep's mean score per target, by mode")
     parser.add_argument("--run-info", type=Path, required=True, help="JSON of this run's timing (not a metric)")
     args = parser.parse_args(argv)
-    params = load_params("evaluate", args.params)
+    params = load_section(EvaluateParams, "evaluate", args.params)
     model_params = load_params("model", args.params)
     posts_dir = load_params("ingest", args.params)["posts_dir"]
-    missing = [key for key in PARAM_KEYS if key not in params]
-    if missing:
-        raise KeyError(f"{args.params}: section 'evaluate' lacks {missing}")
     started = time.perf_counter()
     resolution = int(model_params["resolution"])
-    manifest = resolve_ground_truth(params["ground_truth"], posts_dir)
+    manifest = resolve_ground_truth(params.ground_truth, posts_dir)
 
     # 1. The plan, the retrieval baseline's training images, and the scorers.
     plan = sweep_plan(
-        params["prompts"], params["seeds"], params["engagement_targets"], params["time"],
-        params["time_targets"], params["fixed_engagement"],
+        params.prompts, params.seeds, params.engagement_targets, params.time, params.time_targets,
+        params.fixed_engagement,
     )
     features = pd.read_parquet(args.features, columns=["image_path", "normalized_engagement", "normalized_time"])
     retrieval = retrieval_plan(plan, features[["normalized_engagement", "normalized_time"]].to_numpy(),
-                               int(params["retrieval_k"]))
+                               params.retrieval_k)
     # Training images at the model's resolution, as the generated images are and as the latents stage saw them.
     training_images = {
         index: resize_and_crop(load_rgb_image(features["image_path"].iloc[index], max_image_pixels=None), resolution)
         for index in sorted(set(retrieval["train_index"]) | (set(range(len(features))) if manifest else set()))
     }
     regressor = load_regressor(args.regressor)
-    pipeline = load_pipeline(model_params["pretrained"], adapter_dir=args.adapter, sampler=params["sampler"])
-    anchor = params["vector_guidance_anchor"]
-    sampling = VectorSampling(float(params["vector_guidance"]), float(params["vector_scale"]),
-                              None if anchor is None else tuple(float(v) for v in anchor))
+    pipeline = load_pipeline(model_params["pretrained"], adapter_dir=args.adapter, sampler=params.sampler)
+    anchor = params.vector_guidance_anchor
+    sampling = VectorSampling(params.vector_guidance, params.vector_scale, None if anchor is None else tuple(anchor))
 
     # 2. Generate every mode.
     images = {
         mode: generate_sweep(
-            pipeline, plan, mode, num_inference_steps=int(params["num_inference_steps"]),
-            guidance_scale=float(params["guidance_scale"]), resolution=resolution, sampling=sampling,
-            batch_size=int(params["batch_size"]),
+            pipeline, plan, mode, num_inference_steps=params.num_inference_steps,
+            guidance_scale=params.guidance_scale, resolution=resolution, sampling=sampling,
+            batch_size=params.batch_size,
         )
         for mode in MODES
     }
@@ -158,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         table = (retrieval.drop(columns="train_index").assign(prompt=None) if mode == RETRIEVAL else plan.copy())
         table.insert(0, "mode", mode)
         table["predicted_engagement"] = regressor.predict(
-            latent_means(vae, images[mode], resolution, batch_size=int(params["batch_size"]))
+            latent_means(vae, images[mode], resolution, batch_size=params.batch_size)
         )
         if manifest is not None:
             scores = demo_scores(images[mode], list(table["prompt"]), manifest["audience"])
@@ -198,31 +191,31 @@ def main(argv: list[str] | None = None) -> None:
     for sweep in ("engagement", "time"):
         if (generated["sweep"] == sweep).any():
             name = f"{sweep}_sweep.png"
-            sweep_figure(generated, images, sweep, params["prompts"], params["seeds"],
+            sweep_figure(generated, images, sweep, params.prompts, params.seeds,
                          title=f"{sweep.capitalize()} sweep (rows: prompt x seed; truth: the audience's hidden score"
                                f"{' / creator drift' if sweep == 'time' else ''}, reg: the latent regressor)"
                          ).save(args.out / name)
             figures[f"{sweep.capitalize()} sweep"] = name
 
     # 5. Metrics: every detail in details.json, the headline in metrics/evaluate.json.
-    report = sweep_report(scored, permutations=int(params["permutations"]))
+    report = sweep_report(scored, permutations=params.permutations)
     report["ground_truth_source"] = (
         {"used": True, "audience": manifest["audience"], "manifest": str(Path(posts_dir) / "demo_world.json")}
         if manifest else {"used": False, "reason": f"{posts_dir} is not the demo feed"
-                          if params["ground_truth"] == "auto" else "evaluate.ground_truth is false"}
+                          if params.ground_truth == "auto" else "evaluate.ground_truth is false"}
     )
     if manifest is not None:
         creator = [training_images[index] for index in range(len(features))]
         report["style"] = style_shift(creator, {mode: images[mode] for mode in MODES}, args.out / "style_profiles.json")
         report["verdict"]["style_shift"] = report["style"]["ec_lora"]["mean"] < report["style"]["base"]["mean"]
     report |= {
-        "num_prompts": len(params["prompts"]),
-        "num_seeds": len(params["seeds"]),
+        "num_prompts": len(params.prompts),
+        "num_seeds": len(params.seeds),
         "num_images": int(scored.loc[scored["mode"] != RETRIEVAL, "image_path"].nunique()),
     }
-    write_metrics(args.out / "details.json", report)
+    details = write_metrics(args.out / "details.json", report)
     write_metrics(args.metrics, headline_metrics(report))
-    (args.out / "report.md").write_text(markdown_report(json.loads((args.out / "details.json").read_text()), figures))
+    (args.out / "report.md").write_text(markdown_report(details, figures))
     # Outside the outputs: wall time differs between two runs with the same results.
     write_metrics(args.run_info, {"seconds": time.perf_counter() - started})
 

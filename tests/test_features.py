@@ -224,3 +224,20 @@ def test_detrended_engagement_is_relative_to_the_time_trend():
         normalizer.normalize_engagement(likes)
     restored = EngagementTimeNormalizer.from_dict(normalizer.to_dict())
     assert restored == normalizer
+
+
+def test_a_detrended_query_warns_only_outside_the_range_at_its_date():
+    """The range a detrended query is checked against moves with the trend: a training post's
+    own numbers at its own date are inside it; ten times the best post's, at any date, are not."""
+    days = np.arange(0, 101, 10, dtype=float)
+    likes = np.round(100 * 10 ** (days / 100) * (1 + 0.3 * np.sin(days))).astype(int)
+    dates = [pd.Timestamp("2024-01-01", tz="UTC") + pd.Timedelta(days=d) for d in days]
+    normalizer = EngagementTimeNormalizer.fit(likes, np.zeros_like(likes), dates, normalization="detrended")
+    for index in (0, 5, 10):
+        inside = normalizer.query(likes=int(likes[index]), date=dates[index])
+        assert inside.warnings == () and 0 <= inside.vector[0] <= 1
+        assert inside.vector[0] == pytest.approx(normalizer.normalize_engagement(
+            likes[index : index + 1], dates=dates[index : index + 1])[0], abs=1e-6)
+    outside = normalizer.query(likes=int(10 * likes.max()), date=dates[5])
+    assert outside.unclipped[0] > 1 and outside.vector[0] == 1.0
+    assert len(outside.warnings) == 1 and "above the training posts' range" in outside.warnings[0]

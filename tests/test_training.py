@@ -487,3 +487,25 @@ def test_engagement_balance_and_shuffled_vectors(cache_path):
     assert torch.equal(shuffled.latent_mean, cache.latent_mean)
     assert not torch.equal(shuffled.engagement_time, cache.engagement_time)
     assert sorted(shuffled.engagement_time[:, 0].tolist()) == sorted(cache.engagement_time[:, 0].tolist())
+
+
+@pytest.mark.parametrize(("num_images", "batch_size", "num_processes"), [(2, 2, 4), (3, 4, 3), (10, 2, 4), (8, 2, 2)])
+def test_resident_batches_give_every_process_the_same_number_of_steps(num_images, batch_size, num_processes):
+    """With fewer batches than processes (one or two batches on four GPUs) every process still
+    steps as often as the others, wrapping round the epoch; else it would hang in a collective."""
+    from ec_lora_t.training.cache import EpochShuffleSampler, LatentCache, ResidentBatches
+
+    cache = LatentCache(
+        latent_mean=torch.arange(num_images, dtype=torch.float32).view(-1, 1, 1, 1),
+        latent_std=torch.ones(num_images, 1, 1, 1),
+        text_embeddings=torch.zeros(num_images, 2, 3),
+        engagement_time=torch.zeros(num_images, 2),
+    )
+    served = []
+    for process in range(num_processes):
+        batches = ResidentBatches(cache, EpochShuffleSampler(num_images, seed=0), batch_size, torch.device("cpu"),
+                                  process_index=process, num_processes=num_processes)
+        steps = list(batches)
+        assert len(steps) == len(batches) == -(-(-(-num_images // batch_size)) // num_processes)
+        served += [int(v) for step in steps for v in step["latent_mean"].flatten()]
+    assert set(served) == set(range(num_images))  # every image, each epoch

@@ -237,7 +237,7 @@ class EngagementTimeNormalizer:
         total = float(total_engagement([likes], [comments], self.comment_weight)[0])
         unclipped = self.vector(likes, comments, moment, clip=False)
         warnings = []
-        low, high = self._engagement_range()
+        low, high = self._engagement_range(moment)
         if not self.engagement_is_degenerate and not low <= total <= high:
             side = "above" if total > high else "below"
             warnings.append(
@@ -259,12 +259,17 @@ class EngagementTimeNormalizer:
             warnings=tuple(warnings),
         )
 
-    def _engagement_range(self) -> tuple[float, float]:
-        """The training posts' lowest and highest total engagement."""
+    def _engagement_range(self, moment: pd.Timestamp) -> tuple[float, float]:
+        """The total engagement that maps to 0 and to 1 at `moment` (the training posts' range;
+        detrended: their range relative to the trend, moved to the trend's level at `moment`)."""
         if self.normalization == "rank":
             return self.rank_values[0], self.rank_values[-1]
         if self.normalization == "log_minmax":
             return float(np.expm1(self.engagement_low)), float(np.expm1(self.engagement_high))
+        if self.normalization == "detrended":
+            intercept, slope = self.engagement_trend
+            trend = intercept + slope * float(self.days_since_earliest([moment])[0])
+            return float(np.expm1(self.engagement_low + trend)), float(np.expm1(self.engagement_high + trend))
         return self.engagement_low, self.engagement_high
 
     # -- persistence --------------------------------------------------------------------

@@ -26,6 +26,7 @@ and which audience liked them, so that the evaluation knows when its ground trut
 from __future__ import annotations
 
 import csv
+import functools
 import json
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -83,12 +84,20 @@ def time_drift_score(image) -> float:
     """
     from ec_lora_t.demo.attribute_check import read_attributes, read_garment_length
 
+    scene_lateness, length_lateness, earliest, latest = _drift_scale()
+    score = scene_lateness[read_attributes(image)["scene"]] + length_lateness[read_garment_length(image)]
+    return (score - earliest) / (latest - earliest)
+
+
+@functools.cache
+def _drift_scale() -> tuple[dict[str, float], dict[str, float], float, float]:
+    """The lateness tables of `time_drift_score` and their lowest and highest sums: fixed by the
+    world, built once (2 x 1001 preference draws) rather than per scored image."""
     scene_lateness = _lateness("scene", {scene: (scene,) for scene in world.SCENES})
     length_lateness = _lateness("garment", {"long": ("coat", "dress"), "short": ("jacket", "t-shirt")})
     earliest = min(scene_lateness.values()) + min(length_lateness.values())
     latest = max(scene_lateness.values()) + max(length_lateness.values())
-    score = scene_lateness[read_attributes(image)["scene"]] + length_lateness[read_garment_length(image)]
-    return (score - earliest) / (latest - earliest)
+    return scene_lateness, length_lateness, earliest, latest
 
 
 def read_demo_manifest(posts_dir: str | Path) -> dict | None:

@@ -8,13 +8,14 @@ The latents stage has already run the VAE and the text encoder once per image (r
 from __future__ import annotations
 
 import hashlib
+import itertools
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Sampler
 
 from ec_lora_t.adapter.ecm import ENGAGEMENT_TIME_DIM
 from ec_lora_t.data.latent_shards import load_shard_tensors
@@ -107,17 +108,6 @@ def load_latent_cache(path: str | Path) -> LatentCache:
         raise ValueError(f"{path}: missing tensors {missing}; it has {sorted(tensors)}")
     present = CACHE_TENSORS + tuple(name for name in OPTIONAL_CACHE_TENSORS if name in tensors)
     return validate_latent_cache(LatentCache(**{name: tensors[name] for name in present}), source=str(path))
-
-
-class CachedLatentsDataset(Dataset):
-    def __init__(self, cache: LatentCache) -> None:
-        self.cache = cache
-
-    def __len__(self) -> int:
-        return len(self.cache)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {name: getattr(self.cache, name)[index] for name in self.cache.tensor_names()}
 
 
 def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
@@ -230,12 +220,16 @@ class ResidentBatches:
         order = list(self.sampler)
         batches = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
         if self.num_processes > 1:
-            rounds = -(-len(batches) // self.num_processes)
-            batches = (batches + batches)[: rounds * self.num_processes][self.process_index :: self.num_processes]
+            # Every process takes len(self) batches, wrapping round the epoch's order when the
+            # batches do not divide evenly: a process with fewer steps would wait forever in the
+            # next collective.
+            padded = itertools.islice(itertools.cycle(batches), len(self) * self.num_processes)
+            batches = list(padded)[self.process_index :: self.num_processes]
         return batches
 
     def __len__(self) -> int:
-        return len(self._batch_indices()) if self.num_processes > 1 else -(-len(self.sampler) // self.batch_size)
+        batches = -(-len(self.sampler) // self.batch_size)
+        return -(-batches // self.num_processes)
 
     def __iter__(self):
         device = self.latent_mean.device
