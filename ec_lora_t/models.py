@@ -82,6 +82,22 @@ class StableDiffusionComponents:
     noise_scheduler: DDPMScheduler
 
 
+def _vae_from_pretrained(pretrained: str | Path, torch_dtype: torch.dtype) -> AutoencoderKL:
+    return AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **diffusers_dtype(torch_dtype))
+
+
+def load_vae(
+    pretrained: str | Path, torch_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> AutoencoderKL:
+    """The base model's VAE alone, frozen in eval mode: the evaluation scores generated images
+    with it in fp32, as the latents stage encoded the training images (a pipeline's own VAE is
+    fp16 on a GPU)."""
+    pretrained = resolve_pretrained(pretrained, what="model.pretrained")
+    with quiet_loading():
+        vae = _vae_from_pretrained(pretrained, torch_dtype)
+    return vae.to(device).eval().requires_grad_(False)
+
+
 def load_components(
     pretrained: str | Path, torch_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> StableDiffusionComponents:
@@ -90,7 +106,7 @@ def load_components(
     with quiet_loading():
         tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer")
         text_encoder = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", dtype=torch_dtype)
-        vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **diffusers_dtype(torch_dtype))
+        vae = _vae_from_pretrained(pretrained, torch_dtype)
         unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", **diffusers_dtype(torch_dtype))
         noise_scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler")
     for model in (text_encoder, vae, unet):

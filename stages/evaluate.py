@@ -1,12 +1,14 @@
 """Stage `evaluate`: the engagement (and time) sweep through EC-LoRA-T, the plain LoRA and the base model,
 beside the retrieval baseline (the ceiling the data allows).
 
-Every generated image is encoded by the pipeline's VAE and scored by the saved latent
-regressor. On the demo feed (`evaluate.ground_truth: auto` finds the demo world's manifest in
-`ingest.posts_dir`) it is also scored with the audience's hidden function, the creator's drift
-(time sweep) and prompt adherence. Writes the images, the scored table, the sweep plot
-CSV, labelled figures of both sweeps, every detail in `details.json`, a one-page `report.md`, and
-the headline numbers in metrics/evaluate.json (keys documented in docs/metrics.md).
+The algorithm is `ec_lora_t.evaluation.evaluate.evaluate_adapter`: every image is encoded by the
+base model's VAE in fp32 and scored by the saved latent regressor; on the demo feed
+(`evaluate.ground_truth: auto` finds the demo world's manifest in `ingest.posts_dir`) it is also
+scored with the audience's hidden function, the creator's drift (time sweep) and prompt
+adherence. This stage reads the params, loads the models, and writes the images, the scored
+table, the sweep plot CSV, labelled figures of both sweeps, every detail in `details.json`, a
+one-page `report.md`, and the headline numbers in metrics/evaluate.json (keys documented in
+docs/metrics.md).
 """
 
 from __future__ import annotations
@@ -15,32 +17,24 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import torch
-from diffusers import AutoencoderKL
 from dvclive import Live
 
-from ec_lora_t.adapter.conditioning import MODES
-from ec_lora_t.data.images import load_rgb_image, resize_and_crop
-from ec_lora_t.demo.attribute_check import style_distance, style_profile
 from ec_lora_t.demo.demo_data import read_demo_manifest
-from ec_lora_t.demo.ground_truth import SCORE_COLUMNS, demo_scores
-from ec_lora_t.evaluation.figures import sweep_figure
+from ec_lora_t.demo.ground_truth import DemoGroundTruth
+from ec_lora_t.evaluation.evaluate import (
+    TRAINING_COLUMNS,
+    Evaluation,
+    EvaluationSettings,
+    evaluate_adapter,
+    figure_file_name,
+    save_images,
+)
 from ec_lora_t.evaluation.regressor import load_regressor
 from ec_lora_t.evaluation.report import markdown_report
-from ec_lora_t.evaluation.sweep import (
-    MODES_WITHOUT_VECTOR,
-    RETRIEVAL,
-    generate_sweep,
-    headline_metrics,
-    latent_means,
-    retrieval_plan,
-    sweep_plan,
-    sweep_report,
-)
-from ec_lora_t.generation import VectorSampling, load_pipeline, save_png
-from ec_lora_t.models import diffusers_dtype, quiet_loading
+from ec_lora_t.evaluation.sweep import headline_metrics
+from ec_lora_t.generation import VectorSampling, load_pipeline
+from ec_lora_t.models import load_vae
 from stages._common import load_params, load_section, run_stage, stage_parser, write_metrics
 from stages.params.evaluate import EvaluateParams
 
@@ -50,32 +44,29 @@ PLOT_COLUMNS = [
 ]
 
 
-def image_name(mode: str, row) -> str:
-    """File of a row's image; rows that share an image (no vector in this mode) share the name."""
-    if mode in MODES_WITHOUT_VECTOR:
-        return f"{mode}/p{row.prompt_index:02d}_seed{row.seed}.png"
-    return f"{mode}/p{row.prompt_index:02d}_seed{row.seed}_e{row.target_engagement:.2f}_t{row.target_time:.2f}.png"
-
-
-def resolve_ground_truth(setting: str | bool, posts_dir: str) -> dict | None:
-    """The demo manifest when ground truth applies, else None. `auto`: when the posts are the
-    demo feed; True: required (an error elsewhere); False: never."""
-    if setting is False:
-        return None
-    manifest = read_demo_manifest(posts_dir)
-    if manifest is None and setting is not True:
-        return None
-    if manifest is None:
+def resolve_ground_truth(setting: str | bool, posts_dir: str) -> tuple[DemoGroundTruth | None, dict]:
+    """The demo world's ground truth when it applies, else None, and where it came from (for the
+    report). `auto`: when the posts are the demo feed; True: required (an error elsewhere); False: never."""
+    manifest = None if setting is False else read_demo_manifest(posts_dir)
+    if manifest is None and setting is True:
         raise SystemExit(f"evaluate.ground_truth is true but {posts_dir} is not the demo feed (no demo_world.json)")
-    return manifest
+    if manifest is None:
+        reason = f"{posts_dir} is not the demo feed" if setting == "auto" else "evaluate.ground_truth is false"
+        return None, {"used": False, "reason": reason}
+    source = {"used": True, "audience": manifest["audience"], "manifest": str(Path(posts_dir) / "demo_world.json")}
+    return DemoGroundTruth(manifest["audience"]), source
 
 
-def style_shift(creator_images: list, images: dict[str, list], profiles_path: Path) -> dict:
-    """Distance of each mode's style profile to the creator's posts (demo world's checker)."""
-    profiles = {"creator": style_profile(creator_images)}
-    profiles |= {mode: style_profile(mode_images) for mode, mode_images in images.items()}
-    profiles_path.write_text(json.dumps(profiles, indent=2))
-    return {mode: style_distance(profiles[mode], profiles["creator"]) for mode in images}
+def evaluation_settings(params: EvaluateParams, resolution: int) -> EvaluationSettings:
+    """The library's settings from the checked `evaluate` section."""
+    anchor = params.vector_guidance_anchor
+    return EvaluationSettings(
+        prompts=params.prompts, seeds=params.seeds, engagement_targets=params.engagement_targets, time=params.time,
+        fixed_engagement=params.fixed_engagement, num_inference_steps=params.num_inference_steps,
+        guidance_scale=params.guidance_scale, permutations=params.permutations, resolution=resolution,
+        time_targets=params.time_targets, batch_size=params.batch_size, retrieval_k=params.retrieval_k,
+        sampling=VectorSampling(params.vector_guidance, params.vector_scale, None if anchor is None else tuple(anchor)),
+    )
 
 
 def log_response_curves(live: Live, scored: pd.DataFrame) -> None:
@@ -92,6 +83,31 @@ def log_response_curves(live: Live, scored: pd.DataFrame) -> None:
                                   x=target, y="mean_score")
 
 
+def write_outputs(evaluation: Evaluation, source: dict, out: Path, sweep_plots: Path, live_dir: Path,
+                  metrics: Path) -> None:
+    """Images, sweep.csv, the plots' CSVs and dvclive curves, figures, details, report and metrics."""
+    scored = evaluation.scored
+    save_images(scored, evaluation.images)
+    out.mkdir(parents=True, exist_ok=True)
+    scored.to_csv(out / "sweep.csv", index=False)
+    # One file per mode, so that `dvc plots show` colours the scatter by mode.
+    sweep_plots.mkdir(parents=True, exist_ok=True)
+    for mode, rows in scored[scored["sweep"] == "engagement"].groupby("mode"):
+        rows[PLOT_COLUMNS].to_csv(sweep_plots / f"{mode}.csv", index=False)
+    # dvc.yaml names the plots; dvclive must not write a dvc.yaml or an experiment of its own.
+    with Live(str(live_dir), dvcyaml=False, save_dvc_exp=False) as live:
+        log_response_curves(live, scored)
+    figures = {title: figure_file_name(title) for title in evaluation.figures}
+    for title, figure in evaluation.figures.items():
+        figure.save(out / figures[title])
+    if evaluation.style_profiles is not None:
+        (out / "style_profiles.json").write_text(json.dumps(evaluation.style_profiles, indent=2))
+    report = evaluation.report | {"ground_truth_source": source}
+    details = write_metrics(out / "details.json", report)
+    write_metrics(metrics, headline_metrics(report))
+    (out / "report.md").write_text(markdown_report(details, figures))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--adapter", type=Path, required=True, help="adapter folder from the train stage")
@@ -104,118 +120,24 @@ def main(argv: list[str] | None = None) -> None:
                         help="dvclive folder: each sweep's mean score per target, by mode")
     parser.add_argument("--run-info", type=Path, required=True, help="JSON of this run's timing (not a metric)")
     args = parser.parse_args(argv)
+    started = time.perf_counter()
+
+    # 1. Params: the section, the model, and the ground truth the posts folder allows.
     params = load_section(EvaluateParams, "evaluate", args.params)
     model_params = load_params("model", args.params)
-    posts_dir = load_params("ingest", args.params)["posts_dir"]
-    started = time.perf_counter()
-    resolution = int(model_params["resolution"])
-    manifest = resolve_ground_truth(params.ground_truth, posts_dir)
+    ground_truth, source = resolve_ground_truth(params.ground_truth, load_params("ingest", args.params)["posts_dir"])
+    settings = evaluation_settings(params, int(model_params["resolution"]))
 
-    # 1. The plan, the retrieval baseline's training images, and the scorers.
-    plan = sweep_plan(
-        params.prompts, params.seeds, params.engagement_targets, params.time, params.time_targets,
-        params.fixed_engagement,
-    )
-    features = pd.read_parquet(args.features, columns=["image_path", "normalized_engagement", "normalized_time"])
-    retrieval = retrieval_plan(plan, features[["normalized_engagement", "normalized_time"]].to_numpy(),
-                               params.retrieval_k)
-    # Training images at the model's resolution, as the generated images are and as the latents stage saw them.
-    training_images = {
-        index: resize_and_crop(load_rgb_image(features["image_path"].iloc[index], max_image_pixels=None), resolution)
-        for index in sorted(set(retrieval["train_index"]) | (set(range(len(features))) if manifest else set()))
-    }
-    regressor = load_regressor(args.regressor)
+    # 2. The models: the pipeline with the adapter, the fp32 scoring VAE, the regressor.
     pipeline = load_pipeline(model_params["pretrained"], adapter_dir=args.adapter, sampler=params.sampler)
-    anchor = params.vector_guidance_anchor
-    sampling = VectorSampling(params.vector_guidance, params.vector_scale, None if anchor is None else tuple(anchor))
+    scoring_vae = load_vae(model_params["pretrained"], device=pipeline.device)
+    regressor = load_regressor(args.regressor)
 
-    # 2. Generate every mode.
-    images = {
-        mode: generate_sweep(
-            pipeline, plan, mode, num_inference_steps=params.num_inference_steps,
-            guidance_scale=params.guidance_scale, resolution=resolution, sampling=sampling,
-            batch_size=params.batch_size,
-        )
-        for mode in MODES
-    }
-    images[RETRIEVAL] = [training_images[index] for index in retrieval["train_index"]]
-    # The scoring VAE is loaded in fp32, as the latents stage loads it for the training images
-    # (the pipeline's own VAE is fp16 on GPU).
-    with quiet_loading():
-        vae = AutoencoderKL.from_pretrained(model_params["pretrained"], subfolder="vae", **diffusers_dtype(torch.float32))
-    vae.to(pipeline.device).eval().requires_grad_(False)
-
-    # 3. Score, save images, assemble the table.
-    tables, saved = [], set()
-    for mode in (*MODES, RETRIEVAL):
-        table = (retrieval.drop(columns="train_index").assign(prompt=None) if mode == RETRIEVAL else plan.copy())
-        table.insert(0, "mode", mode)
-        table["predicted_engagement"] = regressor.predict(
-            latent_means(vae, images[mode], resolution, batch_size=params.batch_size)
-        )
-        if manifest is not None:
-            scores = demo_scores(images[mode], list(table["prompt"]), manifest["audience"])
-            table[SCORE_COLUMNS] = scores.to_numpy()
-        else:
-            table[SCORE_COLUMNS] = np.nan
-        if mode == RETRIEVAL:
-            table["image_path"] = [features["image_path"].iloc[i] for i in retrieval["train_index"]]
-        else:
-            paths = []
-            for row, image in zip(table.itertuples(index=False), images[mode]):
-                path = args.out / "images" / image_name(mode, row)
-                if path not in saved:
-                    metadata = {"mode": mode, "prompt": row.prompt, "seed": int(row.seed)}
-                    if mode not in MODES_WITHOUT_VECTOR:
-                        metadata["engagement_time"] = [float(row.target_engagement), float(row.target_time)]
-                    saved.add(save_png(image, path, metadata))
-                paths.append(str(path))
-            table["image_path"] = paths
-        tables.append(table)
-    scored = pd.concat(tables, ignore_index=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    scored.to_csv(args.out / "sweep.csv", index=False)
-    # One file per mode, so that `dvc plots show` colours the scatter by mode.
-    args.sweep_plots.mkdir(parents=True, exist_ok=True)
-    engagement_rows = scored[scored["sweep"] == "engagement"]
-    for mode, rows in engagement_rows.groupby("mode"):
-        rows[PLOT_COLUMNS].to_csv(args.sweep_plots / f"{mode}.csv", index=False)
-    # dvc.yaml names the plots; dvclive must not write a dvc.yaml or an experiment of its own.
-    with Live(str(args.live), dvcyaml=False, save_dvc_exp=False) as live:
-        log_response_curves(live, scored)
-
-    # 4. Labelled figures: a row per (prompt, seed), the base model and plain LoRA beside
-    #    EC-LoRA-T's targets, the scores under each image.
-    generated = scored[scored["mode"] != RETRIEVAL]
-    figures = {}
-    for sweep in ("engagement", "time"):
-        if (generated["sweep"] == sweep).any():
-            name = f"{sweep}_sweep.png"
-            sweep_figure(generated, images, sweep, params.prompts, params.seeds,
-                         title=f"{sweep.capitalize()} sweep (rows: prompt x seed; truth: the audience's hidden score"
-                               f"{' / creator drift' if sweep == 'time' else ''}, reg: the latent regressor)"
-                         ).save(args.out / name)
-            figures[f"{sweep.capitalize()} sweep"] = name
-
-    # 5. Metrics: every detail in details.json, the headline in metrics/evaluate.json.
-    report = sweep_report(scored, permutations=params.permutations)
-    report["ground_truth_source"] = (
-        {"used": True, "audience": manifest["audience"], "manifest": str(Path(posts_dir) / "demo_world.json")}
-        if manifest else {"used": False, "reason": f"{posts_dir} is not the demo feed"
-                          if params.ground_truth == "auto" else "evaluate.ground_truth is false"}
-    )
-    if manifest is not None:
-        creator = [training_images[index] for index in range(len(features))]
-        report["style"] = style_shift(creator, {mode: images[mode] for mode in MODES}, args.out / "style_profiles.json")
-        report["verdict"]["style_shift"] = report["style"]["ec_lora"]["mean"] < report["style"]["base"]["mean"]
-    report |= {
-        "num_prompts": len(params.prompts),
-        "num_seeds": len(params.seeds),
-        "num_images": int(scored.loc[scored["mode"] != RETRIEVAL, "image_path"].nunique()),
-    }
-    details = write_metrics(args.out / "details.json", report)
-    write_metrics(args.metrics, headline_metrics(report))
-    (args.out / "report.md").write_text(markdown_report(details, figures))
+    # 3. Evaluate, then write what it found.
+    training_table = pd.read_parquet(args.features, columns=TRAINING_COLUMNS)
+    evaluation = evaluate_adapter(pipeline, scoring_vae, regressor, training_table, settings,
+                                  images_dir=args.out / "images", ground_truth=ground_truth)
+    write_outputs(evaluation, source, args.out, args.sweep_plots, args.live, args.metrics)
     # Outside the outputs: wall time differs between two runs with the same results.
     write_metrics(args.run_info, {"seconds": time.perf_counter() - started})
 

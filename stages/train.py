@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ec_lora_t.models import load_components
 from ec_lora_t.progress import progress_bar
 from ec_lora_t.training.cache import load_latent_cache
-from ec_lora_t.training.loop import NonFiniteLossError, make_accelerator, train_ec_lora
+from ec_lora_t.training.loop import NonFiniteLossError, TrainingResult, make_accelerator, train_ec_lora
 from stages._common import load_section, run_stage, stage_parser, write_metrics
 from stages.params.model import ModelParams
 from stages.params.train import TrainParams, configs_from_params
@@ -99,6 +99,52 @@ def complete_loss_log(live: Live, losses: list[float], first_step: int | None) -
         history.dump(loss)
 
 
+def write_results(result: TrainingResult, metrics: str, summary: str, run_info: str, seconds: float) -> None:
+    """The headline metrics, the run's summary (an output) and its run info (timings: not an output)."""
+    last_epoch = result.losses[-math.ceil(len(result.losses) / result.epochs):]
+    clipped_steps = (sum(norm > result.max_grad_norm for norm in result.grad_norms)
+                     if result.max_grad_norm is not None else 0)
+    # The few numbers compared across experiments (dvc exp show); the rest in --summary.
+    write_metrics(
+        metrics,
+        {"loss": sum(last_epoch) / len(last_epoch), "steps": result.steps, "clipped_steps": clipped_steps},
+    )
+    write_metrics(
+        summary,
+        {
+            "final_loss": result.final_loss,
+            "final_epoch_mean_loss": sum(last_epoch) / len(last_epoch),
+            "steps": result.steps,
+            "epochs": result.epochs,
+            # Gradient norm of LoRA + ECM before clipping, per optimizer step (dvclive's grad_norm).
+            "max_grad_norm": result.max_grad_norm,
+            "grad_norm_final": result.grad_norms[-1],
+            "grad_norm_max": max(result.grad_norms),
+            "clipped_steps": clipped_steps,
+            "mixed_precision": result.mixed_precision,
+            "device": result.device,
+            "num_images": result.num_images,
+            "num_lora_layers": result.num_lora_layers,
+            "trainable_parameters": result.trainable_parameters,
+        },
+    )
+    # How this run went, not what it produced: kept out of the committed metrics so that a
+    # rerun with the same results leaves git clean.
+    write_metrics(
+        run_info,
+        {
+            "seconds": seconds,
+            # After the first 10 steps, between synchronised reads of the device: the speed of
+            # the hardware. The whole-run figure beside it includes the start-up steps.
+            "steady_images_per_second": result.steady_images_per_second,
+            "images_per_second": result.images_per_second,
+            "peak_memory_mb": result.peak_memory_mb,
+            "device": result.device,
+            "resumed_from_epoch": result.resumed_from_epoch,
+        },
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--latents", required=True, help="the latents stage's shard folder (data/latents)")
@@ -138,48 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     if not accelerator.is_main_process:
         return  # the main process writes the outputs
 
-    last_epoch = result.losses[-math.ceil(len(result.losses) / result.epochs):]
-    clipped_steps = (sum(norm > result.max_grad_norm for norm in result.grad_norms)
-                     if result.max_grad_norm is not None else 0)
-    # The few numbers compared across experiments (dvc exp show); the rest in --summary.
-    write_metrics(
-        args.metrics,
-        {"loss": sum(last_epoch) / len(last_epoch), "steps": result.steps, "clipped_steps": clipped_steps},
-    )
-    write_metrics(
-        args.summary,
-        {
-            "final_loss": result.final_loss,
-            "final_epoch_mean_loss": sum(last_epoch) / len(last_epoch),
-            "steps": result.steps,
-            "epochs": result.epochs,
-            # Gradient norm of LoRA + ECM before clipping, per optimizer step (dvclive's grad_norm).
-            "max_grad_norm": result.max_grad_norm,
-            "grad_norm_final": result.grad_norms[-1],
-            "grad_norm_max": max(result.grad_norms),
-            "clipped_steps": clipped_steps,
-            "mixed_precision": result.mixed_precision,
-            "device": result.device,
-            "num_images": result.num_images,
-            "num_lora_layers": result.num_lora_layers,
-            "trainable_parameters": result.trainable_parameters,
-        },
-    )
-    # How this run went, not what it produced: kept out of the committed metrics so that a
-    # rerun with the same results leaves git clean.
-    write_metrics(
-        args.run_info,
-        {
-            "seconds": time.perf_counter() - started,
-            # After the first 10 steps, between synchronised reads of the device: the speed of
-            # the hardware. The whole-run figure beside it includes the start-up steps.
-            "steady_images_per_second": result.steady_images_per_second,
-            "images_per_second": result.images_per_second,
-            "peak_memory_mb": result.peak_memory_mb,
-            "device": result.device,
-            "resumed_from_epoch": result.resumed_from_epoch,
-        },
-    )
+    write_results(result, args.metrics, args.summary, args.run_info, seconds=time.perf_counter() - started)
 
 
 if __name__ == "__main__":

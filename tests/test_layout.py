@@ -98,3 +98,42 @@ def test_importing_an_entry_point_prints_nothing(module):
     print its torchvision fallback notice unless `generation` imports them quietly."""
     result = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout == result.stderr == "", result.stderr
+
+
+MAX_FUNCTION_LINES = 80
+MAX_FILE_LINES = 500
+
+
+def code_files() -> list[Path]:
+    return sorted(p for folder in ("ec_lora_t", "stages") for p in (REPO / folder).rglob("*.py"))
+
+
+def oversized(path: Path) -> list[str]:
+    """What in one source file breaks the size rule: the file, or a function (methods and nested
+    functions included, decorators counted) longer than the limit."""
+    source = path.read_text()
+    name = path.relative_to(REPO).as_posix()
+    problems = []
+    if len(source.splitlines()) > MAX_FILE_LINES:
+        problems.append(f"{name}: {len(source.splitlines())} lines (at most {MAX_FILE_LINES})")
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+            length = node.end_lineno - first + 1
+            if length > MAX_FUNCTION_LINES:
+                problems.append(f"{name}:{node.lineno} {node.name}: {length} lines (at most {MAX_FUNCTION_LINES})")
+    return problems
+
+
+def test_no_function_over_80_lines_and_no_file_over_500():
+    """A long procedure is a few named steps, each short enough to read at once (docs/architecture.md)."""
+    problems = [problem for path in code_files() for problem in oversized(path)]
+    assert not problems, "split into named steps: " + "; ".join(problems)
+
+
+def test_the_size_rule_names_what_breaks_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    long_function = "def long_one():\n" + "    x = 1\n" * 80 + "\n\ndef short_one():\n    return 1\n"
+    (tmp_path / "module.py").write_text(long_function + "\n" * 420)
+    assert oversized(tmp_path / "module.py") == [
+        "module.py: 505 lines (at most 500)", "module.py:1 long_one: 81 lines (at most 80)"]

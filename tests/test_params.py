@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 import typing
 from pathlib import Path
+from typing import Annotated, Literal
 
 import pytest
 import yaml
+from annotated_types import Ge, Gt
 
 from stages._common import ParamsError
 from stages.validate_params import SCHEMAS, VALID_MARKER, main, validate_params
@@ -140,23 +143,79 @@ def test_the_schemas_allow_exactly_the_librarys_choices():
         assert set(_choices(SCHEMAS[section], field)) == set(choices), (section, field)
 
 
-def test_train_keys_map_onto_the_adapter_and_training_configs_with_their_defaults():
-    from ec_lora_t.adapter.config import ECLoRAConfig
+def test_the_train_schema_is_built_from_the_library_configs():
+    """One definition: the keys are the configs' fields, and a key left out is the library's default."""
+    from ec_lora_t.adapter.config import INJECTED_FIELDS, ECLoRAConfig
     from ec_lora_t.training.config import TrainingConfig
-    from stages.params.train import LORA_KEYS, STAGE_KEYS, configs_from_params
+    from stages.params.train import LORA_PREFIXED, STAGE_KEYS, configs_from_params
 
-    schema = SCHEMAS["train"]
-    training_fields = {f.name: f for f in dataclasses.fields(TrainingConfig)}
-    lora_fields = {f.name: f for f in dataclasses.fields(ECLoRAConfig)}
-    assert set(schema.model_fields) == set(LORA_KEYS) | set(training_fields) | STAGE_KEYS
-    for key, field in schema.model_fields.items():
-        if field.is_required() or key in STAGE_KEYS:
-            continue
-        library = lora_fields[LORA_KEYS[key]] if key in LORA_KEYS else training_fields[key]
-        assert field.default == library.default, key  # a key left out means the library's default
+    lora_keys = {LORA_PREFIXED.get(f.name, f.name) for f in dataclasses.fields(ECLoRAConfig)
+                 if f.name not in INJECTED_FIELDS}
+    assert {"lora_rank", "lora_alpha", "target_modules", "ecm_granularity"} <= lora_keys
+    training_keys = {f.name for f in dataclasses.fields(TrainingConfig)}
+    assert set(SCHEMAS["train"].model_fields) == lora_keys | training_keys | STAGE_KEYS == {"launcher"} | lora_keys | {
+        "learning_rate", "ecm_learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
+        "lr_warmup_ratio", "max_grad_norm", "epochs", "batch_size", "gradient_accumulation_steps", "mixed_precision",
+        "gradient_checkpointing", "seed", "checkpoints_total_limit", "checkpoint_runs_limit", "caption_dropout",
+        "vector_dropout", "snr_gamma", "engagement_balance", "shuffle_vectors", "conditioning"}
+    # An empty section is valid and means the library's defaults.
+    lora, training = configs_from_params(SCHEMAS["train"].model_validate({}))
+    assert lora == ECLoRAConfig() and training == TrainingConfig()
+    # The repository's params reach the configs unchanged.
     lora, training = configs_from_params(check(REPO / "params.yaml")["train"])
     params = yaml.safe_load((REPO / "params.yaml").read_text())["train"]
-    assert lora.rank == params["lora_rank"] and training.max_grad_norm == params["max_grad_norm"]
+    assert lora.rank == params["lora_rank"] and lora.target_modules == tuple(params["target_modules"])
+    assert training.max_grad_norm == params["max_grad_norm"] and training.epochs == params["epochs"]
+
+
+@dataclasses.dataclass
+class ToyConfig:
+    steps: Annotated[int, Ge(1)] = 3
+    rate: Annotated[float, Gt(0)] | None = None
+    kind: Literal["a", "b"] = "a"
+    names: tuple[str, ...] = ("x",)
+
+
+def test_a_schema_follows_the_dataclass_it_is_built_from():
+    """The derivation on a toy config: a field's default, range and choices are the schema's."""
+    from pydantic import create_model
+
+    from stages._common import Section, validate_section
+    from stages.params.train import schema_fields
+
+    schema = create_model("ToySection", __base__=Section, **schema_fields(ToyConfig))
+    assert ToyConfig(**schema.model_validate({}).model_dump()) == ToyConfig(names=["x"])
+    assert schema.model_validate({"steps": "2.0", "names": ["y", "z"]}).names == ["y", "z"]
+    for values, expected in [
+        ({"steps": 0}, "toy.steps = 0: must be greater than or equal to 1"),
+        ({"steps": True}, "toy.steps = True: must be a number, not a boolean"),
+        ({"rate": 0.0}, "toy.rate = 0.0: must be greater than 0"),
+        ({"kind": "c"}, "toy.kind = 'c': must be 'a' or 'b'"),
+        ({"size": 1}, "toy.size = 1: unknown key"),
+    ]:
+        with pytest.raises(ParamsError, match=re.escape(expected)):
+            validate_section(schema, "toy", values)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("lora_rank", 0), ("lora_alpha", 0.0), ("target_modules", []), ("target_modules", ["to_q", "to_q"]),
+     ("ecm_depth", 0), ("ecm_granularity", "block"), ("learning_rate", -1e-4), ("adam_beta2", 1.0),
+     ("lr_warmup_ratio", 1.0), ("max_grad_norm", 0.0), ("epochs", 0), ("mixed_precision", "fp8"), ("seed", -1),
+     ("checkpoints_total_limit", 0), ("caption_dropout", 1.5), ("snr_gamma", 0.0), ("conditioning", "none")],
+)
+def test_the_library_and_the_params_check_refuse_the_same_values(key, value):
+    from ec_lora_t.adapter.config import ECLoRAConfig
+    from ec_lora_t.training.config import TrainingConfig
+    from stages._common import validate_section
+    from stages.params.train import LORA_PREFIXED
+
+    lora_fields = {LORA_PREFIXED.get(f.name, f.name): f.name for f in dataclasses.fields(ECLoRAConfig)}
+    field = lora_fields.get(key, key)
+    with pytest.raises(ValueError, match=rf"^{field} = "):
+        (ECLoRAConfig if key in lora_fields else TrainingConfig)(**{field: value})
+    with pytest.raises(ParamsError, match=rf"train(\.{key} = |: {field} = )"):
+        validate_section(SCHEMAS["train"], "train", {key: value})
 
 
 def test_a_stage_error_is_one_line_without_a_traceback(tmp_path):

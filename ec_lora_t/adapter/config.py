@@ -9,7 +9,11 @@ An adapter on disk is a folder with three files:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
+
+from annotated_types import Ge, Gt, MinLen
+
+from ec_lora_t.constraints import check_constraints
 
 ADAPTER_WEIGHTS_NAME = "ec_lora.safetensors"
 ECM_WEIGHTS_NAME = "ecm.safetensors"
@@ -19,22 +23,26 @@ ADAPTER_FORMAT = "ec-lora-t/1"
 # The report's targets (3.1.3): attention projections and the feed-forward layers of every
 # transformer block in the UNet.
 DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
-ECM_GRANULARITIES = ("layer", "rank")
+EcmGranularity = Literal["layer", "rank"]
+ECM_GRANULARITIES = get_args(EcmGranularity)
+# Filled when the adapter is built, not chosen: every other field is a setting (params.yaml's
+# `train` section names them, stages/params/train.py).
+INJECTED_FIELDS = ("time_embedding_dim", "layer_names")
 
 
 @dataclass
 class ECLoRAConfig:
     """What an EC-LoRA adapter is: rank, static scale, which layers, and the ECM's shape."""
 
-    rank: int = 16
-    alpha: float = 64.0
+    rank: Annotated[int, Ge(1)] = 16
+    alpha: Annotated[float, Gt(0)] = 64.0  # the static scale is alpha / rank
     # A module is a target when its dotted name equals an entry or ends with "." + entry
     # (peft's rule for a list of names), e.g. "to_out.0" matches "...attn1.to_out.0".
-    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
-    ecm_hidden_size: int = 128
-    ecm_depth: int = 2
+    target_modules: Annotated[tuple[Annotated[str, MinLen(1)], ...], MinLen(1)] = DEFAULT_TARGET_MODULES
+    ecm_hidden_size: Annotated[int, Ge(1)] = 128
+    ecm_depth: Annotated[int, Ge(1)] = 2
     # "layer": one ECM scale per layer (the report); "rank": one per layer and rank component.
-    ecm_granularity: str = "layer"
+    ecm_granularity: EcmGranularity = "layer"
     # Also feed the vector to the UNet's timestep embedding: an ECM head makes a per-row offset
     # (`ec_lora_t.adapter.layer.VectorTimeEmbedding`). False is the report's method.
     vector_embedding: bool = False
@@ -46,16 +54,9 @@ class ECLoRAConfig:
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)
         self.layer_names = tuple(self.layer_names)
-        if self.rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
-        if not self.target_modules:
-            raise ValueError("target_modules is empty: EC-LoRA needs at least one layer to adapt")
-        if self.ecm_granularity not in ECM_GRANULARITIES:
-            raise ValueError(f"ecm_granularity must be one of {ECM_GRANULARITIES}, got {self.ecm_granularity!r}")
-        if self.ecm_hidden_size < 1 or self.ecm_depth < 1:
-            raise ValueError(
-                f"ECM needs hidden size >= 1 and depth >= 1, got {self.ecm_hidden_size}, {self.ecm_depth}"
-            )
+        check_constraints(self)  # the ranges in the annotations above
+        if len(set(self.target_modules)) != len(self.target_modules):
+            raise ValueError(f"target_modules = {list(self.target_modules)!r}: must not repeat a module name")
 
     @property
     def static_scale(self) -> float:

@@ -189,6 +189,64 @@ class CaptionResult:
     metrics: dict[str, Any]
 
 
+def _check_options(posts: pd.DataFrame, source: str, style_tag: str, model, missing_text: str) -> bool:
+    """Refuse unusable options with one line; returns whether the captioning model is used."""
+    if source not in CAPTION_SOURCES:
+        raise ValueError(f"caption source must be one of {CAPTION_SOURCES}, got {source!r}")
+    if missing_text not in MISSING_TEXT_CHOICES:
+        raise ValueError(f"missing_text must be one of {MISSING_TEXT_CHOICES}, got {missing_text!r}")
+    uses_model = source == "blip" or missing_text == "blip"
+    if uses_model and not model:
+        raise ValueError(f"caption source {source!r} with missing_text {missing_text!r} needs a BLIP model "
+                         "(a hub id or a local folder)")
+    if not style_tag or not str(style_tag).strip():
+        raise ValueError("style_tag must be a non-empty string")
+    for column in ("image_path", "timestamp", "post_text"):
+        if column not in posts.columns:
+            raise ValueError(f"posts table has no column {column!r}; columns: {list(posts.columns)}")
+    return uses_model
+
+
+def _model_captions(
+    needs_model: dict[str, str],
+    model: str | Path | None,
+    cache_dir: str | Path | None,
+    batch_size: int,
+    max_new_tokens: int,
+    captioner_factory: Callable[[], Captioner] | None,
+    max_image_pixels: int | None,
+    progress: bool | None,
+) -> tuple[dict[str, str], int]:
+    """Captions by the model of the images `needs_model` (content hash -> path), through the
+    cache: (caption by hash, how many the model generated now)."""
+    if cache_dir is None:
+        raise ValueError("cache_dir is required when captioning with a model")
+    cache = CaptionCache(cache_dir, model_cache_key(model, max_new_tokens))
+    # The hub is asked only now, and fails in seconds when it cannot be reached.
+    factory = captioner_factory or (
+        lambda: BlipCaptioner.from_pretrained(resolve_pretrained(model, what="caption.model"), max_new_tokens)
+    )
+    return caption_images(needs_model, factory, cache, batch_size, max_image_pixels, progress)
+
+
+def _caption_metrics(source: str, num_images: int, caption_sources: list[str], seasons: list[str], generated: int,
+                     cached: int, uncaptioned: list[str]) -> dict[str, Any]:
+    return {
+        "source": source,
+        "images": num_images,
+        "captioned": len(caption_sources),
+        "from_post_text": caption_sources.count("post_text"),
+        "from_model": caption_sources.count("blip"),
+        "generic": caption_sources.count("generic"),  # no post text: the generic caption
+        # Distinct images (by content hash) the model captioned now / found in the cache.
+        "model_generated": generated,
+        "model_cache_hits": cached,
+        "uncaptioned": len(uncaptioned),
+        "uncaptioned_paths": uncaptioned[:20],
+        "seasons": {season: seasons.count(season) for season in ("winter", "spring", "summer", "fall")},
+    }
+
+
 def build_captions(
     posts: pd.DataFrame,
     source: str,
@@ -213,20 +271,10 @@ def build_captions(
     a caption by ``model``. ``captioner_factory`` replaces the BLIP loader (tests count calls
     through it).
     """
-    if source not in CAPTION_SOURCES:
-        raise ValueError(f"caption source must be one of {CAPTION_SOURCES}, got {source!r}")
-    if missing_text not in MISSING_TEXT_CHOICES:
-        raise ValueError(f"missing_text must be one of {MISSING_TEXT_CHOICES}, got {missing_text!r}")
-    uses_model = source == "blip" or missing_text == "blip"
-    if uses_model and not model:
-        raise ValueError(f"caption source {source!r} with missing_text {missing_text!r} needs a BLIP model "
-                         "(a hub id or a local folder)")
-    if not style_tag or not str(style_tag).strip():
-        raise ValueError("style_tag must be a non-empty string")
-    for column in ("image_path", "timestamp", "post_text"):
-        if column not in posts.columns:
-            raise ValueError(f"posts table has no column {column!r}; columns: {list(posts.columns)}")
+    # 1. The options, and whether the model is needed at all.
+    uses_model = _check_options(posts, source, style_tag, model, missing_text)
 
+    # 2. The post's own text, where asked for; the model for the images still without one.
     image_paths = posts["image_path"].astype(str).tolist()
     shas = [file_sha256(path) for path in image_paths]
     if source == "post_text":
@@ -236,20 +284,13 @@ def build_captions(
     needs_model = {sha: path for sha, path, text in zip(shas, image_paths, texts) if text is None and uses_model}
 
     blip_captions: dict[str, str] = {}
-    generated = cached = 0
+    generated = 0
     if needs_model:
-        if cache_dir is None:
-            raise ValueError("cache_dir is required when captioning with a model")
-        cache = CaptionCache(cache_dir, model_cache_key(model, max_new_tokens))
-        # The hub is asked only now, and fails in seconds when it cannot be reached.
-        factory = captioner_factory or (
-            lambda: BlipCaptioner.from_pretrained(resolve_pretrained(model, what="caption.model"), max_new_tokens)
-        )
-        blip_captions, generated = caption_images(
-            needs_model, factory, cache, batch_size, max_image_pixels, progress
-        )
-        cached = len(needs_model) - generated
+        blip_captions, generated = _model_captions(needs_model, model, cache_dir, batch_size, max_new_tokens,
+                                                   captioner_factory, max_image_pixels, progress)
+    cached = len(needs_model) - generated
 
+    # 3. One row per captioned image, with its season and full caption.
     rows: dict[str, list[Any]] = {name: [] for name in CAPTIONS_SCHEMA.names}
     uncaptioned: list[str] = []
     for path, sha, text, timestamp in zip(image_paths, shas, texts, posts["timestamp"]):
@@ -271,19 +312,9 @@ def build_captions(
         rows["season"].append(season)
         rows["full_caption"].append(format_full_caption(caption, style_tag, season))
         rows["caption_source"].append(caption_source)
+
+    # 4. The table and what went into it.
     table = pa.Table.from_pydict(rows, schema=CAPTIONS_SCHEMA)
-    metrics = {
-        "source": source,
-        "images": len(image_paths),
-        "captioned": table.num_rows,
-        "from_post_text": rows["caption_source"].count("post_text"),
-        "from_model": rows["caption_source"].count("blip"),
-        "generic": rows["caption_source"].count("generic"),  # no post text: the generic caption
-        # Distinct images (by content hash) the model captioned now / found in the cache.
-        "model_generated": generated,
-        "model_cache_hits": cached,
-        "uncaptioned": len(uncaptioned),
-        "uncaptioned_paths": uncaptioned[:20],
-        "seasons": {season: rows["season"].count(season) for season in ("winter", "spring", "summer", "fall")},
-    }
+    metrics = _caption_metrics(source, len(image_paths), rows["caption_source"], rows["season"], generated, cached,
+                               uncaptioned)
     return CaptionResult(table=table, metrics=metrics)

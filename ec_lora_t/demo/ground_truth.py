@@ -11,6 +11,7 @@ uses as ground truth on the embedded default.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import pandas as pd
 from PIL import Image
@@ -20,10 +21,14 @@ from ec_lora_t.demo.attribute_check import (
     CHECKED_ATTRIBUTES,
     attributes_named_in,
     read_attributes,
+    style_distance,
+    style_profile,
 )
 from ec_lora_t.demo.demo_data import time_drift_score
+from ec_lora_t.evaluation.evaluate import GROUND_TRUTH_COLUMNS
 
-SCORE_COLUMNS = ["ground_truth_score", "time_ground_truth", "adherence_matched", "adherence_named"]
+# The columns the evaluation's scored table holds them in (`sweep_report` reads them).
+SCORE_COLUMNS = GROUND_TRUTH_COLUMNS
 
 
 def demo_scores(images: Sequence[Image.Image], prompts: Sequence[str | None], audience: str) -> pd.DataFrame:
@@ -45,3 +50,20 @@ def demo_scores(images: Sequence[Image.Image], prompts: Sequence[str | None], au
             len(checked),
         ))
     return pd.DataFrame(rows, columns=SCORE_COLUMNS)
+
+
+@dataclass(frozen=True)
+class DemoGroundTruth:
+    """The demo world's ground truth for `ec_lora_t.evaluation.evaluate.evaluate_adapter` (its
+    `GroundTruth`): scores for `audience`, and the style checker's profiles and distances."""
+
+    audience: str
+
+    def scores(self, images: Sequence[Image.Image], prompts: Sequence[str | None]) -> pd.DataFrame:
+        return demo_scores(images, prompts, self.audience)
+
+    def style_profile(self, images: Sequence[Image.Image]) -> dict[str, dict[str, float]]:
+        return style_profile(images)
+
+    def style_distance(self, profile: dict, reference: dict) -> dict[str, float]:
+        return style_distance(profile, reference)

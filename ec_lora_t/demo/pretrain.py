@@ -214,44 +214,8 @@ class _ExponentialMovingAverage:
             parameter.copy_(average.to(parameter.dtype))
 
 
-def pretrain_base(
-    out_dir: str | Path,
-    *,
-    steps: int = 3140,
-    batch_size: int = 256,
-    resolution: int = 32,
-    num_images: int = 60000,
-    seed: int = 0,
-    device: str = "cuda",
-    vae_steps: int = 2000,
-    learning_rate: float = 5e-4,
-    vae_learning_rate: float = 1e-3,
-    vae_kl_weight: float = 1e-4,
-    ema_decay: float = 0.999,
-    min_snr_gamma: float = 5.0,
-    unet_block_out_channels: tuple[int, ...] = (64, 128, 128),
-    vae_block_out_channels: tuple[int, ...] = (32, 64),
-    text_hidden_size: int = 64,
-    text_layers: int = 2,
-    mixed_precision: str = "auto",
-    workers: int | None = None,
-    time_limit_s: float | None = None,
-    log: Callable[[str], None] = print,
-) -> PretrainSummary:
-    """Pretrain the base model from scratch on the world's general sample; save it to `out_dir`.
-
-    `out_dir` is replaced by a diffusers folder (fp16 weights, loaded as fp32 unless a dtype is
-    asked for) that `load_components` and `StableDiffusionPipeline.from_pretrained` load, plus
-    `pretrain_summary.json`.
-    `time_limit_s` (optional) bounds the whole run: after 30 UNet steps it measures the step
-    time and lowers `steps` to fit what is left, so the learning-rate schedule still ends; the
-    summary records the steps actually run (pass them as `steps` to reproduce the run).
-
-    The defaults are the run of the shipped `models/ec-lora-t-base` (6.1 min on one H200; its
-    8000 steps were cut to 3140 by a 400 s limit, and the schedule depends only on the final
-    count after step 30, so `steps=3140` without a limit repeats it up to GPU nondeterminism).
-    """
-    out_dir = Path(out_dir)
+def _checked_device(device: str, steps: int, vae_steps: int, batch_size: int, mixed_precision: str) -> torch.device:
+    """The run's device, once its step counts and precision are known to be usable."""
     if steps < 1 or vae_steps < 1 or batch_size < 1:
         raise ValueError(f"steps, vae_steps and batch_size must be positive, got {steps}, {vae_steps}, {batch_size}")
     if mixed_precision not in ("auto", "no", "bf16"):
@@ -260,6 +224,169 @@ def pretrain_base(
     if torch_device.type == "cuda":
         # Fixed input shapes: let cuDNN pick the fastest convolution kernels once.
         torch.backends.cudnn.benchmark = True
+    return torch_device
+
+
+def _seeded_base(out_dir: Path, device: torch.device, **architecture):
+    """The architecture with seeded random weights, saved and loaded through the one loading path."""
+    build_tiny_stable_diffusion(out_dir, **architecture)
+    return load_components(out_dir, device=device)
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+
+
+@dataclass
+class _CaptionIds:
+    """Each distinct caption tokenised once: `unique_ids` (distinct captions + 1, max length),
+    the last row the empty prompt (caption dropout); `caption_index` (images,): each image's row."""
+
+    unique_ids: torch.Tensor
+    caption_index: torch.Tensor
+
+    @property
+    def empty_ids(self) -> torch.Tensor:
+        return self.unique_ids[-1]
+
+
+def _tokenize_captions(tokenizer, captions: list[str], device: torch.device) -> _CaptionIds:
+    unique_captions, caption_index = np.unique(np.array(captions), return_inverse=True)
+    unique_ids = tokenizer(list(unique_captions) + [""], padding="max_length", max_length=tokenizer.model_max_length,
+                           truncation=True, return_tensors="pt").input_ids.to(device)
+    return _CaptionIds(unique_ids, torch.from_numpy(caption_index.reshape(-1)).to(device))
+
+
+def _scaled_latents(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Encode the sample once with the trained VAE, and set its `scaling_factor` so that scaled
+    latents have unit standard deviation: (scaled latent mean, scaled latent std, the factor)."""
+    latent_mean, latent_std = encode_images(
+        vae, pixels_to_model_input(pixels), batch_size=1024, scaled=False, output_device=pixels.device
+    )
+    scaling_factor = float(1.0 / latent_mean.std())
+    vae.register_to_config(scaling_factor=scaling_factor)
+    return latent_mean * scaling_factor, latent_std * scaling_factor, scaling_factor
+
+
+class _StepBudget:
+    """Fits the UNet steps into `time_limit_s` (None: no limit), counted from `started`: times
+    steps 10-30 (past cuDNN's first-call tuning), then lowers the step count to what is left."""
+
+    def __init__(self, time_limit_s: float | None, started: float, device: torch.device,
+                 log: Callable[[str], None]):
+        self.time_limit_s, self.started, self.device, self.log = time_limit_s, started, device, log
+        self.timed_from: float | None = None
+
+    def steps_after(self, step: int, steps: int) -> int:
+        """The step count after `step` steps of `steps` have run."""
+        if self.time_limit_s is None or step not in (10, 30):
+            return steps
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        if step == 10:
+            self.timed_from = time.perf_counter()
+            return steps
+        per_step = (time.perf_counter() - self.timed_from) / 20
+        remaining = self.time_limit_s - (time.perf_counter() - self.started) - _SAVE_MARGIN_S
+        affordable = max(step, step + int(0.95 * remaining / per_step))
+        self.log(f"{per_step * 1000:.1f} ms per unet step; {remaining:.0f} s left of the time limit")
+        if affordable < steps:
+            self.log(f"time limit {self.time_limit_s:.0f} s: {steps} -> {affordable} unet steps")
+            return affordable
+        return steps
+
+
+def _unet_loss(components, latent_mean, latent_std, caption_ids: _CaptionIds, *, batch_size: int,
+               min_snr_gamma: float, mixed_precision: str, generator: torch.Generator) -> torch.Tensor:
+    """One batch's min-SNR weighted noise-prediction loss, captions dropped to the empty prompt."""
+    device = latent_mean.device
+    index = torch.randint(len(latent_mean), (batch_size,), generator=generator, device=device)
+    noisy = noisy_latents(latent_mean[index], latent_std[index], components.noise_scheduler, generator)
+    input_ids = caption_ids.unique_ids[caption_ids.caption_index[index]]
+    dropped = torch.rand(batch_size, generator=generator, device=device) < CAPTION_DROPOUT
+    input_ids = torch.where(dropped[:, None], caption_ids.empty_ids[None, :], input_ids)
+    with autocast(device, mixed_precision):
+        encoder_hidden_states = components.text_encoder(input_ids)[0]
+        prediction = components.unet(noisy.noisy_latents, noisy.timesteps, encoder_hidden_states).sample
+    per_sample = F.mse_loss(prediction.float(), noisy.target, reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * min_snr_weights(components.noise_scheduler, noisy.timesteps, min_snr_gamma)).mean()
+
+
+def train_unet_and_text_encoder(
+    components,
+    latent_mean: torch.Tensor,
+    latent_std: torch.Tensor,
+    caption_ids: _CaptionIds,
+    *,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    ema_decay: float,
+    min_snr_gamma: float,
+    mixed_precision: str,
+    generator: torch.Generator,
+    budget: _StepBudget,
+    log: Callable[[str], None] = print,
+) -> tuple[list[float], int]:
+    """Train the UNet and the text encoder together on the scaled latents, then load the EMA of
+    their weights; returns (logged losses, steps run: fewer when `budget` cut them)."""
+    started = time.perf_counter()
+    trainable = [components.unet, components.text_encoder]
+    for model in trainable:
+        model.train().requires_grad_(True)
+    trainable_parameters = [p for model in trainable for p in model.parameters()]
+    optimizer = torch.optim.AdamW(trainable_parameters, lr=learning_rate, weight_decay=1e-2)
+    ema = _ExponentialMovingAverage(trainable_parameters, ema_decay)
+    warmup_steps = min(200, steps // 10 + 1)
+    losses: list[float] = []
+    step = 0
+    while step < steps:
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(step, steps, learning_rate, warmup_steps)
+        loss = _unet_loss(components, latent_mean, latent_std, caption_ids, batch_size=batch_size,
+                          min_snr_gamma=min_snr_gamma, mixed_precision=mixed_precision, generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable_parameters, 1.0)
+        optimizer.step()
+        ema.update(step)
+        step += 1
+        steps = budget.steps_after(step, steps)
+        if step % max(1, steps // 20) == 0 or step == steps:
+            losses.append(float(loss.detach()))
+            log(f"unet step {step}/{steps}: loss {float(loss.detach()):.4f} ({time.perf_counter() - started:.0f} s)")
+    ema.copy_to_parameters()
+    return losses, steps
+
+
+def pretrain_base(
+    out_dir: str | Path,
+    *,
+    # the sample and the run
+    steps: int = 3140, batch_size: int = 256, resolution: int = 32, num_images: int = 60000, seed: int = 0,
+    device: str = "cuda", mixed_precision: str = "auto", workers: int | None = None,
+    time_limit_s: float | None = None,
+    # the optimisation
+    vae_steps: int = 2000, learning_rate: float = 5e-4, vae_learning_rate: float = 1e-3, vae_kl_weight: float = 1e-4,
+    ema_decay: float = 0.999, min_snr_gamma: float = 5.0,
+    # the architecture
+    unet_block_out_channels: tuple[int, ...] = (64, 128, 128), vae_block_out_channels: tuple[int, ...] = (32, 64),
+    text_hidden_size: int = 64, text_layers: int = 2,
+    log: Callable[[str], None] = print,
+) -> PretrainSummary:
+    """Pretrain the base model from scratch on the world's general sample; save it to `out_dir`.
+
+    `out_dir` is replaced by a diffusers folder (fp16 weights, loaded as fp32 unless a dtype is
+    asked for) that `load_components` and `StableDiffusionPipeline.from_pretrained` load, plus
+    `pretrain_summary.json`. `time_limit_s` (optional) bounds the whole run (`_StepBudget`);
+    the summary records the UNet steps actually run (pass them as `steps` to reproduce the run).
+
+    The defaults are the run of the shipped `models/ec-lora-t-base` (6.1 min on one H200; its
+    8000 steps were cut to 3140 by a 400 s limit, and the schedule depends only on the final
+    count after step 30, so `steps=3140` without a limit repeats it up to GPU nondeterminism).
+    """
+    out_dir = Path(out_dir)
+    torch_device = _checked_device(device, steps, vae_steps, batch_size, mixed_precision)
     seconds: dict[str, float] = {}
     started = time.perf_counter()
 
@@ -269,90 +396,35 @@ def pretrain_base(
     log(f"rendered {num_images} images at {resolution} px in {seconds['render']:.1f} s")
 
     # 2. Architecture with seeded random weights, built and loaded through the one loading path.
-    build_tiny_stable_diffusion(
-        out_dir, seed=seed, resolution=resolution, unet_block_out_channels=tuple(unet_block_out_channels),
-        vae_block_out_channels=tuple(vae_block_out_channels), text_hidden_size=text_hidden_size,
-        text_layers=text_layers,
-    )
-    components = load_components(out_dir, device=torch_device)
-    tokenizer, text_encoder, vae, unet = components.tokenizer, components.text_encoder, components.vae, components.unet
-    noise_scheduler = components.noise_scheduler
-    parameters = {name: sum(p.numel() for p in model.parameters()) for name, model in
-                  (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))}
+    components = _seeded_base(out_dir, torch_device, seed=seed, resolution=resolution, text_layers=text_layers,
+                              unet_block_out_channels=tuple(unet_block_out_channels), text_hidden_size=text_hidden_size,
+                              vae_block_out_channels=tuple(vae_block_out_channels))
+    parameters = {name: sum(p.numel() for p in getattr(components, name).parameters())
+                  for name in ("unet", "vae", "text_encoder")}
     log(f"parameters: {parameters}")
     pixels = torch.from_numpy(pixels_np).to(torch_device)
-    # Tokenise each distinct caption once; the last row is the empty prompt (caption dropout).
-    unique_captions, caption_index = np.unique(np.array(captions), return_inverse=True)
-    unique_ids = tokenizer(list(unique_captions) + [""], padding="max_length", max_length=tokenizer.model_max_length,
-                           truncation=True, return_tensors="pt").input_ids.to(torch_device)
-    empty_ids = unique_ids[-1]
-    caption_index = torch.from_numpy(caption_index.reshape(-1)).to(torch_device)
-    log(f"{len(unique_captions)} distinct captions")
+    caption_ids = _tokenize_captions(components.tokenizer, captions, torch_device)
+    log(f"{len(caption_ids.unique_ids) - 1} distinct captions")
 
-    # 3. The VAE, then its scaling factor.
+    # 3. The VAE, then its scaling factor; the sample encoded once.
     generator = torch.Generator(device=torch_device).manual_seed(seed)
     torch.manual_seed(seed)
     phase = time.perf_counter()
-    vae_losses = train_vae(vae, pixels, steps=vae_steps, batch_size=batch_size, learning_rate=vae_learning_rate,
-                           kl_weight=vae_kl_weight, generator=generator, mixed_precision=mixed_precision, log=log)
-    latent_mean, latent_std = encode_images(
-        vae, pixels_to_model_input(pixels), batch_size=1024, scaled=False, output_device=torch_device
-    )
-    scaling_factor = float(1.0 / latent_mean.std())
-    vae.register_to_config(scaling_factor=scaling_factor)
+    vae_losses = train_vae(components.vae, pixels, steps=vae_steps, batch_size=batch_size,
+                           learning_rate=vae_learning_rate, kl_weight=vae_kl_weight, generator=generator,
+                           mixed_precision=mixed_precision, log=log)
+    latent_mean, latent_std, scaling_factor = _scaled_latents(components.vae, pixels)
     seconds["vae"] = time.perf_counter() - phase
     log(f"vae trained in {seconds['vae']:.1f} s; scaling factor {scaling_factor:.4f}")
 
     # 4. UNet and text encoder on the cached latents.
     phase = time.perf_counter()
-    latent_mean, latent_std = latent_mean * scaling_factor, latent_std * scaling_factor
-    trainable = [unet, text_encoder]
-    for model in trainable:
-        model.train().requires_grad_(True)
-    trainable_parameters = [p for model in trainable for p in model.parameters()]
-    optimizer = torch.optim.AdamW(trainable_parameters, lr=learning_rate, weight_decay=1e-2)
-    ema = _ExponentialMovingAverage(trainable_parameters, ema_decay)
-    warmup_steps = min(200, steps // 10 + 1)
-    unet_losses: list[float] = []
-    step = 0
-    while step < steps:
-        for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(step, steps, learning_rate, warmup_steps)
-        index = torch.randint(num_images, (batch_size,), generator=generator, device=torch_device)
-        noisy = noisy_latents(latent_mean[index], latent_std[index], noise_scheduler, generator)
-        input_ids = unique_ids[caption_index[index]]
-        dropped = torch.rand(batch_size, generator=generator, device=torch_device) < CAPTION_DROPOUT
-        input_ids = torch.where(dropped[:, None], empty_ids[None, :], input_ids)
-        with autocast(torch_device, mixed_precision):
-            encoder_hidden_states = text_encoder(input_ids)[0]
-            prediction = unet(noisy.noisy_latents, noisy.timesteps, encoder_hidden_states).sample
-        per_sample = F.mse_loss(prediction.float(), noisy.target, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_sample * min_snr_weights(noise_scheduler, noisy.timesteps, min_snr_gamma)).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable_parameters, 1.0)
-        optimizer.step()
-        ema.update(step)
-        step += 1
-        if time_limit_s is not None and step in (10, 30):
-            # Time steps 10-30 (past cuDNN's first-call tuning), then fit the rest into the limit.
-            if torch_device.type == "cuda":
-                torch.cuda.synchronize()
-            if step == 10:
-                timed_from = time.perf_counter()
-            else:
-                per_step = (time.perf_counter() - timed_from) / 20
-                remaining = time_limit_s - (time.perf_counter() - started) - _SAVE_MARGIN_S
-                affordable = max(step, step + int(0.95 * remaining / per_step))
-                log(f"{per_step * 1000:.1f} ms per unet step; {remaining:.0f} s left of the time limit")
-                if affordable < steps:
-                    log(f"time limit {time_limit_s:.0f} s: {steps} -> {affordable} unet steps")
-                    steps = affordable
-        if step % max(1, steps // 20) == 0 or step == steps:
-            unet_losses.append(float(loss.detach()))
-            log(f"unet step {step}/{steps}: loss {float(loss.detach()):.4f} "
-                f"({time.perf_counter() - phase:.0f} s)")
-    ema.copy_to_parameters()
+    unet_losses, steps = train_unet_and_text_encoder(
+        components, latent_mean, latent_std, caption_ids, steps=steps, batch_size=batch_size,
+        learning_rate=learning_rate, ema_decay=ema_decay, min_snr_gamma=min_snr_gamma,
+        mixed_precision=mixed_precision, generator=generator,
+        budget=_StepBudget(time_limit_s, started, torch_device, log), log=log,
+    )
     seconds["unet"] = time.perf_counter() - phase
     log(f"unet and text encoder trained in {seconds['unet']:.1f} s")
 
@@ -362,8 +434,7 @@ def pretrain_base(
     summary = PretrainSummary(
         num_images=num_images, resolution=resolution, seed=seed, vae_steps=vae_steps, unet_steps=steps,
         batch_size=batch_size, vae_scaling_factor=scaling_factor, parameters=parameters, seconds=seconds,
-        losses={"vae_reconstruction_mse": vae_losses, "unet": unet_losses},
-        device=torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else str(torch_device),
+        losses={"vae_reconstruction_mse": vae_losses, "unet": unet_losses}, device=_device_name(torch_device),
     )
     (out_dir / "pretrain_summary.json").write_text(summary.to_json())
     return summary

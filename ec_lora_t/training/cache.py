@@ -90,6 +90,20 @@ def validate_latent_cache(cache: LatentCache, source: str = "latent cache") -> L
     return cache
 
 
+def check_cache_fits_unet(cache: LatentCache, unet) -> None:
+    """The cache's latents and text embeddings have the widths `unet` (a UNet2DConditionModel) takes."""
+    config = unet.config
+    if cache.latent_mean.shape[1] != config.in_channels:
+        raise ValueError(
+            f"latent cache has {cache.latent_mean.shape[1]} latent channels, the UNet expects {config.in_channels}"
+        )
+    if cache.text_embeddings.shape[2] != config.cross_attention_dim:
+        raise ValueError(
+            f"latent cache has text embeddings of width {cache.text_embeddings.shape[2]}, the UNet's "
+            f"cross_attention_dim is {config.cross_attention_dim}: were they made with another text encoder?"
+        )
+
+
 def load_latent_cache(path: str | Path) -> LatentCache:
     """Read the latents stage's output: a shard folder (`data/latents`, see
     `ec_lora_t.data.latent_shards`) or a single safetensors file holding every row."""

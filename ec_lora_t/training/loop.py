@@ -47,6 +47,7 @@ from ec_lora_t.training.cache import (
     EpochShuffleSampler,
     LatentCache,
     ResidentBatches,
+    check_cache_fits_unet,
     engagement_balance_weights,
     epoch_seed,
     shuffled_vectors,
@@ -168,7 +169,7 @@ def setup_training(
 ) -> TrainingRun:
     """Freeze and cast the UNet, add the adapter, build optimizer, schedule and data; `prepare` them."""
     validate_latent_cache(cache)
-    _check_cache_fits_unet(cache, unet)
+    check_cache_fits_unet(cache, unet)
     if training.caption_dropout > 0 and cache.generic_text_embeddings is None:
         raise ValueError(
             "caption_dropout > 0 needs generic_text_embeddings in the latent cache; rerun the latents stage"
@@ -488,16 +489,3 @@ def train_ec_lora(
     for epoch in range(run.start_epoch, training.epochs):
         train_epoch(run, epoch, on_step)
     return finish_training(run, adapter_dir)
-
-
-def _check_cache_fits_unet(cache: LatentCache, unet: nn.Module) -> None:
-    config = unet.config
-    if cache.latent_mean.shape[1] != config.in_channels:
-        raise ValueError(
-            f"latent cache has {cache.latent_mean.shape[1]} latent channels, the UNet expects {config.in_channels}"
-        )
-    if cache.text_embeddings.shape[2] != config.cross_attention_dim:
-        raise ValueError(
-            f"latent cache has text embeddings of width {cache.text_embeddings.shape[2]}, the UNet's "
-            f"cross_attention_dim is {config.cross_attention_dim}: were they made with another text encoder?"
-        )

@@ -7,7 +7,8 @@ from contextlib import nullcontext
 
 import torch
 
-MIXED_PRECISION_CHOICES = ("auto", "no", "fp16", "bf16")
+from ec_lora_t.training.config import MIXED_PRECISION_CHOICES
+
 COMPUTE_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
