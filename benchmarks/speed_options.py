@@ -90,6 +90,7 @@ def training_step(unet_config, scheduler, batch, device, *, peft: bool = False, 
     """One optimizer step of EC-LoRA-T (params.yaml's recipe: per-rank ECM, min-SNR 5, caption
     dropout 0.9) or of a static PEFT LoRA, with the options applied."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from peft import LoraConfig
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -111,6 +112,7 @@ def training_step(unet_config, scheduler, batch, device, *, peft: bool = False, 
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=device.type == "cuda")
     # As the train stage's loop does: accelerate wraps the UNet's forward in bf16 autocast and,
     # with a dynamo backend, compiles it (`train.compile`).
+    AcceleratorState._reset_state(reset_partial_state=True)  # process-wide: else the first run's backend stays
     accelerator = Accelerator(mixed_precision="bf16" if device.type == "cuda" else "no", cpu=device.type == "cpu",
                               dynamo_backend="inductor" if compile else "no")
     runner = accelerator.prepare_model(unet)

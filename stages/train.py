@@ -141,6 +141,8 @@ def write_results(result: TrainingResult, metrics: str, summary: str, run_info: 
             "peak_memory_mb": result.peak_memory_mb,
             "device": result.device,
             "resumed_from_epoch": result.resumed_from_epoch,
+            # torch.compile (train.compile): start-up cost and recompiles after it (0 expected)
+            **result.extra,
         },
     )
 

@@ -71,6 +71,7 @@ from ec_lora_t.training.precision import (
     peak_memory_mb,
     resolve_mixed_precision,
 )
+from ec_lora_t.training.throughput import Throughput
 
 
 class NonFiniteLossError(RuntimeError):
@@ -124,12 +125,7 @@ class TrainingRun:
     global_step: int = 0
     losses: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
-    # Steady-state throughput of this process's run (after STEADY_AFTER_STEPS, between host
-    # reads, synchronised): (perf_counter, images_seen) at its start and latest read.
-    steady_start: tuple[float, int] | None = None
-    steady_end: tuple[float, int] | None = None
-    timing_window: tuple[float, int] | None = None  # the previous host read, for per-window images/s
-    first_step_of_run: int = 1  # the first optimizer step this process makes (after a resume: later)
+    throughput: Throughput = field(default_factory=Throughput)  # this process's run, steady state
     # Throughput over all epochs of the run, resumed ones included (the checkpoint carries them).
     timing: dict[str, float] = field(default_factory=lambda: {"train_seconds": 0.0, "images_seen": 0})
 
@@ -137,11 +133,15 @@ class TrainingRun:
 def make_accelerator(training: TrainingConfig) -> Accelerator:
     """The Accelerator a run of `training` needs ('auto' precision resolved for this machine)."""
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    compile_unet = training.compile == "yes" or (training.compile == "auto" and device_type == "cuda")
     return Accelerator(
         mixed_precision=resolve_mixed_precision(training.mixed_precision, device_type),
         gradient_accumulation_steps=training.gradient_accumulation_steps,
         # Without a GPU, processes started by torchrun or `accelerate launch` train together over gloo.
         cpu=device_type == "cpu",
+        # `prepare` compiles the UNet (the ECM is a tiny MLP outside it): the per-row scales reach
+        # the LoRA layers as tensors, so a new batch's vectors do not recompile.
+        dynamo_backend="inductor" if compile_unet else "no",
     )
 
 
@@ -262,7 +262,7 @@ def resume_training(run: TrainingRun, checkpoints_dir: str | Path) -> None:
     )
     run.grad_norms = list(loaded.state.get("grad_norms", []))
     run.timing = {key: loaded.state["timing"][key] for key in run.timing}
-    run.first_step_of_run = run.global_step + 1
+    run.throughput.first_step = run.global_step + 1
     run.log(f"resumed from {loaded.path} (epoch {run.start_epoch} of {run.training.epochs} done, "
             f"step {run.global_step})")
 
@@ -294,9 +294,6 @@ def _check_finite_weights(run: TrainingRun, when: str) -> None:
 # not every step: a per-step read waits for the GPU and leaves it idle while Python queues the
 # next step. On a CPU there is nothing to overlap and every step is checked before its update.
 GPU_SYNC_EVERY = 20
-# Steady-state throughput is timed from the first host read after this many optimizer steps
-# (allocator growth, cuDNN autotuning and the optimizer's first step are behind it).
-STEADY_AFTER_STEPS = 10
 
 
 @dataclass
@@ -327,16 +324,7 @@ def _flush(run: TrainingRun, pending: list[_PendingStep], on_step: Callable[...,
             raise _non_finite("loss", losses[:, column], item.step, item.epoch, item.batch_index)
         if accelerator.scaler is None and not torch.isfinite(norms[column]):
             raise _non_finite("the gradient norm", norms[column].reshape(1), item.step, item.epoch, item.batch_index)
-    now = time.perf_counter()
-    clock = run.timing_window
-    window_rate = None
-    if clock is not None:
-        window_rate = (pending[-1].images_seen - clock[1]) / max(now - clock[0], 1e-9)
-    run.timing_window = (now, pending[-1].images_seen)
-    if run.steady_start is None and pending[-1].step - run.first_step_of_run + 1 >= STEADY_AFTER_STEPS:
-        run.steady_start = (now, pending[-1].images_seen)
-    elif run.steady_start is not None:
-        run.steady_end = (now, pending[-1].images_seen)
+    window_rate = run.throughput.read(pending[-1].step, pending[-1].images_seen)
     step_losses = losses.mean(dim=0).tolist()
     for item, loss, norm in zip(pending, step_losses, norms.tolist()):
         run.losses.append(loss)
@@ -354,6 +342,7 @@ def train_epoch(run: TrainingRun, epoch: int, on_step: Callable[..., None] | Non
     """One pass over the data (0-based `epoch`), then the epoch's checkpoint."""
     accelerator, training = run.accelerator, run.training
     epoch_started = time.perf_counter()
+    run.throughput.resume()
     run.unet.train()
     run.batches.set_epoch(epoch)
     generator = torch.Generator(device=accelerator.device).manual_seed(
@@ -411,6 +400,7 @@ def train_epoch(run: TrainingRun, epoch: int, on_step: Callable[..., None] | Non
     _flush(run, pending, on_step)
     accelerator.wait_for_everyone()
     run.timing["train_seconds"] += time.perf_counter() - epoch_started
+    run.throughput.pause()  # checks and saving are not training; the next epoch resumes the clock
     _check_finite_weights(run, f"in epoch {epoch + 1}")
     if accelerator.is_main_process and run.run_dir is not None:
         checkpoint = save_checkpoint(
@@ -422,8 +412,6 @@ def train_epoch(run: TrainingRun, epoch: int, on_step: Callable[..., None] | Non
         )
         run.log(f"epoch {epoch + 1}/{training.epochs}: step {run.global_step}, loss {run.losses[-1]:.5f}, "
                 f"gradient norm {run.grad_norms[-1]:.4g} -> {checkpoint}")
-        # Saving is not training: the next window's throughput starts after it.
-        run.timing_window = None
 
 
 def finish_training(run: TrainingRun, adapter_dir: str | Path | None = None) -> TrainingResult:
@@ -446,10 +434,7 @@ def finish_training(run: TrainingRun, adapter_dir: str | Path | None = None) -> 
         epochs=run.training.epochs,
         images_seen=int(run.timing["images_seen"]),
         images_per_second=run.timing["images_seen"] / run.timing["train_seconds"],
-        steady_images_per_second=(
-            (run.steady_end[1] - run.steady_start[1]) / (run.steady_end[0] - run.steady_start[0])
-            if run.steady_start is not None and run.steady_end is not None else None
-        ),
+        steady_images_per_second=run.throughput.steady_images_per_second,
         peak_memory_mb=peak_memory_mb(accelerator.device),
         mixed_precision=str(accelerator.mixed_precision),
         resumed_from_epoch=run.start_epoch,
@@ -457,6 +442,7 @@ def finish_training(run: TrainingRun, adapter_dir: str | Path | None = None) -> 
         num_lora_layers=len(run.adapter.layers),
         trainable_parameters=sum(p.numel() for p in run.adapter.lora_parameters()) + sum(p.numel() for p in ecm.parameters()),
         device=str(accelerator.device),
+        extra=run.throughput.warmup(),
     )
 
 
