@@ -5,11 +5,14 @@ uses as ground truth on the embedded default.
   function the demo creator's likes were generated from;
 - `time_ground_truth`: the creator's style drift read from pixels (`demo_data.time_drift_score`);
 - `adherence_matched` / `adherence_named`: of the attributes the prompt names (scene, lighting,
-  outfit colour; `attribute_check.attributes_named_in`), how many the image shows as named.
+  outfit colour; `attribute_check.attributes_named_in`), how many the image shows as named;
+- `ceiling_attributes_named_in` / `ceiling_attributes_read`: what a prompt names and what a
+  training image shows, for the prompt-aware ceiling (`ec_lora_t.evaluation.ceiling`).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import pandas as pd
@@ -20,6 +23,7 @@ from ec_lora_t.demo.attribute_check import (
     CHECKED_ATTRIBUTES,
     attributes_named_in,
     read_attributes,
+    read_garment_length,
 )
 from ec_lora_t.demo.demo_data import time_drift_score
 
@@ -45,3 +49,23 @@ def demo_scores(images: Sequence[Image.Image], prompts: Sequence[str | None], au
             len(checked),
         ))
     return pd.DataFrame(rows, columns=SCORE_COLUMNS)
+
+
+# Garments a prompt may name, by the length `attribute_check.read_garment_length` reads: the
+# creator's drift is in the scene and in this length, so a prompt naming a jacket fixes half of it.
+GARMENT_LENGTH = {"jacket": "short", "t-shirt": "short", "coat": "long", "dress": "long"}
+
+
+def ceiling_attributes_named_in(prompt: str) -> dict[str, str]:
+    """What a prompt names that the demo world can read back: `attributes_named_in` (scene,
+    lighting, outfit colour) and, when it names exactly one length of garment, `garment_length`."""
+    named = attributes_named_in(prompt)
+    lengths = {length for garment, length in GARMENT_LENGTH.items() if re.search(rf"\b{garment}\b", prompt.lower())}
+    if len(lengths) == 1:
+        named["garment_length"] = lengths.pop()
+    return named
+
+
+def ceiling_attributes_read(image: Image.Image) -> dict[str, str]:
+    """What a (training) image shows, in the keys of `ceiling_attributes_named_in`."""
+    return read_attributes(image) | {"garment_length": read_garment_length(image)}
