@@ -102,7 +102,7 @@ def test_on_the_demo_world_a_prompt_naming_the_scene_lowers_the_time_ceiling():
 
     from ec_lora_t.demo import world
     from ec_lora_t.demo.demo_data import creator_preferences, time_drift_score
-    from ec_lora_t.demo.ground_truth import ceiling_attributes_named_in, ceiling_attributes_read
+    from ec_lora_t.demo.ground_truth import demo_prompt_aware_plan
 
     rng = np.random.default_rng(0)
     times = np.sort(rng.uniform(size=160))
@@ -115,13 +115,13 @@ def test_on_the_demo_world_a_prompt_naming_the_scene_lowers_the_time_ceiling():
     plan = sweep_plan(prompts, [1], [0.0, 1.0], 0.5, time_targets=[0.0, 0.5, 1.0])
     k = 8
     plain = retrieval_plan(plan, vectors, k)
-    aware = prompt_aware_retrieval_plan(plan, vectors, [ceiling_attributes_read(image) for image in images],
-                                        [ceiling_attributes_named_in(prompt) for prompt in prompts], k)
+    aware = demo_prompt_aware_plan(plan, vectors, images, prompts, k)
 
     def time_spearman(rows):
         rows = rows[rows["sweep"] == "time"]
         return spearman(rows["target_time"].to_numpy(), drift[rows["train_index"].to_numpy()])
 
+    assert list(aware.loc[aware["prompt_index"] == 1, "named"].unique()) == [3]  # street, day, short garment
     assert time_spearman(plain) > 0.4  # 0.53 here
     # Per prompt: the generic caption keeps the plain ceiling, a named street and jacket leave no drift to follow.
     by_prompt = {index: time_spearman(aware[aware["prompt_index"] == index]) for index in range(3)}

@@ -6,8 +6,9 @@ uses as ground truth on the embedded default.
 - `time_ground_truth`: the creator's style drift read from pixels (`demo_data.time_drift_score`);
 - `adherence_matched` / `adherence_named`: of the attributes the prompt names (scene, lighting,
   outfit colour; `attribute_check.attributes_named_in`), how many the image shows as named;
-- `ceiling_attributes_named_in` / `ceiling_attributes_read`: what a prompt names and what a
-  training image shows, for the prompt-aware ceiling (`ec_lora_t.evaluation.ceiling`).
+- `demo_prompt_aware_plan`: the prompt-aware ceiling's training images
+  (`ec_lora_t.evaluation.ceiling`), with what a prompt names and what a training image shows
+  read by `ceiling_attributes_named_in` / `ceiling_attributes_read`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+import numpy as np
 import pandas as pd
 from PIL import Image
 
@@ -26,6 +28,7 @@ from ec_lora_t.demo.attribute_check import (
     read_garment_length,
 )
 from ec_lora_t.demo.demo_data import time_drift_score
+from ec_lora_t.evaluation.ceiling import prompt_aware_retrieval_plan
 
 SCORE_COLUMNS = ["ground_truth_score", "time_ground_truth", "adherence_matched", "adherence_named"]
 
@@ -69,3 +72,14 @@ def ceiling_attributes_named_in(prompt: str) -> dict[str, str]:
 def ceiling_attributes_read(image: Image.Image) -> dict[str, str]:
     """What a (training) image shows, in the keys of `ceiling_attributes_named_in`."""
     return read_attributes(image) | {"garment_length": read_garment_length(image)}
+
+
+def demo_prompt_aware_plan(plan: pd.DataFrame, training_vectors: np.ndarray, training_images: Sequence[Image.Image],
+                           prompts: Sequence[str], k: int) -> pd.DataFrame:
+    """The prompt-aware ceiling's rows on the demo (`ceiling.prompt_aware_retrieval_plan`):
+    `training_images[i]` is the image of `training_vectors[i]` (at the model's resolution),
+    `prompts` the sweep's prompts in `prompt_index` order."""
+    if len(training_images) != len(training_vectors):
+        raise ValueError(f"{len(training_images)} training images for {len(training_vectors)} training vectors")
+    return prompt_aware_retrieval_plan(plan, training_vectors, [ceiling_attributes_read(image) for image in training_images],
+                                       [ceiling_attributes_named_in(prompt) for prompt in prompts], k)

@@ -354,15 +354,20 @@ def light_outfit_appeal(image: Image.Image) -> float:
     return 0.6 * outfit_lightness(image) + 0.4 * mean_brightness(image)
 
 
+# The scene and lighting audiences read the background with the attribute checker, which in
+# turn measures its prototypes on this module's renders: a circular import, safe because
+# neither module uses the other before a function is called. Imported here, after everything
+# the checker uses is defined, so that either module may be imported first; at module level,
+# so that a stage importing the world imports (and DVC tracks) the checker too.
+from ec_lora_t.demo import attribute_check  # noqa: E402
+
+
 def _scene_and_lighting_weights(image: Image.Image) -> tuple[dict[str, float], dict[str, float]]:
     """How much the image's background looks like each scene and each lighting (each summing
     to 1): `attribute_check.scene_lighting_probabilities`, marginalised."""
-    # Imported here: the checker measures its prototypes on this module's renders.
-    from ec_lora_t.demo.attribute_check import scene_lighting_probabilities
-
     scenes = dict.fromkeys(SCENES, 0.0)
     lighting = dict.fromkeys(LIGHTING, 0.0)
-    for (scene, light), weight in scene_lighting_probabilities(image).items():
+    for (scene, light), weight in attribute_check.scene_lighting_probabilities(image).items():
         scenes[scene] += weight
         lighting[light] += weight
     return scenes, lighting
