@@ -156,22 +156,29 @@ def research_summary(details: dict) -> dict:
     """What the research tables compare, from the evaluate stage's details: EC-LoRA-T's ground
     truth and regressor scores against the ceiling(s), adherence against the base model, time."""
     engagement, time_sweep = details["engagement_sweep"], details.get("time_sweep", {})
+    # The prompt-aware ceiling (ec_lora_t.evaluation.ceiling), where the evaluation reports it.
+    prompt_aware = details.get("prompt_aware_ceiling", {})
 
-    def scores(metrics: dict, ceiling: dict | None) -> dict:
+    def scores(metrics: dict, ceiling: dict | None, aware: dict | None) -> dict:
         keys = ("spearman", "p_value", "range_ratio", "share_of_ceiling", "share_of_prompt_aware_ceiling", "monotone")
-        return {key: metrics[key] for key in keys if key in metrics} | ({"ceiling": ceiling["spearman"]} if ceiling else {})
+        return ({key: metrics[key] for key in keys if key in metrics}
+                | ({"ceiling": ceiling["spearman"]} if ceiling else {})
+                | ({"prompt_aware_ceiling": aware["spearman"]} if aware else {}))
 
     summary = {"verdict": details["verdict"],
-               "regressor": scores(engagement["ec_lora"], engagement.get("retrieval"))}
+               "regressor": scores(engagement["ec_lora"], engagement.get("retrieval"),
+                                   prompt_aware.get("engagement_sweep"))}
     if "ground_truth" in engagement["ec_lora"]:
         summary["ground_truth"] = scores(engagement["ec_lora"]["ground_truth"],
-                                         engagement.get("retrieval", {}).get("ground_truth"))
+                                         engagement.get("retrieval", {}).get("ground_truth"),
+                                         prompt_aware.get("engagement_sweep", {}).get("ground_truth"))
     adherence = details.get("adherence")
     if adherence and adherence.get("ec_lora"):
         summary["adherence"] = {"base": sum(adherence["base"].values()) / len(adherence["base"]),
                                 "worst_drop": max(adherence["base"][k] - v for k, v in adherence["ec_lora"].items())}
     if "ground_truth" in time_sweep.get("ec_lora", {}):
-        summary["time"] = scores(time_sweep["ec_lora"]["ground_truth"], time_sweep.get("retrieval", {}).get("ground_truth"))
+        summary["time"] = scores(time_sweep["ec_lora"]["ground_truth"], time_sweep.get("retrieval", {}).get("ground_truth"),
+                                 prompt_aware.get("time_sweep", {}).get("ground_truth"))
     return summary
 
 

@@ -9,7 +9,8 @@ worst the lowest value (the highest for the adherence drop, where more is worse)
 - seeds with monotone per-target means, with `controls_ground_truth`, with `keeps_prompt`;
 - the worst adherence drop against the base model over the targets (points; negative:
   EC-LoRA-T keeps the prompt better);
-- the time sweep's ground-truth Spearman and its share of the ceiling; seeds with `controls_time`.
+- the time sweep's ground-truth Spearman and its share of the ceiling (and of the prompt-aware
+  one); seeds with `controls_time`.
 
     python benchmarks/summarise_research.py results.jsonl [more.jsonl ...] [--json summary.json]
 
@@ -37,6 +38,7 @@ FIGURES = [
     ("adherence_drop_points", ("adherence", "worst_drop"), "high"),
     ("time_spearman", ("time", "spearman"), "low"),
     ("time_share_of_ceiling", ("time", "share_of_ceiling"), "low"),
+    ("time_share_of_prompt_aware_ceiling", ("time", "share_of_prompt_aware_ceiling"), "low"),
 ]
 # (name, path into a row's headline): yes/no figures counted over seeds.
 COUNTS = [
@@ -136,7 +138,8 @@ def _count(summary: dict, name: str) -> str:
 
 HEADER = ("| recipe | sampling | split | audience | seeds | GT Spearman | share of ceiling | "
           "share of prompt-aware ceiling | range ratio | monotone | worst adherence drop (pts) | "
-          "keeps prompt | time Spearman | time share of ceiling | controls | controls time |")
+          "keeps prompt | time Spearman | time share of ceiling | time share of prompt-aware ceiling | controls | "
+          "controls time |")
 
 
 def markdown(summaries: list[dict]) -> list[str]:
@@ -149,7 +152,8 @@ def markdown(summaries: list[dict]) -> list[str]:
             f"{_figure(s, 'gt_spearman')} | {_figure(s, 'share_of_ceiling')} | "
             f"{_figure(s, 'share_of_prompt_aware_ceiling')} | {_figure(s, 'range_ratio')} | {_count(s, 'monotone')} | "
             f"{_figure(s, 'adherence_drop_points', 100.0, sign=True)} | {_count(s, 'keeps_prompt')} | "
-            f"{_figure(s, 'time_spearman')} | {_figure(s, 'time_share_of_ceiling')} | {_count(s, 'controls')} | "
+            f"{_figure(s, 'time_spearman')} | {_figure(s, 'time_share_of_ceiling')} | "
+            f"{_figure(s, 'time_share_of_prompt_aware_ceiling')} | {_count(s, 'controls')} | "
             f"{_count(s, 'controls_time')} |"
         )
     return lines

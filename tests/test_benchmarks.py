@@ -127,3 +127,16 @@ def test_research_grid_runs_end_to_end_and_resumes(tiny_base, tmp_path):
     assert "error" not in result, result.get("error", "")[-1500:]
     assert result["train"]["steps"] > 0 and "controls_engagement" in result["verdict"]
     assert -1.0 <= result["ec_lora"]["ground_truth"]["spearman"] <= 1.0
+
+
+def test_research_summary_reads_both_ceilings_from_the_details():
+    truth = {"spearman": 0.6, "p_value": 0.01, "range_ratio": 0.3, "share_of_ceiling": 0.75,
+             "share_of_prompt_aware_ceiling": 0.9, "monotone": True}
+    details = {"verdict": {"controls_ground_truth": True},
+               "engagement_sweep": {"ec_lora": {"spearman": 0.5, "ground_truth": truth},
+                                    "retrieval": {"spearman": 0.7, "ground_truth": {"spearman": 0.8}}},
+               "prompt_aware_ceiling": {"engagement_sweep": {"spearman": 0.6, "ground_truth": {"spearman": 2 / 3}}}}
+    summary = control_research.research_summary(details)
+    assert summary["ground_truth"] == truth | {"ceiling": 0.8, "prompt_aware_ceiling": 2 / 3}
+    assert summary["regressor"] == {"spearman": 0.5, "ceiling": 0.7, "prompt_aware_ceiling": 0.6}
+    assert "time" not in summary and "adherence" not in summary
