@@ -75,11 +75,11 @@ def ceiling_attributes_read(image: Image.Image) -> dict[str, str]:
 
 
 def demo_prompt_aware_plan(plan: pd.DataFrame, training_vectors: np.ndarray, training_images: Sequence[Image.Image],
-                           prompts: Sequence[str], k: int) -> pd.DataFrame:
+                           prompts: Sequence[str], k: int, scale_k_to_pool: bool = True) -> pd.DataFrame:
     """The prompt-aware ceiling's rows on the demo (`ceiling.prompt_aware_retrieval_plan`):
     `training_images[i]` is the image of `training_vectors[i]` (at the model's resolution),
     `prompts` the sweep's prompts in `prompt_index` order."""
     if len(training_images) != len(training_vectors):
         raise ValueError(f"{len(training_images)} training images for {len(training_vectors)} training vectors")
     return prompt_aware_retrieval_plan(plan, training_vectors, [ceiling_attributes_read(image) for image in training_images],
-                                       [ceiling_attributes_named_in(prompt) for prompt in prompts], k)
+                                       [ceiling_attributes_named_in(prompt) for prompt in prompts], k, scale_k_to_pool)

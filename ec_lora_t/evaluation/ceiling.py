@@ -43,6 +43,7 @@ def prompt_aware_retrieval_plan(
     training_attributes: Sequence[Mapping[str, str]],
     named_by_prompt: Sequence[Mapping[str, str]],
     k: int,
+    scale_k_to_pool: bool = True,
 ) -> pd.DataFrame:
     """The prompt-aware ceiling's rows: k training images per (sweep, prompt, target).
 
@@ -53,7 +54,12 @@ def prompt_aware_retrieval_plan(
     names that an image does not report counts as disagreeing.
 
     Images are ranked by (named attributes the image does not show, Euclidean distance to the
-    target), ties by row order, and the first k are kept. Columns: `CEILING_COLUMNS`, with
+    target), ties by row order, and the first k are kept. With `scale_k_to_pool` (default), a
+    prompt's k is the same share of its pool (the images that agree fully) as `k` is of all
+    training images, at least 1: the plain baseline's k nearest are a neighbourhood of k / N
+    of the data, and k nearest out of a pool of k + 1 would be the same images at every
+    target, a ceiling that measures the pool's size rather than what the data allows. A prompt
+    that no image agrees with fully keeps `k`. Columns: `CEILING_COLUMNS`, with
     seed = the image's rank (0 = best), so that a permutation block (prompt_index, seed) holds
     one image per target, `named` = attributes the prompt names, `agreed` = how many of them
     the image shows.
@@ -74,9 +80,11 @@ def prompt_aware_retrieval_plan(
         named = named_by_prompt[prompt_index]
         agreed = np.array([sum(shown.get(name) == value for name, value in named.items())
                            for shown in training_attributes])
+        pool = int((agreed == len(named)).sum())
+        k_here = max(1, round(k * pool / len(training_vectors))) if scale_k_to_pool and pool else k
         distances = np.linalg.norm(training_vectors - np.array([engagement, time]), axis=1)
         # lexsort: the last key is the primary one (fewest disagreements), then distance, then row order
-        order = np.lexsort((np.arange(len(distances)), distances, len(named) - agreed))[:k]
+        order = np.lexsort((np.arange(len(distances)), distances, len(named) - agreed))[:k_here]
         rows += [(sweep, prompt_index, prompt, rank, float(engagement), float(time), int(index), len(named),
                   int(agreed[index])) for rank, index in enumerate(order)]
     return pd.DataFrame(rows, columns=CEILING_COLUMNS)
