@@ -1,37 +1,50 @@
-"""Does the vector control generation, and how well? Train and evaluate a grid of variants in parallel.
+"""Does the vector control generation, on every audience and training seed? Train and evaluate a grid.
 
-For a machine without DVC (the GPU box), the same stage commands `dvc exp run -S ...` would run:
-for each audience of the demo world the data stages run once (demo_data -> ingest -> caption
--> features -> latents -> regressor) in `<work>/world-<audience>/`; then every training
-variant runs `stages.train` in its own folder (its params.yaml = the repo's merged with the
-variant's overrides), and every sampling variant of it runs `stages.evaluate` on that adapter.
-Runs are spread over the visible GPUs (or CPU workers) and the summary JSON is rewritten after
-every run, so a run cut short keeps what it finished.
+For a machine without DVC (the GPU box), the same stage commands `dvc repro` would run, read
+from dvc.yaml with its `${...}` params interpolated as DVC does: for each audience of the demo
+world the data stages run once (demo_data -> ingest -> caption -> features -> latents ->
+regressor) in `<work>/world-<audience>/`; then every (recipe, audience, training seed) runs
+`stages.train` in its own folder (its params.yaml = the repo's merged with the grid's base, the
+audience, the seed and the recipe), and every sampling variant runs `stages.evaluate` on that
+adapter.
 
-    python benchmarks/control_research.py --grid grid.json --out results.json --work /tmp/research --workers 16
+    python benchmarks/control_research.py --grid grid.json --out results.jsonl --work /tmp/research --jobs 8
 
 grid.json:
     {"base": {...params overrides applied to every run...},
-     "audiences": ["vivid_bright", "caps"],
-     "seeds": [42, 7],
-     "train": {"cd0.9": {"train": {"caption_dropout": 0.9}}, ...},
-     "sample": {"w1": {}, "w3": {"evaluate": {"vector_guidance": 3.0}}}}
+     "audiences": {"tuning": ["vivid_bright", "caps"], "held_out": ["beach", "caps_in_daylight"]},
+     "seeds": [42, 7, 1234, 1, 2],
+     "recipes": {"default": {}, "gpu": {"train": {"epochs": 100, "batch_size": 32}}},
+     "sample": {"w4": {}, "w6": {"evaluate": {"vector_guidance": 6.0}}}}
 
-Every (audience, seed, train variant) trains once; every sample variant evaluates it.
+`audiences` may also be a plain list (all of them tuning audiences); `train` is accepted for
+`recipes` (the older grids). Tune recipes with `--split tuning`, then report the chosen one on
+`--split held_out` (audiences no tuning decision looked at); every output row says its split.
+
+Output: one JSON line per (audience, recipe, seed, sampling variant), appended as soon as the
+run finishes, so a call cut short (a 10-minute limit) keeps every finished run; rerunning the
+same command skips the runs already in the file (failed ones are retried) and reuses the built
+worlds. `--jobs N` runs N trainings at once as separate processes, spread round-robin over the
+visible GPUs: the demo's tiny model leaves an H200 mostly idle, so several share one GPU.
+`benchmarks/summarise_research.py` tabulates the rows (mean ± std over seeds, worst seed).
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -40,168 +53,278 @@ sys.path.insert(0, str(REPO))
 
 from stages._common import merge_params  # noqa: E402
 
-# The stage commands exactly as dvc.yaml runs them (so this harness follows every change there).
-PIPELINE = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 DATA_STAGES = ["demo_data", "ingest", "caption", "features", "latents", "regressor"]
+# What the data stages write, shared (symlinked) by every training run of an audience.
+DATA_OUTPUTS = ["demo_posts", "ingest", "caption", "features", "latents", "regressor"]
+SPLITS = ("tuning", "held_out")
+_INTERPOLATION = re.compile(r"\$\{\s*([^}]+?)\s*\}")
 
 
-def stage_command(stage: str, replacements: dict[str, str] | None = None) -> list[str]:
-    """dvc.yaml's command of `stage` as `-m stages.<name> ...` arguments, options replaced."""
-    args = shlex.split(PIPELINE[stage]["cmd"])
-    if args[:2] != ["python", "-m"]:
-        raise ValueError(f"unexpected command of stage {stage}: {PIPELINE[stage]['cmd']}")
-    args = args[2:]
+def pipeline_stages(dvc_yaml: Path = REPO / "dvc.yaml") -> dict[str, Any]:
+    return yaml.safe_load(dvc_yaml.read_text())["stages"]
+
+
+def interpolate(text: str, params: dict[str, Any], source: str = "dvc.yaml") -> str:
+    """`${a.b}` replaced by params[a][b], as DVC fills a command from params.yaml (scalars only)."""
+
+    def value_of(match: re.Match) -> str:
+        value: Any = params
+        for key in match.group(1).split("."):
+            if not isinstance(value, dict) or key not in value:
+                raise KeyError(f"{source}: ${{{match.group(1)}}} is not a key of params.yaml")
+            value = value[key]
+        if isinstance(value, (dict, list)) or value is None:
+            raise ValueError(f"{source}: ${{{match.group(1)}}} is {value!r}, not a scalar a command can hold")
+        return str(value).lower() if isinstance(value, bool) else str(value)
+
+    return _INTERPOLATION.sub(value_of, text)
+
+
+def stage_command(stage: str, params: dict[str, Any], replacements: dict[str, str] | None = None,
+                  stages: dict[str, Any] | None = None) -> list[str]:
+    """dvc.yaml's command of `stage` as an argument list, params interpolated and options replaced.
+
+    A leading `python` becomes this interpreter (the harness's environment), wherever it
+    appears in the launcher (`python -m accelerate.commands.launch ...` too).
+    """
+    stages = stages if stages is not None else pipeline_stages()
+    if stage not in stages:
+        raise KeyError(f"dvc.yaml has no stage {stage!r}")
+    args = shlex.split(interpolate(stages[stage]["cmd"], params, f"dvc.yaml stage {stage}"))
+    if args and args[0] == "python":
+        args[0] = sys.executable
     for option, value in (replacements or {}).items():
+        if option not in args:
+            raise ValueError(f"dvc.yaml stage {stage}: no option {option} to replace in {args}")
         args[args.index(option) + 1] = value
     return args
 
 
-def evaluate_stage(name: str) -> list[str]:
-    return stage_command("evaluate", {"--out": f"data/evaluate-{name}", "--sweep-plots": f"data/plots/sweep-{name}",
-                                      "--metrics": f"metrics/evaluate-{name}.json"})
+def evaluate_outputs(name: str) -> dict[str, str]:
+    """The evaluate stage's outputs for sampling variant `name`, apart from the other variants'."""
+    return {"--out": f"data/evaluate-{name}", "--sweep-plots": f"data/plots/sweep-{name}",
+            "--live": f"data/evaluate-{name}/live", "--metrics": f"metrics/evaluate-{name}.json",
+            "--run-info": f"data/run_info/evaluate-{name}.json"}
 
 
-def run_stage(args: list[str], cwd: Path, device: str | None) -> None:
+def run_stage(args: list[str], cwd: Path, device: str | None, threads: int | None = None) -> None:
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     if device is not None:
         env["CUDA_VISIBLE_DEVICES"] = device
-    result = subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    if threads is not None:
+        # Several stage processes share the machine: split its cores instead of each taking all.
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError(f"{args[0]} failed in {cwd}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+        stage = next((arg for arg in args if arg.startswith("stages.")), args[0])
+        raise RuntimeError(f"{stage} failed in {cwd}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
 
 
-def write_params(folder: Path, overrides: list[dict]) -> None:
+def merged_params(overrides: list[dict]) -> dict[str, Any]:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for override in overrides:
         params = merge_params(params, override)
+    return params
+
+
+def write_params(folder: Path, params: dict[str, Any]) -> None:
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def build_world(work: Path, audience: str, base: dict, device: str | None) -> Path:
+def build_world(work: Path, audience: str, base: dict, device: str | None, threads: int | None = None) -> Path:
+    """Run the data stages of `audience` once; a folder built with the same params is reused."""
     world = work / f"world-{audience}"
-    world.mkdir(parents=True, exist_ok=True)
-    (world / "models").exists() or (world / "models").symlink_to(REPO / "models")
-    posts_dir = str(world / "data" / "demo_posts")
-    write_params(world, [base, {"demo_data": {"audience": audience}, "ingest": {"posts_dir": posts_dir}}])
+    params = merged_params([base, {"demo_data": {"audience": audience},
+                                   "ingest": {"posts_dir": str(world / "data" / "demo_posts")}}])
+    fingerprint = hashlib.sha256(json.dumps(
+        [params, pipeline_stages()], sort_keys=True, default=str).encode()).hexdigest()
+    marker = world / "built.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
+        return world
+    if world.exists():
+        shutil.rmtree(world)
+    world.mkdir(parents=True)
+    (world / "models").symlink_to(REPO / "models")
+    write_params(world, params)
     for stage in DATA_STAGES:
-        run_stage(stage_command(stage), world, device)
+        run_stage(stage_command(stage, params), world, device, threads)
+    marker.write_text(json.dumps({"fingerprint": fingerprint, "audience": audience}))
     return world
 
 
 def research_summary(details: dict) -> dict:
     """What the research tables compare, from the evaluate stage's details: EC-LoRA-T's ground
-    truth and regressor scores against the ceiling, adherence against the base model, time."""
-    engagement, time = details["engagement_sweep"], details.get("time_sweep", {})
+    truth and regressor scores against the ceiling(s), adherence against the base model, time."""
+    engagement, time_sweep = details["engagement_sweep"], details.get("time_sweep", {})
+    # The prompt-aware ceiling (ec_lora_t.evaluation.ceiling), where the evaluation reports it.
+    prompt_aware = details.get("prompt_aware_ceiling", {})
 
-    def scores(metrics: dict, ceiling: dict | None) -> dict:
-        keys = ("spearman", "p_value", "range_ratio", "share_of_ceiling", "monotone")
-        return {key: metrics.get(key) for key in keys} | ({"ceiling": ceiling["spearman"]} if ceiling else {})
+    def scores(metrics: dict, ceiling: dict | None, aware: dict | None) -> dict:
+        keys = ("spearman", "p_value", "range_ratio", "share_of_ceiling", "share_of_prompt_aware_ceiling", "monotone")
+        return ({key: metrics[key] for key in keys if key in metrics}
+                | ({"ceiling": ceiling["spearman"]} if ceiling else {})
+                | ({"prompt_aware_ceiling": aware["spearman"]} if aware else {}))
 
     summary = {"verdict": details["verdict"],
-               "regressor": scores(engagement["ec_lora"], engagement.get("retrieval"))}
+               "regressor": scores(engagement["ec_lora"], engagement.get("retrieval"),
+                                   prompt_aware.get("engagement_sweep"))}
     if "ground_truth" in engagement["ec_lora"]:
         summary["ground_truth"] = scores(engagement["ec_lora"]["ground_truth"],
-                                         engagement.get("retrieval", {}).get("ground_truth"))
+                                         engagement.get("retrieval", {}).get("ground_truth"),
+                                         prompt_aware.get("engagement_sweep", {}).get("ground_truth"))
     adherence = details.get("adherence")
     if adherence and adherence.get("ec_lora"):
         summary["adherence"] = {"base": sum(adherence["base"].values()) / len(adherence["base"]),
                                 "worst_drop": max(adherence["base"][k] - v for k, v in adherence["ec_lora"].items())}
-    if "ground_truth" in time.get("ec_lora", {}):
-        summary["time"] = scores(time["ec_lora"]["ground_truth"], time.get("retrieval", {}).get("ground_truth"))
+    if "ground_truth" in time_sweep.get("ec_lora", {}):
+        summary["time"] = scores(time_sweep["ec_lora"]["ground_truth"], time_sweep.get("retrieval", {}).get("ground_truth"),
+                                 prompt_aware.get("time_sweep", {}).get("ground_truth"))
     return summary
 
 
 def summarise(folder: Path, name: str) -> dict:
     details = json.loads((folder / f"data/evaluate-{name}/details.json").read_text())
-    headline = research_summary(details)
-    engagement = details["engagement_sweep"]
     by_target = {
         mode: {key: round(value["mean"], 4) for key, value in metrics["ground_truth"]["by_target"].items()}
-        for mode, metrics in engagement.items() if "ground_truth" in metrics
+        for mode, metrics in details["engagement_sweep"].items() if "ground_truth" in metrics
     }
-    return {"headline": headline, "ground_truth_by_target": by_target, "adherence": details.get("adherence"),
-            "style": details.get("style", {}).get("ec_lora", {}).get("mean")}
+    return {"headline": research_summary(details), "ground_truth_by_target": by_target,
+            "adherence": details.get("adherence"), "style": details.get("style", {}).get("ec_lora", {}).get("mean")}
 
 
-def run_training(job: dict, device: str | None) -> dict:
+def run_key(row: dict) -> str:
+    return f"{row['audience']}/{row['recipe']}/s{row['seed']}/{row['sample']}"
+
+
+def run_training(job: dict, device: str | None, threads: int | None, emit) -> None:
+    """Train one (audience, recipe, seed) and evaluate every sampling variant; `emit` each row."""
     folder: Path = job["folder"]
-    if folder.exists():
-        shutil.rmtree(folder)
-    (folder / "data").mkdir(parents=True)
-    for shared in ("demo_posts", "ingest", "caption", "features", "latents", "regressor"):
-        (folder / "data" / shared).symlink_to(job["world"] / "data" / shared)
-    (folder / "models").symlink_to(REPO / "models")
-    write_params(folder, [job["base"], {"demo_data": {"audience": job["audience"]},
-                                        "ingest": {"posts_dir": str(job["world"] / "data" / "demo_posts")},
-                                        "train": {"seed": job["seed"]}}, job["train"]])
-    started = time.perf_counter()
-    run_stage(stage_command("train"), folder, device)
-    result = {"train_seconds": time.perf_counter() - started,
-              "train": json.loads((folder / "metrics/train.json").read_text()), "samples": {}}
-    base_params = yaml.safe_load((folder / "params.yaml").read_text())
+    row = {key: job[key] for key in ("audience", "split", "recipe", "seed")}
+    try:
+        if folder.exists():
+            shutil.rmtree(folder)
+        (folder / "data").mkdir(parents=True)
+        for shared in DATA_OUTPUTS:
+            (folder / "data" / shared).symlink_to(job["world"] / "data" / shared)
+        (folder / "models").symlink_to(REPO / "models")
+        params = merged_params([job["base"], {"demo_data": {"audience": job["audience"]},
+                                              "ingest": {"posts_dir": str(job["world"] / "data" / "demo_posts")},
+                                              "train": {"seed": job["seed"]}}, job["recipe_params"]])
+        write_params(folder, params)
+        started = time.perf_counter()
+        run_stage(stage_command("train", params), folder, device, threads)
+        row |= {"train_seconds": time.perf_counter() - started,
+                "train": json.loads((folder / "metrics/train.json").read_text())}
+    except (RuntimeError, OSError, KeyError, ValueError) as error:
+        for name in job["sample"]:
+            emit(row | {"sample": name, "error": str(error)[-3000:]})
+        return
     for name, sample in job["sample"].items():
-        (folder / "params.yaml").write_text(yaml.safe_dump(merge_params(base_params, sample), sort_keys=False))
+        sample_params = merge_params(params, sample)
+        write_params(folder, sample_params)
         started = time.perf_counter()
         try:
-            run_stage(evaluate_stage(name), folder, device)
-            result["samples"][name] = summarise(folder, name) | {"seconds": time.perf_counter() - started}
-        except RuntimeError as error:
-            result["samples"][name] = {"error": str(error)[-3000:]}
-    (folder / "params.yaml").write_text(yaml.safe_dump(base_params, sort_keys=False))
-    return result
+            run_stage(stage_command("evaluate", sample_params, evaluate_outputs(name)), folder, device, threads)
+            emit(row | {"sample": name, "evaluate_seconds": time.perf_counter() - started} | summarise(folder, name))
+        except (RuntimeError, OSError, KeyError, ValueError) as error:
+            emit(row | {"sample": name, "error": str(error)[-3000:]})
+    write_params(folder, params)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--grid", required=True, help="grid JSON (see the module docstring), or a path to one")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--work", type=Path, required=True, help="scratch folder")
-    parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--gpus", type=int, default=None, help="default: all visible CUDA devices (0: CPU)")
-    parser.add_argument("--grids", type=Path, default=None, help="copy each run's grid.png into this folder")
-    args = parser.parse_args()
-    grid = json.loads(Path(args.grid).read_text() if Path(args.grid).is_file() else args.grid)
-    if args.gpus is None:
+def grid_audiences(grid: dict) -> dict[str, str]:
+    """{audience: split} of a grid; a plain list of audiences is all tuning audiences."""
+    audiences = grid["audiences"]
+    if isinstance(audiences, list):
+        return {audience: "tuning" for audience in audiences}
+    unknown = set(audiences) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"grid audiences: unknown split(s) {sorted(unknown)}; expected {SPLITS}")
+    split_of: dict[str, str] = {}
+    for split in SPLITS:
+        for audience in audiences.get(split, []):
+            if audience in split_of:
+                raise ValueError(f"grid audiences: {audience!r} is both a tuning and a held-out audience")
+            split_of[audience] = split
+    return split_of
+
+
+def plan_jobs(grid: dict, split: str, work: Path) -> list[dict]:
+    recipes = grid.get("recipes", grid.get("train"))
+    if not recipes or not grid.get("seeds") or not grid.get("sample"):
+        raise ValueError("the grid needs recipes (or train), seeds and sample, each non-empty")
+    audiences = {audience: part for audience, part in grid_audiences(grid).items() if split in ("all", part)}
+    return [
+        {"audience": audience, "split": part, "seed": int(seed), "recipe": name, "recipe_params": recipe,
+         "sample": grid["sample"], "base": grid.get("base", {}), "folder": work / f"run-{audience}-{name}-s{seed}"}
+        for name, recipe in recipes.items() for audience, part in audiences.items() for seed in grid["seeds"]
+    ]
+
+
+def finished_runs(out: Path) -> set[str]:
+    """Keys of the rows already in `out` without an error (a rerun skips those runs)."""
+    if not out.is_file():
+        return set()
+    rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    return {run_key(row) for row in rows if "error" not in row}
+
+
+def run_grid(grid: dict, out: Path, work: Path, jobs: int = 1, gpus: int | None = None, split: str = "all") -> int:
+    """Run every unfinished job of the grid, appending one line per row to `out`; returns rows written."""
+    if gpus is None:
         import torch
 
-        args.gpus = torch.cuda.device_count()
-    devices = [str(i) for i in range(args.gpus)] or [None]
-    base = grid.get("base", {})
+        gpus = torch.cuda.device_count()
+    devices = [str(i) for i in range(gpus)] or [None]
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    done = finished_runs(out)
+    todo = [job for job in plan_jobs(grid, split, work)
+            if any(run_key(job | {"sample": name}) not in done for name in job["sample"])]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock, written = threading.Lock(), []
     started = time.perf_counter()
 
-    with concurrent.futures.ThreadPoolExecutor(len(grid["audiences"])) as pool:
-        worlds = dict(zip(grid["audiences"], pool.map(
-            lambda item: build_world(args.work, item[1], base, devices[item[0] % len(devices)]),
-            enumerate(grid["audiences"]))))
-    print(f"worlds built in {time.perf_counter() - started:.0f} s", flush=True)
+    def emit(row: dict) -> None:
+        row["elapsed_seconds"] = time.perf_counter() - started
+        with lock, out.open("a") as f:
+            f.write(json.dumps(row, default=str) + "\n")
+            written.append(row)
+        outcome = row.get("headline", {}).get("ground_truth", row.get("error", "")[-300:])
+        print(run_key(row), json.dumps(outcome, default=str)[:400], flush=True)
 
-    jobs = [
-        {"audience": audience, "seed": seed, "name": name, "train": train, "sample": grid["sample"], "base": base,
-         "world": worlds[audience], "folder": args.work / f"run-{audience}-{name}-s{seed}"}
-        for name, train in grid["train"].items() for audience in grid["audiences"] for seed in grid["seeds"]
-    ]
-    results: dict = {"grid": grid, "runs": {}}
-    with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
-        futures = {pool.submit(run_training, job, devices[i % len(devices)]): job for i, job in enumerate(jobs)}
-        for future in concurrent.futures.as_completed(futures):
-            job = futures[future]
-            key = f"{job['audience']}/{job['name']}/s{job['seed']}"
+    audiences = sorted({job["audience"] for job in todo})
+    with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
+        futures = {audience: pool.submit(build_world, work, audience, grid.get("base", {}),
+                                         devices[i % len(devices)], threads) for i, audience in enumerate(audiences)}
+        worlds, failed = {}, {}
+        for audience, future in futures.items():
             try:
-                results["runs"][key] = future.result()
-            except RuntimeError as error:
-                results["runs"][key] = {"error": str(error)[-3000:]}
-            results["seconds"] = time.perf_counter() - started
-            args.out.write_text(json.dumps(results, indent=1, default=str))
-            summary = {name: sample.get("headline", {}).get("ground_truth", sample.get("error", "")[-300:])
-                       for name, sample in results["runs"][key].get("samples", {}).items()}
-            print(key, json.dumps(summary, default=str)[:600], flush=True)
-            if args.grids is not None:
-                args.grids.mkdir(parents=True, exist_ok=True)
+                worlds[audience] = future.result()
+            except (RuntimeError, OSError) as error:
+                failed[audience] = str(error)[-3000:]
+        print(f"worlds ready in {time.perf_counter() - started:.0f} s", flush=True)
+        for job in todo:
+            if job["audience"] in failed:
                 for name in job["sample"]:
-                    grid_png = job["folder"] / f"data/evaluate-{name}/engagement_sweep.png"
-                    if grid_png.exists():
-                        shutil.copy(grid_png, args.grids / f"{job['audience']}-{job['name']}-s{job['seed']}-{name}.png")
+                    emit({key: job[key] for key in ("audience", "split", "recipe", "seed")}
+                         | {"sample": name, "error": f"world failed: {failed[job['audience']]}"})
+        runnable = [job | {"world": worlds[job["audience"]]} for job in todo if job["audience"] in worlds]
+        list(pool.map(lambda item: run_training(item[1], devices[item[0] % len(devices)], threads, emit),
+                      enumerate(runnable)))
     print(f"done in {time.perf_counter() - started:.0f} s", flush=True)
+    return len(written)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--grid", required=True, help="grid JSON (see the module docstring), or a path to one")
+    parser.add_argument("--out", type=Path, required=True, help="results, one JSON line per run (appended)")
+    parser.add_argument("--work", type=Path, required=True, help="scratch folder (built worlds are reused)")
+    parser.add_argument("--jobs", "--workers", type=int, default=4, help="trainings at once (processes)")
+    parser.add_argument("--gpus", type=int, default=None, help="default: all visible CUDA devices (0: CPU)")
+    parser.add_argument("--split", choices=("all", *SPLITS), default="all", help="which audiences to run")
+    args = parser.parse_args(argv)
+    grid = json.loads(Path(args.grid).read_text() if Path(args.grid).is_file() else args.grid)
+    run_grid(grid, args.out, args.work, jobs=args.jobs, gpus=args.gpus, split=args.split)
 
 
 if __name__ == "__main__":

@@ -110,3 +110,19 @@ def test_garment_length_is_read_from_the_renders():
     expected = ["long" if item.garment in ("coat", "dress") else "short" for item in items]
     read = [attribute_check.read_garment_length(image) for image in images]
     assert np.mean([a == b for a, b in zip(read, expected)]) >= 0.95
+
+
+def test_soft_scene_lighting_reading_agrees_with_the_hard_one_on_renders():
+    items, images = _renders(60, seed=14)
+    for item, image in zip(items, images):
+        weights = attribute_check.scene_lighting_probabilities(image)
+        assert sum(weights.values()) == pytest.approx(1.0)
+        read = attribute_check.read_attributes(image)
+        assert max(weights, key=weights.get) == (read["scene"], read["lighting"])
+        assert weights[(item.scene, item.lighting)] > 0.9
+    # An image halfway between two backgrounds shares its weight between them.
+    park, beach = (world.render(replace(items[0], scene=s, lighting="day"), size=64, seed=0) for s in ("park", "beach"))
+    halfway = Image.blend(park, beach, 0.5).resize((32, 32), Image.Resampling.BILINEAR)
+    weights = attribute_check.scene_lighting_probabilities(halfway)
+    assert weights[("park", "day")] > 0.01 and weights[("beach", "day")] > 0.01
+    assert weights[("park", "day")] + weights[("beach", "day")] > 0.99

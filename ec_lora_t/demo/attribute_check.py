@@ -130,6 +130,29 @@ def read_garment_length(image: Image.Image | np.ndarray) -> str:
     return "long" if np.linalg.norm(below - outfit) < np.linalg.norm(below - legs) else "short"
 
 
+# Spread of a render's background features around its (scene, lighting) prototype: a world render
+# lies 0.04 (median) to 0.19 (worst of 200) from its own prototype, the two closest prototypes
+# 0.27 apart. A Gaussian of this width gives a clean render (nearly) all the weight of its own
+# pair and shares it out between the near pairs only where an image falls between them.
+_BACKGROUND_SPREAD = 0.05
+
+
+def scene_lighting_probabilities(image: Image.Image | np.ndarray) -> dict[tuple[str, str], float]:
+    """A soft reading of the background: {(scene, lighting): weight}, weights summing to 1.
+
+    exp(-d^2 / (2 * spread^2)) of the distance d to each prototype, normalised; the pair
+    `read_attributes` picks has the largest weight. Audiences that like a scene or a lighting
+    (`world.AUDIENCES`) score with it, so that a generated image between two scenes scores
+    between them instead of jumping.
+    """
+    pairs, prototypes = scene_lighting_prototypes()
+    distances = np.linalg.norm(prototypes - background_features(image)[None, :], axis=1)
+    logits = -0.5 * (distances / _BACKGROUND_SPREAD) ** 2
+    weights = np.exp(logits - logits.max())
+    weights /= weights.sum()
+    return {pair: float(weight) for pair, weight in zip(pairs, weights)}
+
+
 def read_attributes(image: Image.Image | np.ndarray) -> dict[str, str]:
     """What the image shows: {'scene': ..., 'lighting': ..., 'outfit_colour': ...}."""
     pairs, prototypes = scene_lighting_prototypes()

@@ -5,14 +5,19 @@ uses as ground truth on the embedded default.
   function the demo creator's likes were generated from;
 - `time_ground_truth`: the creator's style drift read from pixels (`demo_data.time_drift_score`);
 - `adherence_matched` / `adherence_named`: of the attributes the prompt names (scene, lighting,
-  outfit colour; `attribute_check.attributes_named_in`), how many the image shows as named.
+  outfit colour; `attribute_check.attributes_named_in`), how many the image shows as named;
+- `demo_prompt_aware_plan`: the prompt-aware ceiling's training images
+  (`ec_lora_t.evaluation.ceiling`), with what a prompt names and what a training image shows
+  read by `ceiling_attributes_named_in` / `ceiling_attributes_read`.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 from PIL import Image
 
@@ -21,10 +26,12 @@ from ec_lora_t.demo.attribute_check import (
     CHECKED_ATTRIBUTES,
     attributes_named_in,
     read_attributes,
+    read_garment_length,
     style_distance,
     style_profile,
 )
 from ec_lora_t.demo.demo_data import time_drift_score
+from ec_lora_t.evaluation.ceiling import prompt_aware_retrieval_plan
 from ec_lora_t.evaluation.evaluate import GROUND_TRUTH_COLUMNS
 
 # The columns the evaluation's scored table holds them in (`sweep_report` reads them).
@@ -67,3 +74,34 @@ class DemoGroundTruth:
 
     def style_distance(self, profile: dict, reference: dict) -> dict[str, float]:
         return style_distance(profile, reference)
+
+
+# Garments a prompt may name, by the length `attribute_check.read_garment_length` reads: the
+# creator's drift is in the scene and in this length, so a prompt naming a jacket fixes half of it.
+GARMENT_LENGTH = {"jacket": "short", "t-shirt": "short", "coat": "long", "dress": "long"}
+
+
+def ceiling_attributes_named_in(prompt: str) -> dict[str, str]:
+    """What a prompt names that the demo world can read back: `attributes_named_in` (scene,
+    lighting, outfit colour) and, when it names exactly one length of garment, `garment_length`."""
+    named = attributes_named_in(prompt)
+    lengths = {length for garment, length in GARMENT_LENGTH.items() if re.search(rf"\b{garment}\b", prompt.lower())}
+    if len(lengths) == 1:
+        named["garment_length"] = lengths.pop()
+    return named
+
+
+def ceiling_attributes_read(image: Image.Image) -> dict[str, str]:
+    """What a (training) image shows, in the keys of `ceiling_attributes_named_in`."""
+    return read_attributes(image) | {"garment_length": read_garment_length(image)}
+
+
+def demo_prompt_aware_plan(plan: pd.DataFrame, training_vectors: np.ndarray, training_images: Sequence[Image.Image],
+                           prompts: Sequence[str], k: int, scale_k_to_pool: bool = True) -> pd.DataFrame:
+    """The prompt-aware ceiling's rows on the demo (`ceiling.prompt_aware_retrieval_plan`):
+    `training_images[i]` is the image of `training_vectors[i]` (at the model's resolution),
+    `prompts` the sweep's prompts in `prompt_index` order."""
+    if len(training_images) != len(training_vectors):
+        raise ValueError(f"{len(training_images)} training images for {len(training_vectors)} training vectors")
+    return prompt_aware_retrieval_plan(plan, training_vectors, [ceiling_attributes_read(image) for image in training_images],
+                                       [ceiling_attributes_named_in(prompt) for prompt in prompts], k, scale_k_to_pool)

@@ -8,9 +8,11 @@ at night"), so the demo needs no captioning model.
 The hidden engagement functions live here and only here, one per audience (`AUDIENCES`):
 each measures something visible on the pixels. The demo's audience, `vivid_bright`
 (`engagement_appeal`), likes saturated outfits in bright pictures; `caps` likes a cap on the
-figure's head (an accessory: a small local object, not a global colour statistic); and
+figure's head (an accessory: a small local object, not a global colour statistic);
 `cool_outfits` likes blue-to-purple outfits and dislikes warm ones (a hue, where
-`vivid_bright` rewards every saturated colour alike). The demo creator's likes are driven by
+`vivid_bright` rewards every saturated colour alike); `light_outfits` likes light-coloured
+outfits in bright pictures (the outfit's lightness and the light); `beach` likes a *scene*, the one thing the described
+prompts name; and `caps_in_daylight` likes a *combination*, a cap only by day. The demo creator's likes are driven by
 the chosen audience, plus a follower-growth trend over time and noise
 (`ec_lora_t.demo.demo_data`). Because they read pixels, the evaluation applies the very same
 function to generated images as ground truth.
@@ -298,17 +300,10 @@ def cap_appeal(image: Image.Image) -> float:
     return float(np.clip(max(contrasts), 0.0, 1.0))
 
 
-# The hue the `cool_outfits` audience likes best (degrees on the HSV wheel): blue.
-_FAVOURITE_HUE_DEGREES = 220.0
-
-
-def cool_outfit_appeal(image: Image.Image) -> float:
-    """The `cool_outfits` audience, in [0, 1]: 0.5 + 0.5 * saturation * cos(hue - 220 degrees) of
-    the outfit (median colour of the middle of the torso box).
-
-    Blue scores about 0.9, purple 0.7, green 0.5, red and yellow 0.1-0.2, orange about 0.05;
-    black, white and grey are neutral (0.5), having no hue.
-    """
+def _outfit_hue_appeal(image: Image.Image, favourite_hue_degrees: float) -> float:
+    """0.5 + 0.5 * saturation * cos(hue - favourite) of the outfit (median colour of the torso
+    box), in [0, 1]: 1 for a fully saturated outfit of the favourite hue, 0 for its opposite,
+    0.5 for black, white and grey (no hue)."""
     region = _torso_region(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
     red, green, blue = np.median(region.reshape(-1, 3), axis=0)
     high, low = max(red, green, blue), min(red, green, blue)
@@ -322,15 +317,121 @@ def cool_outfit_appeal(image: Image.Image) -> float:
         hue = 60.0 * ((blue - red) / (high - low) + 2.0)
     else:
         hue = 60.0 * ((red - green) / (high - low) + 4.0)
-    return float(0.5 + 0.5 * saturation * np.cos(np.radians(hue - _FAVOURITE_HUE_DEGREES)))
+    return float(0.5 + 0.5 * saturation * np.cos(np.radians(hue - favourite_hue_degrees)))
+
+
+# The hue the `cool_outfits` audience likes best (degrees on the HSV wheel): blue.
+_FAVOURITE_HUE_DEGREES = 220.0
+
+
+def cool_outfit_appeal(image: Image.Image) -> float:
+    """The `cool_outfits` audience, in [0, 1]: 0.5 + 0.5 * saturation * cos(hue - 220 degrees) of
+    the outfit (median colour of the middle of the torso box).
+
+    Blue scores about 0.9, purple 0.7, green 0.5, red and yellow 0.1-0.2, orange about 0.05;
+    black, white and grey are neutral (0.5), having no hue.
+    """
+    return _outfit_hue_appeal(image, _FAVOURITE_HUE_DEGREES)
+
+
+def outfit_lightness(image: Image.Image) -> float:
+    """Luma (ITU-R BT.601) of the outfit's median colour in the torso box, in [0, 1]: white about
+    0.9, yellow 0.8, pink and orange 0.6, grey 0.5, red, blue and purple about 0.3, black 0.1
+    (by day; night lighting darkens every outfit)."""
+    region = _torso_region(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
+    return float(np.median(region.reshape(-1, 3), axis=0) @ np.array([0.299, 0.587, 0.114], dtype=np.float32))
+
+
+def light_outfit_appeal(image: Image.Image) -> float:
+    """The `light_outfits` audience, in [0, 1]: light-coloured outfits in bright pictures.
+
+    appeal = 0.6 * outfit_lightness + 0.4 * mean_brightness
+
+    An outfit colour and the light, like `vivid_bright`, but the colour's lightness, not its
+    saturation: white and yellow score high, black and the deep reds, blues and purples low,
+    where `vivid_bright` rewards every saturated colour alike and `cool_outfits` a hue.
+    """
+    return 0.6 * outfit_lightness(image) + 0.4 * mean_brightness(image)
+
+
+# The scene and lighting audiences read the background with the attribute checker, which in
+# turn measures its prototypes on this module's renders: a circular import, safe because
+# neither module uses the other before a function is called. Imported here, after everything
+# the checker uses is defined, so that either module may be imported first; at module level,
+# so that a stage importing the world imports (and DVC tracks) the checker too.
+from ec_lora_t.demo import attribute_check  # noqa: E402
+
+
+def _scene_and_lighting_weights(image: Image.Image) -> tuple[dict[str, float], dict[str, float]]:
+    """How much the image's background looks like each scene and each lighting (each summing
+    to 1): `attribute_check.scene_lighting_probabilities`, marginalised."""
+    scenes = dict.fromkeys(SCENES, 0.0)
+    lighting = dict.fromkeys(LIGHTING, 0.0)
+    for (scene, light), weight in attribute_check.scene_lighting_probabilities(image).items():
+        scenes[scene] += weight
+        lighting[light] += weight
+    return scenes, lighting
+
+
+# How much the `beach` audience likes each scene: the beach best, then parks and city streets,
+# studios not at all. Chosen so that its mean over the demo creator's posts is the same early
+# and late (0.46 at every point of the feed): the creator drifts from parks and studios to city
+# streets (`demo_data.creator_preferences`), and a taste that followed the drift would make
+# engagement a proxy of time.
+BEACH_SCENE_APPEAL = {"beach": 1.0, "park": 0.6, "city street": 0.4, "studio": 0.0}
+
+
+def beach_appeal(image: Image.Image) -> float:
+    """The `beach` audience, in [0, 1]: likes a *scene*, the beach best (`BEACH_SCENE_APPEAL`).
+
+    The expected `BEACH_SCENE_APPEAL` of the scene read (softly) from the background, whatever
+    the figure wears: 1 on a beach, 0.6 in a park, 0.4 on a city street, 0 in a studio. The
+    scene is what the evaluation's described prompts name ("a man in a park"), so at high
+    engagement this audience pulls against the prompt.
+    """
+    scenes, _ = _scene_and_lighting_weights(image)
+    return float(sum(weight * BEACH_SCENE_APPEAL[scene] for scene, weight in scenes.items()))
+
+
+# How much daylight each lighting gives the `caps_in_daylight` audience: golden hour is half.
+DAYLIGHT = {"day": 1.0, "golden hour": 0.5, "night": 0.0}
+
+
+def caps_in_daylight_appeal(image: Image.Image) -> float:
+    """The `caps_in_daylight` audience, in [0, 1]: a cap, but only in daylight (a *combination*).
+
+    appeal = cap_appeal * expected `DAYLIGHT` of the lighting read (softly) from the background
+
+    Neither attribute alone is liked: a cap at night scores about 0, a day picture without a
+    cap about 0-0.2, a cap by day about 0.7-0.85 and at golden hour half that.
+    """
+    _, lighting = _scene_and_lighting_weights(image)
+    return float(cap_appeal(image) * sum(weight * DAYLIGHT[light] for light, weight in lighting.items()))
+
+
+@dataclass(frozen=True)
+class Audience:
+    """One audience of the demo world: its hidden engagement function and what it is about.
+
+    `appeal` maps an image to [0, 1] from its pixels only; `kind` says what the taste is about
+    (a global colour statistic, an accessory, a hue, a scene, a combination), `likes` says it in
+    words. Further signals of an audience (saves, shares, ...) belong here as fields.
+    """
+
+    appeal: Callable[[Image.Image], float]
+    kind: str
+    likes: str
 
 
 # Each audience's hidden engagement function: what the demo creator's likes follow, and the
 # ground truth the evaluation scores generated images with.
-AUDIENCES: dict[str, Callable[[Image.Image], float]] = {
-    "vivid_bright": engagement_appeal,
-    "caps": cap_appeal,
-    "cool_outfits": cool_outfit_appeal,
+AUDIENCES: dict[str, Audience] = {
+    "vivid_bright": Audience(engagement_appeal, "colour statistics", "saturated outfits in bright pictures"),
+    "caps": Audience(cap_appeal, "accessory", "a cap on the figure's head"),
+    "cool_outfits": Audience(cool_outfit_appeal, "hue", "blue-to-purple outfits, not warm ones"),
+    "light_outfits": Audience(light_outfit_appeal, "lightness and brightness", "light outfits in bright pictures"),
+    "beach": Audience(beach_appeal, "scene", "pictures on a beach"),
+    "caps_in_daylight": Audience(caps_in_daylight_appeal, "combination", "a cap, but only by day"),
 }
 
 
@@ -338,4 +439,4 @@ def audience_appeal(image: Image.Image, audience: str = "vivid_bright") -> float
     """The hidden engagement function of `audience` (one of `AUDIENCES`) on one image."""
     if audience not in AUDIENCES:
         raise ValueError(f"unknown audience {audience!r}; the demo world has {sorted(AUDIENCES)}")
-    return AUDIENCES[audience](image)
+    return AUDIENCES[audience].appeal(image)

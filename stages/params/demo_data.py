@@ -14,4 +14,4 @@ class DemoDataParams(Section):
     image_size: Annotated[Int, Field(ge=8)]  # px, square
     seed: Annotated[Int, Field(ge=0)]
     # whose taste the likes follow: ec_lora_t.demo.world.AUDIENCES
-    audience: Literal["vivid_bright", "caps", "cool_outfits"] = "vivid_bright"
+    audience: Literal["vivid_bright", "caps", "cool_outfits", "light_outfits", "beach", "caps_in_daylight"] = "vivid_bright"
