@@ -156,7 +156,7 @@ def test_the_train_schema_is_built_from_the_library_configs():
     assert set(SCHEMAS["train"].model_fields) == lora_keys | training_keys | STAGE_KEYS == {"launcher"} | lora_keys | {
         "learning_rate", "ecm_learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
         "lr_warmup_ratio", "max_grad_norm", "epochs", "batch_size", "gradient_accumulation_steps", "mixed_precision",
-        "gradient_checkpointing", "seed", "checkpoints_total_limit", "checkpoint_runs_limit", "caption_dropout",
+        "gradient_checkpointing", "compile", "seed", "checkpoints_total_limit", "checkpoint_runs_limit", "caption_dropout",
         "vector_dropout", "snr_gamma", "engagement_balance", "shuffle_vectors", "conditioning"}
     # An empty section is valid and means the library's defaults.
     lora, training = configs_from_params(SCHEMAS["train"].model_validate({}))
