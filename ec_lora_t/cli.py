@@ -38,21 +38,19 @@ _CLICK_EXCEPTION = next(cls for cls in typer.BadParameter.__mro__ if cls.__name_
 _USAGE_ERROR = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "UsageError")
 
 
-def _number(minimum: float | None = None, maximum: float | None = None, above: bool = False) -> Callable[[Any], Any]:
+def _number(minimum: float, maximum: float | None = None, above: bool = False) -> Callable[[Any], Any]:
     """A parse-time check for a numeric option (one value or a repeated option's list): finite and
     in range, else a usage error (one line, exit status 2) before anything is loaded. `above`:
     the minimum itself is excluded. click's own ranges let NaN through (every comparison is false)."""
-    low = "" if minimum is None else f"{'>' if above else '>='} {minimum:g}"
-    wanted = f"in [{minimum:g}, {maximum:g}]" if minimum is not None and maximum is not None else low
+    wanted = f"in [{minimum:g}, {maximum:g}]" if maximum is not None else f"{'>' if above else '>='} {minimum:g}"
 
     def check(values: Any) -> Any:
         for value in values if isinstance(values, list) else [values]:
             if value is None:
                 continue
-            if not (math.isfinite(value)
-                    and (minimum is None or value > minimum or (value == minimum and not above))
+            if not (math.isfinite(value) and (value > minimum or (value == minimum and not above))
                     and (maximum is None or value <= maximum)):
-                raise typer.BadParameter(f"must be a finite number {wanted}, got {value}".replace("  ", " "))
+                raise typer.BadParameter(f"must be a finite number {wanted}, got {value}")
         return values
 
     return check
