@@ -1,15 +1,19 @@
 """The `ec-lora-t` command line. Each command only parses its options and calls one library function.
 
-Errors: a command that fails prints one line, `error: <what and why>`, and exits with status 1
-(2 for an option that does not parse); `ec-lora-t --debug <command>` (or EC_LORA_T_DEBUG=1)
-shows the traceback instead. The console script is `main`, which also folds click's usage errors
-into one line. Default paths
+Errors: a command that fails prints one line, `error: <what and why>`, and exits with status 1;
+a bad command line (an option that does not parse, a number out of its range, options that do
+not go together) exits with status 2, before anything is loaded. `ec-lora-t --debug <command>`
+(or EC_LORA_T_DEBUG=1) shows the traceback instead. The console script is `main`, which also
+folds click's usage errors into one line. Every numeric option is checked where it is parsed
+(`_number`). Help texts avoid square brackets: typer renders help as Rich markup, which
+swallows a `[default: ...]` written by hand. Default paths
 (the adapter, the base model, the normalisation statistics) are read from the repository this
 package was installed from, or the one above the current folder, never from the current folder.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +35,25 @@ _debug = {"on": os.environ.get(DEBUG_ENV, "") not in ("", "0")}
 Result = TypeVar("Result")
 # click's exception base, as typer raises it (recent typer vendors click: not `click.ClickException`).
 _CLICK_EXCEPTION = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException")
+_USAGE_ERROR = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "UsageError")
+
+
+def _number(minimum: float, maximum: float | None = None, above: bool = False) -> Callable[[Any], Any]:
+    """A parse-time check for a numeric option (one value or a repeated option's list): finite and
+    in range, else a usage error (one line, exit status 2) before anything is loaded. `above`:
+    the minimum itself is excluded. click's own ranges let NaN through (every comparison is false)."""
+    wanted = f"in [{minimum:g}, {maximum:g}]" if maximum is not None else f"{'>' if above else '>='} {minimum:g}"
+
+    def check(values: Any) -> Any:
+        for value in values if isinstance(values, list) else [values]:
+            if value is None:
+                continue
+            if not (math.isfinite(value) and (value > minimum or (value == minimum and not above))
+                    and (maximum is None or value <= maximum)):
+                raise typer.BadParameter(f"must be a finite number {wanted}, got {value}")
+        return values
+
+    return check
 
 
 @app.callback()
@@ -74,10 +97,10 @@ def _in_repository(relative: str, option: str) -> Path:
 @app.command("demo-data")
 def demo_data(
     out: Annotated[Path | None, typer.Option(help="Folder to write <shortcode>/img_XX.jpg + metadata.csv into "
-                                                  "[default: data/demo_posts in the repository].")] = None,
-    num_posts: Annotated[int, typer.Option(help="Number of posts (carousels add images).")] = 200,
-    image_size: Annotated[int, typer.Option(help="Side of the square images, px.")] = 64,
-    seed: Annotated[int, typer.Option(help="Seed: the same seed writes the same feed.")] = 7,
+                                                  "(default: data/demo_posts in the repository).")] = None,
+    num_posts: Annotated[int, typer.Option(help="Number of posts (carousels add images).", callback=_number(1))] = 200,
+    image_size: Annotated[int, typer.Option(help="Side of the square images, px.", callback=_number(8))] = 64,
+    seed: Annotated[int, typer.Option(help="Seed: the same seed writes the same feed.", callback=_number(0))] = 7,
 ) -> None:
     """Write the deterministic synthetic creator feed in the report's layout."""
     from ec_lora_t.demo.demo_data import write_demo_posts
@@ -90,8 +113,9 @@ def demo_data(
 @app.command("build-tiny-base")
 def build_tiny_base(
     out: Annotated[Path, typer.Option(help="Folder to save the model in diffusers layout.")],
-    seed: Annotated[int, typer.Option(help="Weight initialisation seed.")] = 0,
-    resolution: Annotated[int, typer.Option(help="Image resolution the model is built for, px.")] = 32,
+    seed: Annotated[int, typer.Option(help="Weight initialisation seed.", callback=_number(0))] = 0,
+    resolution: Annotated[int, typer.Option(help="Image resolution the model is built for, px.",
+                                            callback=_number(8))] = 32,
     fp16: Annotated[bool, typer.Option(help="Save the weights in fp16 (half the size).")] = False,
 ) -> None:
     """Build a tiny Stable Diffusion with random weights from configs (for tests and smoke runs)."""
@@ -106,16 +130,19 @@ def build_tiny_base(
 @app.command("pretrain-base")
 def pretrain_base(
     out: Annotated[Path | None, typer.Option(help="Folder for the model (replaced) in diffusers layout "
-                                                  "[default: models/ec-lora-t-base in the repository].")] = None,
-    steps: Annotated[int, typer.Option(help="UNet + text encoder steps.")] = 3140,
-    vae_steps: Annotated[int, typer.Option(help="VAE steps, before the UNet phase.")] = 2000,
-    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 256,
-    resolution: Annotated[int, typer.Option(help="Image side, px.")] = 32,
-    num_images: Annotated[int, typer.Option(help="Size of the rendered general sample of the demo world.")] = 60000,
-    learning_rate: Annotated[float, typer.Option(help="UNet and text encoder learning rate.")] = 5e-4,
-    seed: Annotated[int, typer.Option(help="Seed of the sample and the weights.")] = 0,
+                                                  "(default: models/ec-lora-t-base in the repository).")] = None,
+    steps: Annotated[int, typer.Option(help="UNet + text encoder steps.", callback=_number(0))] = 3140,
+    vae_steps: Annotated[int, typer.Option(help="VAE steps, before the UNet phase.", callback=_number(0))] = 2000,
+    batch_size: Annotated[int, typer.Option(help="Images per step.", callback=_number(1))] = 256,
+    resolution: Annotated[int, typer.Option(help="Image side, px.", callback=_number(8))] = 32,
+    num_images: Annotated[int, typer.Option(help="Size of the rendered general sample of the demo world.",
+                                            callback=_number(1))] = 60000,
+    learning_rate: Annotated[float, typer.Option(help="UNet and text encoder learning rate.",
+                                                 callback=_number(0, above=True))] = 5e-4,
+    seed: Annotated[int, typer.Option(help="Seed of the sample and the weights.", callback=_number(0))] = 0,
     device: Annotated[str, typer.Option(help="cuda (meant for a GPU) or cpu (smoke runs).")] = "cuda",
-    time_limit_s: Annotated[float | None, typer.Option(help="Shorten the UNet phase to end within this time.")] = None,
+    time_limit_s: Annotated[float | None, typer.Option(help="Shorten the UNet phase to end within this time, s.",
+                                                       callback=_number(0, above=True))] = None,
 ) -> None:
     """Pretrain the embedded base model from scratch on the demo world (a GPU run of about 6 minutes)."""
     # No CUDA call before this: pretrain_base renders in forked workers first.
@@ -141,13 +168,38 @@ def _unit_interval(context: typer.Context, parameter: typer.CallbackParam, value
     return values
 
 
-def _pair(name_a: str, values_a: list, name_b: str, values_b: list) -> list[tuple]:
+def _pair(name_a: str, values_a: list, name_b: str, values_b: list, context: typer.Context | None = None) -> list[tuple]:
     """Pair two repeated options; a single value of the second is used for every first."""
     if len(values_b) == 1:
         values_b = values_b * len(values_a)
     if len(values_a) != len(values_b):
-        raise ValueError(f"give one {name_b} or one per {name_a} ({len(values_a)} {name_a}, {len(values_b)} {name_b})")
+        raise _USAGE_ERROR(f"give one {name_b} or one per {name_a} ({len(values_a)} {name_a}, "
+                           f"{len(values_b)} {name_b})", context)
     return list(zip(values_a, values_b))
+
+
+def _check_vector_options(context: typer.Context, engagement: list, time: list, likes: list, comments: list,
+                          date: list) -> None:
+    """Options that do not go together are a usage error (exit status 2), never a silent default.
+
+    The context makes `main` add "see `ec-lora-t generate --help`" to the line."""
+    normalised, raw = engagement or time, likes or comments or date
+    if normalised and raw:
+        raise _USAGE_ERROR("give either --engagement with --time, or --likes (with --comments and --date), not both",
+                           context)
+    if engagement and not time:
+        # Both are needed: a time the user did not choose (the feed's middle) would be drawn silently.
+        raise _USAGE_ERROR("--engagement needs --time (one, or one per --engagement; 0 = the first post, "
+                           "1 = the latest)", context)
+    if time and not engagement:
+        raise _USAGE_ERROR("--time needs --engagement", context)
+    if raw and not likes:
+        raise _USAGE_ERROR("--comments and --date need --likes", context)
+    if not normalised and not raw:
+        raise _USAGE_ERROR("give --engagement with --time, or --likes (with --comments and --date)", context)
+    _pair("--engagement", engagement, "--time", time, context)
+    _pair("--likes", likes, "--comments", comments or [0], context)
+    _pair("--likes", likes, "--date", date or [None], context)
 
 
 def _vectors(engagement: list[float], time: list[float], likes: list[int], comments: list[int], date: list[str],
@@ -157,12 +209,8 @@ def _vectors(engagement: list[float], time: list[float], likes: list[int], comme
     Raw values outside the training range are clipped into [0, 1] with a warning on stderr;
     the PNG metadata records the raw and the clipped values.
     """
-    if engagement and likes:
-        raise ValueError("give either --engagement/--time or --likes/--comments/--date, not both")
     if engagement:
-        return [(float(e), float(t)) for e, t in _pair("--engagement", engagement, "--time", time or [0.5])], None
-    if not likes:
-        raise ValueError("give --engagement (with --time) or --likes (with --comments and --date)")
+        return [(float(e), float(t)) for e, t in _pair("--engagement", engagement, "--time", time)], None
     from ec_lora_t.data.features import EngagementTimeNormalizer
 
     normalizer = EngagementTimeNormalizer.from_json(stats or _in_repository(DEFAULT_STATS, "--stats"))
@@ -177,32 +225,37 @@ def _vectors(engagement: list[float], time: list[float], likes: list[int], comme
 
 @app.command()
 def generate(
+    context: typer.Context,
     prompt: Annotated[list[str], typer.Option(help="Prompt; repeat for several.")],
     engagement: Annotated[list[float], typer.Option(help="Normalised engagement in [0, 1]; repeat for several.",
                                                      callback=_unit_interval)] = [],
     time: Annotated[list[float], typer.Option(help="Normalised time in [0, 1]: one, or one per --engagement.",
                                                callback=_unit_interval)] = [],
-    likes: Annotated[list[int], typer.Option(help="Raw likes, converted with --stats; repeat for several.")] = [],
-    comments: Annotated[list[int], typer.Option(help="Raw comments: one, or one per --likes.")] = [],
+    likes: Annotated[list[int], typer.Option(help="Raw likes, converted with --stats; repeat for several.",
+                                             callback=_number(0))] = [],
+    comments: Annotated[list[int], typer.Option(help="Raw comments: one, or one per --likes.",
+                                                callback=_number(0))] = [],
     date: Annotated[list[str], typer.Option(help="Post date (ISO, e.g. 2025-06-01): one, or one per --likes.")] = [],
-    seed: Annotated[list[int], typer.Option(help="Sampling seed; repeat for several.")] = [42],
+    seed: Annotated[list[int], typer.Option(help="Sampling seed; repeat for several.", callback=_number(0))] = [42],
     out: Annotated[Path, typer.Option(help="Folder for the PNGs.")] = Path("generated"),
-    adapter: Annotated[Path | None, typer.Option(help=f"Trained adapter folder [default: {DEFAULT_ADAPTER} in the "
-                                                      "repository].")] = None,
-    pretrained: Annotated[str | None, typer.Option(help="Base model: hub id or diffusers folder [default: "
-                                                        f"{DEFAULT_PRETRAINED} in the repository].")] = None,
-    stats: Annotated[Path | None, typer.Option(help="Normalisation statistics of the features stage [default: "
-                                                    f"{DEFAULT_STATS} in the repository].")] = None,
-    steps: Annotated[int, typer.Option(help="Sampling steps.", min=1)] = 30,
+    adapter: Annotated[Path | None, typer.Option(help=f"Trained adapter folder (default: {DEFAULT_ADAPTER} in the "
+                                                      "repository).")] = None,
+    pretrained: Annotated[str | None, typer.Option(help="Base model: hub id or diffusers folder (default: "
+                                                        f"{DEFAULT_PRETRAINED} in the repository).")] = None,
+    stats: Annotated[Path | None, typer.Option(help="Normalisation statistics of the features stage (default: "
+                                                    f"{DEFAULT_STATS} in the repository).")] = None,
+    steps: Annotated[int, typer.Option(help="Sampling steps.", callback=_number(1))] = 30,
     sampler: Annotated[str, typer.Option(help="ddim | dpmsolver++ (both deterministic).")] = "ddim",
-    guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
+    guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale.", callback=_number(0))] = 7.5,
     vector_guidance: Annotated[float, typer.Option(
         help="Guidance on the vector away from the average post (1: none beyond the text's; 4: the "
-             "evaluate stage's default).")] = 4.0,
-    vector_scale: Annotated[float, typer.Option(help="Extrapolate the ECM's scales from mid engagement (1: none).")] = 1.0,
+             "evaluate stage's default).", callback=_number(0))] = 4.0,
+    vector_scale: Annotated[float, typer.Option(help="Extrapolate the ECM's scales from mid engagement (1: none).",
+                                                callback=_number(0))] = 1.0,
     mode: Annotated[str, typer.Option(help="ec_lora | plain_lora (ECM off) | base (no adapter).")] = "ec_lora",
 ) -> None:
     """Generate images for every prompt x vector x seed, in one batch; the vector goes into the PNG metadata."""
+    _check_vector_options(context, engagement, time, likes, comments, date)
     vectors, raw = _run(_vectors, engagement, time, likes, comments, date, stats)
     # diffusers takes seconds to import: only after the checks above
     from ec_lora_t.generation import VectorSampling
@@ -218,17 +271,28 @@ def generate(
     typer.echo("\n".join(str(path) for path in paths))
 
 
-@app.command()
+# One line per paragraph: typer's Rich help keeps a docstring's line breaks.
+EXPORT_HELP = (
+    "Bake the ECM scales for one vector into a plain LoRA file that standard tools load.\n\n"
+    "The file is the LoRA with the ECM's scales at this one (engagement, time) multiplied in: loaded into a stock "
+    "Stable Diffusion pipeline it draws what `ec-lora-t generate` draws at that vector with --vector-guidance 1.\n\n"
+    "It cannot carry vector guidance above 1 (generate's default is 4): that is an extra UNet pass per step, the "
+    "same prompt with the adapter at the average post, whose difference from the vector's pass is amplified. No "
+    "fixed weights can do that, so the exported LoRA's images differ from generate's default ones."
+)
+
+
+@app.command(help=EXPORT_HELP)
 def export(
     engagement: Annotated[float, typer.Option(help="Normalised engagement in [0, 1] to bake in.",
                                                callback=_unit_interval)],
     time: Annotated[float, typer.Option(help="Normalised time in [0, 1] to bake in.", callback=_unit_interval)],
     out: Annotated[Path, typer.Option(help="The .safetensors LoRA file to write.")] = Path("ec_lora_t_export.safetensors"),
     format: Annotated[str, typer.Option(help="diffusers (PEFT keys) | kohya (A1111, ComfyUI).")] = "diffusers",
-    adapter: Annotated[Path | None, typer.Option(help=f"Trained adapter folder [default: {DEFAULT_ADAPTER} in the "
-                                                      "repository].")] = None,
+    adapter: Annotated[Path | None, typer.Option(help=f"Trained adapter folder (default: {DEFAULT_ADAPTER} in the "
+                                                      "repository).")] = None,
 ) -> None:
-    """Bake the ECM scales for one vector into a plain LoRA file that standard tools load."""
+    """Bake the ECM scales for one vector into a plain LoRA file (the help: EXPORT_HELP)."""
     from ec_lora_t.adapter.export import export_lora
 
     adapter = adapter or _run(_in_repository, DEFAULT_ADAPTER, "--adapter")
@@ -259,9 +323,10 @@ def slider_app(
     pretrained: Annotated[str, typer.Option(help="Base model: hub id or diffusers folder.")] = DEFAULT_PRETRAINED,
     stats: Annotated[Path, typer.Option(help="Normalisation statistics of the features stage (raw likes and dates).")] = DEFAULT_STATS,
     host: Annotated[str, typer.Option(help="Address to serve on (127.0.0.1: this machine only).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to serve on.")] = 7860,
-    steps: Annotated[int, typer.Option(help="Default sampling steps.")] = 20,
-    guidance_scale: Annotated[float, typer.Option(help="Default classifier-free guidance scale.")] = 5.0,
+    port: Annotated[int, typer.Option(help="Port to serve on.", callback=_number(1, 65535))] = 7860,
+    steps: Annotated[int, typer.Option(help="Default sampling steps.", callback=_number(1))] = 20,
+    guidance_scale: Annotated[float, typer.Option(help="Default classifier-free guidance scale.",
+                                                  callback=_number(0))] = 5.0,
 ) -> None:
     """Open a local web page with engagement and time sliders (needs `pip install -e .[app]`)."""
     try:

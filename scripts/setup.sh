@@ -9,8 +9,8 @@ PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "$TORCH_SPEC"
-# The test extra includes the app extra (Gradio; no torchvision, no other torch): the tests
-# drive the slider page through gradio_client.
+# The test extra includes the app extra (Gradio; no torchvision, no other torch) and Selenium: the tests
+# drive the slider page through gradio_client and a system Chromium (apt-get install chromium chromium-driver).
 .venv/bin/python -m pip install -q -e ".[test]"
 # `dvc exp run` commits experiments to git refs and needs an identity.
 git config user.name >/dev/null || git config user.name "ec-lora-t user"

@@ -132,8 +132,22 @@ def merge_params(base: dict[str, Any], override: dict[str, Any]) -> dict[str, An
     return merged
 
 
-def write_metrics(path: str | Path, metrics: dict[str, Any]) -> dict[str, Any]:
-    """Write metrics as JSON; non-finite floats become null so the file stays valid JSON.
+# Floats in a stage's JSON keep this many significant digits: what the numbers can tell apart
+# (a loss, a correlation over a few hundred images), not the 17 digits of a double, whose last
+# ones change when another machine of the same kind computes the latents in another order; then
+# `dvc metrics diff`, `git status` and the output hashes in dvc.lock stay quiet unless a result moved.
+METRIC_SIGNIFICANT_DIGITS = 4
+
+
+def round_significant(value: float, digits: int = METRIC_SIGNIFICANT_DIGITS) -> float:
+    """`value` to `digits` significant digits (0.0296486 -> 0.02965, 597.30016 -> 597.3, 1.2345e-12 -> 1.234e-12)."""
+    return float(f"{value:.{digits}g}")
+
+
+def write_metrics(path: str | Path, metrics: dict[str, Any],
+                  significant_digits: int | None = METRIC_SIGNIFICANT_DIGITS) -> dict[str, Any]:
+    """Write metrics as JSON, floats rounded to `significant_digits` (None: as computed); non-finite
+    floats become null so the file stays valid JSON. Integers and booleans are written as they are.
     Returns what was written (plain Python values), for callers that render it further."""
 
     def clean(value: Any) -> Any:
@@ -145,6 +159,8 @@ def write_metrics(path: str | Path, metrics: dict[str, Any]) -> dict[str, Any]:
             value = value.item()
         if isinstance(value, float) and not math.isfinite(value):
             return None
+        if isinstance(value, float) and significant_digits is not None:
+            return round_significant(value, significant_digits)
         return value
 
     cleaned = clean(metrics)

@@ -1,12 +1,16 @@
-"""The slider page: `ec-lora-t app` started as a process, driven through gradio_client."""
+"""The slider page: `ec-lora-t app` started as a process, driven through gradio_client and, as a
+person uses it, through a headless Chromium."""
 
 from __future__ import annotations
 
+import io
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -91,3 +95,73 @@ def test_raw_likes_and_dates_set_the_sliders(running_app):
     assert "-> engagement 0.50" in description and "clipped" not in description
     engagement, _, description = client.predict(9000, 0, "", api_name="/vector")
     assert engagement == 1.0 and "engagement clipped" in description
+
+
+# --- the page in a real browser ---------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium (Debian's package) driven by Selenium through Debian's chromedriver.
+
+    Skipped only on a machine without Chromium outside CI; under CI (`CI` set, as `.ci/run` is)
+    a missing browser fails: `.ci/run` installs it.
+    """
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        if os.environ.get("CI", "") not in ("", "0", "false"):
+            pytest.fail("CI is set and chromium / chromedriver are missing: .ci/run installs them (apt-get)")
+        pytest.skip("no chromium and chromedriver here (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start.
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1600"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)  # no driver download
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _shown(driver) -> tuple[str, str]:
+    """The generated image's source (a file URL the server made for this image) and its description."""
+    from selenium.webdriver.common.by import By
+
+    sources = [img.get_attribute("src") for img in driver.find_elements(By.CSS_SELECTOR, "img")
+               if "/file=" in (img.get_attribute("src") or "") or "gradio_api/file" in (img.get_attribute("src") or "")]
+    texts = [element.text for element in driver.find_elements(By.CSS_SELECTOR, ".prose, .md")
+             if "seed" in element.text and "EC-LoRA-T ·" in element.text]
+    return (sources[-1] if sources else ""), (texts[-1] if texts else "")
+
+
+def test_moving_the_engagement_slider_in_a_browser_changes_the_image_and_its_description(running_app, browser):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    client, log = running_app
+    browser.get(client.src)
+    wait = WebDriverWait(browser, 120)
+    sliders = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "input[type=range]"))
+    block = "./ancestor::div[contains(@class, 'block')]"  # the slider's labelled box
+    engagement = next(s for s in sliders if "Engagement" in s.find_element(By.XPATH, block).text)
+    browser.find_element(By.XPATH, "//button[normalize-space()='Generate']").click()
+    first = wait.until(lambda d: _shown(d) if all(_shown(d)) else None)
+    assert "engagement 0.50" in first[1], first
+    # Drag the engagement slider's thumb to the right end and let go (the page generates on release).
+    width = engagement.size["width"]
+    drag = ActionChains(browser).move_to_element(engagement).click_and_hold()
+    drag.move_by_offset(width // 2 + 20, 0).release().perform()
+    second = wait.until(lambda d: _shown(d) if _shown(d)[0] not in ("", first[0]) and _shown(d)[1] != first[1] else None)
+    print(f"before: {first}\nafter: {second}")
+    assert "engagement 1.00" in second[1], second
+    before, after = (np.asarray(Image.open(io.BytesIO(urllib.request.urlopen(src).read())).convert("RGB"),
+                                dtype=np.int16) for src in (first[0], second[0]))
+    assert before.shape == after.shape and np.abs(before - after).max() > 0  # other pixels, not only another URL
+    assert "Traceback" not in log.read_text()

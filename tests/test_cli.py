@@ -105,9 +105,26 @@ def test_pretrain_base_smoke_on_cpu(tmp_path):
         (["--engagement", "-0.2"], "Invalid value for '--engagement': the value must be a number in [0, 1]", 2),
         (["--engagement", "nan"], "Invalid value for '--engagement': the value must be a number in [0, 1]", 2),
         (["--engagement", "0.5", "--time", "2"], "Invalid value for '--time': the value must be a number in [0, 1]", 2),
-        (["--engagement", "0.5", "--steps", "0"], "Invalid value for '--steps'", 2),
+        (["--engagement", "0.5", "--time", "0.5", "--steps", "0"], "Invalid value for '--steps'", 2),
         (["--likes", "100", "--date", "2025-13-45"], "date '2025-13-45' is neither an epoch number nor ISO 8601", 1),
-        (["--likes", "-5"], "non-negative", 1),
+        (["--likes", "-5"], "Invalid value for '--likes': must be a finite number >= 0, got -5", 2),
+        # Every numeric sampling option is checked where it is parsed (these were tracebacks).
+        (["--engagement", "0.5", "--time", "0.5", "--vector-guidance", "nan"],
+         "Invalid value for '--vector-guidance': must be a finite number >= 0, got nan", 2),
+        (["--engagement", "0.5", "--time", "0.5", "--vector-guidance", "-1"],
+         "Invalid value for '--vector-guidance': must be a finite number >= 0, got -1.0", 2),
+        (["--engagement", "0.5", "--time", "0.5", "--vector-scale", "inf"], "Invalid value for '--vector-scale'", 2),
+        (["--engagement", "0.5", "--time", "0.5", "--guidance-scale", "nan"], "Invalid value for '--guidance-scale'", 2),
+        (["--engagement", "0.5", "--time", "0.5", "--seed", "-1"], "Invalid value for '--seed'", 2),
+        (["--likes", "100", "--comments", "-1"], "Invalid value for '--comments'", 2),
+        # Options that do not go together: never a silent default.
+        (["--engagement", "0.5"], "--engagement needs --time", 2),
+        (["--time", "0.5"], "--time needs --engagement", 2),
+        (["--engagement", "0.5", "--time", "0.5", "--likes", "100"], "not both", 2),
+        (["--engagement", "0.5", "--time", "0.5", "--date", "2025-01-01"], "not both", 2),
+        (["--comments", "3"], "--comments and --date need --likes", 2),
+        (["--likes", "1", "--likes", "2", "--date", "2025-01-01", "--date", "2025-01-02", "--date", "2025-01-03"],
+         "give one --date or one per --likes (2 --likes, 3 --date)", 2),
     ],
 )
 def test_generate_rejects_bad_values_in_one_line(tmp_path, capsys, options, expected, status):
@@ -201,8 +218,8 @@ def test_default_paths_are_read_from_the_repository_not_the_current_folder(tmp_p
     monkeypatch.chdir(elsewhere)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a default misread as a hub id would fail, not hang
     assert repository_root() == repo
-    result = runner.invoke(app, ["generate", "--prompt", "a man", "--engagement", "0.5", "--steps", "1",
-                                 "--adapter", str(adapter), "--out", "images"])
+    result = runner.invoke(app, ["generate", "--prompt", "a man", "--engagement", "0.5", "--time", "0.5",
+                                 "--steps", "1", "--adapter", str(adapter), "--out", "images"])
     assert result.exit_code == 0, result.output
     (png,) = (elsewhere / "images").glob("*.png")
     assert read_png_metadata(png)["pretrained"] == str(repo / DEFAULT_PRETRAINED)
@@ -214,7 +231,8 @@ def test_a_mistyped_local_model_path_fails_at_once(tmp_path, monkeypatch):
     repo = Path(__file__).resolve().parent.parent
     monkeypatch.chdir(repo)  # where "models/" exists: "models/..." is a path
     started = time.perf_counter()
-    result = runner.invoke(app, ["generate", "--prompt", "a man", "--engagement", "0.5", "--adapter", str(tmp_path),
+    result = runner.invoke(app, ["generate", "--prompt", "a man", "--engagement", "0.5", "--time", "0.5",
+                                 "--adapter", str(tmp_path),
                                  "--pretrained", "models/ec-lora-t-bse", "--out", str(tmp_path / "out")])
     assert result.exit_code == 1 and time.perf_counter() - started < 10
     assert "'models/ec-lora-t-bse' is a local path ('models' exists here" in result.output, result.output
@@ -229,3 +247,113 @@ def test_the_console_script_prints_an_option_that_does_not_parse_in_one_line(cap
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and error.startswith("error: Invalid value for '--engagement'"), error
     assert "ec-lora-t generate --help" in error
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["demo-data", "--num-posts", "0"], "Invalid value for '--num-posts': must be a finite number >= 1, got 0"),
+        (["demo-data", "--seed", "-3"], "Invalid value for '--seed'"),
+        (["build-tiny-base", "--out", "x", "--resolution", "0"], "Invalid value for '--resolution'"),
+        (["pretrain-base", "--learning-rate", "nan"], "Invalid value for '--learning-rate': must be a finite number > 0"),
+        (["pretrain-base", "--learning-rate", "0"], "Invalid value for '--learning-rate'"),
+        (["pretrain-base", "--batch-size", "0"], "Invalid value for '--batch-size'"),
+        (["pretrain-base", "--time-limit-s", "-1"], "Invalid value for '--time-limit-s'"),
+        (["app", "--port", "0"], "Invalid value for '--port': must be a finite number in [1, 65535], got 0"),
+        (["app", "--port", "70000"], "Invalid value for '--port'"),
+        (["app", "--steps", "0"], "Invalid value for '--steps'"),
+        (["app", "--guidance-scale", "inf"], "Invalid value for '--guidance-scale'"),
+    ],
+)
+def test_every_command_checks_its_numbers_where_they_are_parsed(tmp_path, monkeypatch, capsys, args, expected):
+    from ec_lora_t.cli import main
+
+    monkeypatch.chdir(tmp_path)  # a value that slipped through would write here, not in the repository
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, *(["--out", str(tmp_path / "out")] if args[0] in ("demo-data", "pretrain-base") else [])])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert error.count("\n") == 1 and error.startswith(f"error: {expected}"), error
+    assert f"see `ec-lora-t {args[0]} --help`" in error
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["generate", "export"])
+def test_the_help_shows_where_the_default_adapter_comes_from(command):
+    """Typer renders help as Rich markup: a hand-written `[default: ...]` vanished ("Trained adapter folder .")."""
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "250", "TERMINAL_WIDTH": "250"})
+    assert result.exit_code == 0
+    help_text = " ".join(result.output.split())
+    assert "Trained adapter folder (default: data/train/adapter in the repository)" in help_text, help_text
+    if command == "generate":
+        assert "(default: models/ec-lora-t-base in the repository)" in help_text
+        assert "(default: data/features/normalization.json in the repository)" in help_text
+
+
+def test_export_help_says_what_a_static_lora_cannot_carry():
+    result = runner.invoke(app, ["export", "--help"], env={"COLUMNS": "250", "TERMINAL_WIDTH": "250"})
+    help_text = " ".join(result.output.split())
+    assert "draws what `ec-lora-t generate` draws at that vector with --vector-guidance 1" in help_text
+    assert "cannot carry vector guidance above 1" in help_text and "extra UNet pass per step" in help_text
+
+
+def _copy_adapter(adapter_dir: Path, to: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(adapter_dir, to))
+
+
+@pytest.mark.parametrize("name", ["ec_lora.safetensors", "ecm.safetensors"])
+def test_a_truncated_adapter_file_is_named(tiny_sd_dir, adapter_dir, tmp_path, name):
+    adapter = _copy_adapter(adapter_dir, tmp_path / "adapter")
+    weights = adapter / name
+    weights.write_bytes(weights.read_bytes()[:20])  # a copy cut short
+    result = runner.invoke(app, ["generate", "--prompt", "a man", "--engagement", "0.5", "--time", "0.5",
+                                 "--steps", "1", "--adapter", str(adapter), "--pretrained", str(tiny_sd_dir),
+                                 "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert f"error: {weights}: unreadable safetensors file (" in result.output, result.output
+    assert "cut short" in result.output and not (tmp_path / "out").exists()
+    export = runner.invoke(app, ["export", "--engagement", "0.5", "--time", "0.5", "--adapter", str(adapter),
+                                 "--out", str(tmp_path / "lora.safetensors")])
+    assert export.exit_code == 1 and f"error: {weights}: unreadable safetensors file" in export.output
+
+
+def test_a_missing_adapter_folder_says_no_such_folder(tiny_sd_dir, tmp_path):
+    missing = tmp_path / "no-adapter"
+    result = runner.invoke(app, ["generate", "--prompt", "a man", "--engagement", "0.5", "--time", "0.5",
+                                 "--steps", "1", "--adapter", str(missing), "--pretrained", str(tiny_sd_dir),
+                                 "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert f"error: {missing}: no such folder (the EC-LoRA adapter folder" in result.output, result.output
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_adapters_checkpoints_and_exports_are_written_with_the_umasks_mode(adapter_dir, tmp_path, umask):
+    """Like a plain open(): 0644 under umask 022 (safetensors alone leaves its temporary file's 0600)."""
+    import os
+
+    import torch
+    from accelerate import Accelerator
+    from test_training import micro_unet
+
+    from ec_lora_t.adapter import ECLoRAConfig, add_ec_lora, save_adapter
+    from ec_lora_t.adapter.export import export_lora
+    from ec_lora_t.training.checkpoint import save_checkpoint
+
+    previous = os.umask(umask)
+    try:
+        adapter = add_ec_lora(micro_unet(), ECLoRAConfig(rank=2, alpha=2, ecm_hidden_size=4))
+        saved = save_adapter(tmp_path / "adapter", adapter)
+        optimizer = torch.optim.AdamW(adapter.lora_parameters(), lr=1e-3)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        (tmp_path / "run").mkdir()
+        checkpoint = save_checkpoint(tmp_path / "run", 1, adapter, adapter.ecm, optimizer, scheduler,
+                                     Accelerator(cpu=True), {"epoch": 1}, None)
+        exported = export_lora(adapter_dir, (0.5, 0.5), tmp_path / "export" / "lora.safetensors")
+    finally:
+        os.umask(previous)
+    files = [*saved.iterdir(), *checkpoint.iterdir(), exported]
+    assert any(path.suffix == ".safetensors" for path in checkpoint.iterdir())
+    modes = {path.name: oct(path.stat().st_mode & 0o777) for path in files}
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes

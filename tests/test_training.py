@@ -298,13 +298,13 @@ def test_train_stage_writes_adapter_live_log_and_metrics(tiny_sd_dir, tmp_path):
     assert all(float(r["images_per_second"]) > 0 for r in _tsv(metrics_dir / "images_per_second.tsv"))
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics) == {"loss", "steps", "clipped_steps"} and metrics["steps"] == 4
-    assert metrics["loss"] == pytest.approx(np.mean([float(r["loss"]) for r in loss[2:]]), rel=1e-6)  # epoch 2
+    assert metrics["loss"] == pytest.approx(np.mean([float(r["loss"]) for r in loss[2:]]), rel=1e-3)  # epoch 2, 4 digits
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["mixed_precision"] == "no" and summary["final_loss"] == pytest.approx(float(loss[-1]["loss"]), rel=1e-6)
+    assert summary["mixed_precision"] == "no" and summary["final_loss"] == pytest.approx(float(loss[-1]["loss"]), rel=1e-3)
     # Timings are not metrics: a rerun with the same results must leave the metrics file alike.
     assert not {"images_per_second", "peak_memory_mb", "seconds", "resumed_from_epoch"} & metrics.keys()
     grad_norms = [float(r["grad_norm"]) for r in _tsv(metrics_dir / "grad_norm.tsv")]
-    assert len(grad_norms) == 4 and summary["grad_norm_final"] == pytest.approx(grad_norms[-1], rel=1e-6)
+    assert len(grad_norms) == 4 and summary["grad_norm_final"] == pytest.approx(grad_norms[-1], rel=1e-3)
     assert summary["max_grad_norm"] == 1.0  # the default when params leave it out
     assert metrics["clipped_steps"] == sum(norm > 1.0 for norm in grad_norms)
     run_info = json.loads((run / "run_info.json").read_text())

@@ -20,12 +20,11 @@ from pathlib import Path
 
 import torch
 from diffusers.utils import convert_state_dict_to_kohya
-from safetensors.torch import save_file
 
 from ec_lora_t.adapter.conditioning import ecm_scales
 from ec_lora_t.adapter.config import ECLoRAConfig
 from ec_lora_t.adapter.ecm import EngagementConditioningModule, check_engagement_time
-from ec_lora_t.adapter.model import load_adapter_weights, load_ecm
+from ec_lora_t.adapter.model import load_adapter_weights, load_ecm, save_safetensors
 
 EXPORT_FORMATS = ("diffusers", "kohya")
 
@@ -81,5 +80,5 @@ def export_lora(
         "ec_lora_t_rank": str(config.rank),
         "ec_lora_t_source": str(adapter_dir),
     }
-    save_file(state, out_path, metadata=metadata)
+    save_safetensors(state, out_path, metadata=metadata)  # readable by others, as JSON and PNG are
     return out_path

@@ -9,10 +9,12 @@ walks the model again: conditioning, saving and the optimizer all use the adapte
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -159,6 +161,21 @@ def add_ec_lora(model: nn.Module, config: ECLoRAConfig, device: torch.device | s
     return ECLoRAAdapter(config, layers, build_ecm(config, device), time_embedding)
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """safetensors' `save_file`, leaving the file with the mode a plain `open()` gives (0666 less the umask).
+
+    safetensors writes through a temporary file of its own and renames it, so the file keeps that
+    file's private mode 0600: an adapter or an exported LoRA could not be read by another account
+    on a shared machine, while the JSON beside it could.
+    """
+    path = Path(path)
+    save_file(tensors, path, metadata=metadata)
+    umask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+    return path
+
+
 def save_adapter(adapter_dir: str | Path, adapter: ECLoRAAdapter, ecm: EngagementConditioningModule | None = None) -> Path:
     """Write the adapter folder (LoRA matrices, ECM, config); safetensors only.
 
@@ -168,14 +185,17 @@ def save_adapter(adapter_dir: str | Path, adapter: ECLoRAAdapter, ecm: Engagemen
     adapter_dir.mkdir(parents=True, exist_ok=True)
     ecm = adapter.ecm if ecm is None else ecm
     lora_state = {k: v.to(torch.float32).contiguous().cpu() for k, v in adapter.lora_state_dict().items()}
-    save_file(lora_state, adapter_dir / ADAPTER_WEIGHTS_NAME, metadata={"format": ADAPTER_FORMAT})
+    save_safetensors(lora_state, adapter_dir / ADAPTER_WEIGHTS_NAME, metadata={"format": ADAPTER_FORMAT})
     ecm_state = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in ecm.state_dict().items()}
-    save_file(ecm_state, adapter_dir / ECM_WEIGHTS_NAME, metadata={"format": ADAPTER_FORMAT})
+    save_safetensors(ecm_state, adapter_dir / ECM_WEIGHTS_NAME, metadata={"format": ADAPTER_FORMAT})
     (adapter_dir / ADAPTER_CONFIG_NAME).write_text(json.dumps(adapter.config.to_dict(), indent=2) + "\n")
     return adapter_dir
 
 
 def _require_file(path: Path) -> Path:
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{path.parent}: no such folder (the EC-LoRA adapter folder, as the train stage "
+                                f"writes it: {ADAPTER_WEIGHTS_NAME}, {ECM_WEIGHTS_NAME}, {ADAPTER_CONFIG_NAME})")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; an EC-LoRA adapter folder holds {ADAPTER_WEIGHTS_NAME}, "
                                 f"{ECM_WEIGHTS_NAME} and {ADAPTER_CONFIG_NAME}")
@@ -205,13 +225,22 @@ def load_adapter_weights(
     config = load_adapter_config(adapter_dir)
     states = []
     for name in (ADAPTER_WEIGHTS_NAME, ECM_WEIGHTS_NAME):
-        state = load_file(_require_file(adapter_dir / name))
+        state = _read_tensors(_require_file(adapter_dir / name))
         bad = [key for key, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
         if bad:
             raise ValueError(f"{adapter_dir / name}: non-finite weights in {bad[:3]}; retrain the adapter")
         states.append(state)
     lora_state, ecm_state = states
     return config, lora_state, ecm_state
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one adapter file; a file cut short or not safetensors is an error naming it."""
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path}: unreadable safetensors file ({' '.join(str(error).split())}); was it cut short "
+                         "while copying? Copy or retrain the adapter") from None
 
 
 def load_ecm(config: ECLoRAConfig, ecm_state: dict[str, torch.Tensor], source: str) -> EngagementConditioningModule:

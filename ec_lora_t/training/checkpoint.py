@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from ec_lora_t.adapter.config import (
@@ -47,7 +47,7 @@ from ec_lora_t.adapter.config import (
     ECLoRAConfig,
 )
 from ec_lora_t.adapter.ecm import EngagementConditioningModule
-from ec_lora_t.adapter.model import ECLoRAAdapter, save_adapter
+from ec_lora_t.adapter.model import ECLoRAAdapter, save_adapter, save_safetensors
 from ec_lora_t.training.cache import LatentCache
 from ec_lora_t.training.config import TrainingConfig
 
@@ -257,7 +257,7 @@ def save_checkpoint(
         shutil.rmtree(partial)
     save_adapter(partial, adapter, ecm)
     optimizer_tensors, param_groups = _optimizer_state_to_files(optimizer)
-    save_file(optimizer_tensors, partial / TRAINING_STATE_TENSORS)
+    save_safetensors(optimizer_tensors, partial / TRAINING_STATE_TENSORS)
     scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
     state = {
         **state,
