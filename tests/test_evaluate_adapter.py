@@ -15,7 +15,7 @@ from ec_lora_t.evaluation.evaluate import (
     save_images,
 )
 from ec_lora_t.evaluation.regressor import LatentRegressor
-from ec_lora_t.evaluation.sweep import latent_means
+from ec_lora_t.evaluation.sweep import latent_means, retrieval_plan
 from ec_lora_t.generation import VectorSampling, load_pipeline, read_png_metadata
 from ec_lora_t.models import load_vae
 
@@ -65,6 +65,17 @@ class BrightnessTruth:
 
     def style_distance(self, profile, reference):
         return {"mean": abs(profile["red"]["mean"] - reference["red"]["mean"])}
+
+    def prompt_aware_plan(self, plan, training_vectors, training_images, prompts, k):
+        return None  # this world cannot read what a prompt names
+
+
+class NamesNothingTruth(BrightnessTruth):
+    """A world whose prompts name nothing: every training image agrees with every prompt, so the
+    prompt-aware ceiling is the retrieval ceiling itself."""
+
+    def prompt_aware_plan(self, plan, training_vectors, training_images, prompts, k):
+        return retrieval_plan(plan, training_vectors, k)
 
 
 def test_evaluate_adapter_scores_every_mode_and_writes_nothing(models, training_table, tmp_path):
@@ -127,3 +138,22 @@ def test_a_training_table_without_the_needed_columns_is_refused(models, training
     with pytest.raises(ValueError, match=r"training table is missing columns \['normalized_time'\]"):
         evaluate_adapter(pipeline, vae, regressor, training_table.drop(columns="normalized_time"), SETTINGS,
                          images_dir=tmp_path)
+
+
+def test_the_prompt_aware_ceiling_is_reported_beside_the_retrieval_ceiling(models, training_table, tmp_path):
+    pipeline, vae, regressor = models
+    evaluation = evaluate_adapter(pipeline, vae, regressor, training_table, SETTINGS, images_dir=tmp_path / "images",
+                                  ground_truth=NamesNothingTruth())
+    report = evaluation.report
+    ec_lora = report["engagement_sweep"]["ec_lora"]["ground_truth"]
+    # The same images as the retrieval ceiling: the same share, computed the second way.
+    assert ec_lora["share_of_prompt_aware_ceiling"] == pytest.approx(ec_lora["share_of_ceiling"])
+    assert "prompt_aware_retrieval" not in report["engagement_sweep"]  # a ceiling, not a competitor
+    scored = evaluation.scored
+    aware = scored[scored["mode"] == "prompt_aware_retrieval"]
+    assert len(aware) == len(scored[scored["mode"] == "retrieval"])
+    # Without a prompt-aware plan (BrightnessTruth) there is no such ceiling.
+    plain = evaluate_adapter(pipeline, vae, regressor, training_table, SETTINGS, images_dir=tmp_path / "images2",
+                             ground_truth=BrightnessTruth()).report
+    assert "prompt_aware_ceiling" not in plain
+    assert "share_of_prompt_aware_ceiling" not in plain["engagement_sweep"]["ec_lora"]["ground_truth"]

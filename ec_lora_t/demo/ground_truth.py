@@ -75,6 +75,10 @@ class DemoGroundTruth:
     def style_distance(self, profile: dict, reference: dict) -> dict[str, float]:
         return style_distance(profile, reference)
 
+    def prompt_aware_plan(self, plan: pd.DataFrame, training_vectors: np.ndarray,
+                          training_images: Sequence[Image.Image], prompts: Sequence[str], k: int) -> pd.DataFrame:
+        return demo_prompt_aware_plan(plan, training_vectors, training_images, prompts, k)
+
 
 # Garments a prompt may name, by the length `attribute_check.read_garment_length` reads: the
 # creator's drift is in the scene and in this length, so a prompt naming a jacket fixes half of it.

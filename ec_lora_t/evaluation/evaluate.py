@@ -26,6 +26,7 @@ from PIL import Image
 
 from ec_lora_t.adapter.conditioning import MODES
 from ec_lora_t.data.images import load_rgb_image, resize_and_crop
+from ec_lora_t.evaluation.ceiling import PROMPT_AWARE_RETRIEVAL, add_prompt_aware_shares, prompt_aware_ceiling
 from ec_lora_t.evaluation.figures import sweep_figure
 from ec_lora_t.evaluation.regressor import LatentRegressor
 from ec_lora_t.evaluation.sweep import (
@@ -76,6 +77,12 @@ class GroundTruth(Protocol):
 
     def style_distance(self, profile: dict[str, Any], reference: dict[str, Any]) -> dict[str, float]:
         """Distance of two profiles, with a "mean" key."""
+
+    def prompt_aware_plan(self, plan: pd.DataFrame, training_vectors: np.ndarray,
+                          training_images: Sequence[Image.Image], prompts: Sequence[str], k: int) -> pd.DataFrame:
+        """The prompt-aware ceiling's rows (`ec_lora_t.evaluation.ceiling.prompt_aware_retrieval_plan`):
+        retrieval only among training images that show what each prompt names, as read back
+        from their pixels; `train_index` names the image. None: this world cannot tell."""
 
 
 @dataclass
@@ -148,7 +155,7 @@ def score_mode(
 
 def score_modes(
     plan: pd.DataFrame,
-    retrieval: pd.DataFrame,
+    baselines: dict[str, pd.DataFrame],
     images: dict[str, list[Image.Image]],
     training_paths: Sequence[str],
     images_dir: Path,
@@ -157,15 +164,18 @@ def score_modes(
     settings: EvaluationSettings,
     ground_truth: GroundTruth | None,
 ) -> pd.DataFrame:
-    """The scored table of every mode and the retrieval baseline. `image_path` is the training
-    image for the baseline, else `images_dir / image_name(...)` (where `save_images` puts it)."""
+    """The scored table of every mode and of the retrieval baselines (`baselines`: mode -> its
+    rows, `train_index` naming the training image). `image_path` is the training image for a
+    baseline, else `images_dir / image_name(...)` (where `save_images` puts it). A baseline's
+    images are scored as training images (prompt None): what they show, not what was asked."""
     tables = []
-    for mode in (*MODES, RETRIEVAL):
-        table = retrieval.drop(columns="train_index").assign(prompt=None) if mode == RETRIEVAL else plan.copy()
+    for mode in (*MODES, *baselines):
+        baseline = baselines.get(mode)
+        table = plan.copy() if baseline is None else baseline.drop(columns="train_index").assign(prompt=None)
         table.insert(0, "mode", mode)
         table = score_mode(table, images[mode], scoring_vae, regressor, settings, ground_truth)
-        if mode == RETRIEVAL:
-            table["image_path"] = [training_paths[index] for index in retrieval["train_index"]]
+        if baseline is not None:
+            table["image_path"] = [training_paths[index] for index in baseline["train_index"]]
         else:
             table["image_path"] = [str(images_dir / image_name(mode, row)) for row in table.itertuples(index=False)]
         tables.append(table)
@@ -194,7 +204,7 @@ def sweep_figures(
 ) -> dict[str, Image.Image]:
     """Labelled figures by title ("Engagement sweep", "Time sweep" when run): a row per (prompt,
     seed), the base model and plain LoRA beside EC-LoRA-T's targets, the scores under each image."""
-    generated = scored[scored["mode"] != RETRIEVAL]
+    generated = scored[~scored["mode"].isin([RETRIEVAL, PROMPT_AWARE_RETRIEVAL])]
     figures = {}
     for sweep in ("engagement", "time"):
         if (generated["sweep"] == sweep).any():
@@ -236,29 +246,41 @@ def evaluate_adapter(
         raise ValueError(f"training table is missing columns {sorted(missing)}")
     training_paths = list(training_table["image_path"])
 
-    # 1. The plan, and the retrieval baseline's training images (every one on the demo: the
-    #    creator's style profile is read from them).
+    # 1. The plan, and the retrieval baselines' training images (every one on the demo: the
+    #    creator's style profile is read from them, and the prompt-aware ceiling reads what each shows).
     plan = sweep_plan(
         settings.prompts, settings.seeds, settings.engagement_targets, settings.time, settings.time_targets,
         settings.fixed_engagement,
     )
-    retrieval = retrieval_plan(plan, training_table[TRAINING_COLUMNS[1:]].to_numpy(), settings.retrieval_k)
-    needed = set(retrieval["train_index"]) | (set(range(len(training_table))) if ground_truth else set())
+    training_vectors = training_table[TRAINING_COLUMNS[1:]].to_numpy()
+    baselines = {RETRIEVAL: retrieval_plan(plan, training_vectors, settings.retrieval_k)}
+    needed = set(baselines[RETRIEVAL]["train_index"]) | (set(range(len(training_table))) if ground_truth else set())
     training_images = load_training_images(training_paths, needed, settings.resolution)
+    aware = None if ground_truth is None else ground_truth.prompt_aware_plan(
+        plan, training_vectors, [training_images[index] for index in range(len(training_table))],
+        settings.prompts, settings.retrieval_k,
+    )
+    if aware is not None:
+        baselines[PROMPT_AWARE_RETRIEVAL] = aware
 
-    # 2. Generate every mode; the baseline's images are the training images it picked.
+    # 2. Generate every mode; a baseline's images are the training images it picked.
     images = generate_modes(pipeline, plan, settings, progress)
-    images[RETRIEVAL] = [training_images[index] for index in retrieval["train_index"]]
+    for mode, baseline in baselines.items():
+        images[mode] = [training_images[index] for index in baseline["train_index"]]
 
     # 3. Score every image and assemble the table.
-    scored = score_modes(plan, retrieval, images, training_paths, Path(images_dir), scoring_vae, regressor,
+    scored = score_modes(plan, baselines, images, training_paths, Path(images_dir), scoring_vae, regressor,
                          settings, ground_truth)
 
     # 4. The labelled figures.
     figures = sweep_figures(scored, images, settings)
 
     # 5. The report: every metric, the style shift on a world with known rules, the counts.
-    report = sweep_report(scored, permutations=settings.permutations)
+    # The prompt-aware ceiling is reported beside the retrieval ceiling, never as a competitor
+    # in the verdicts (which compare EC-LoRA-T with the base model and the plain LoRA only).
+    report = sweep_report(scored[scored["mode"] != PROMPT_AWARE_RETRIEVAL], permutations=settings.permutations)
+    if PROMPT_AWARE_RETRIEVAL in baselines:
+        add_prompt_aware_shares(report, prompt_aware_ceiling(scored, permutations=settings.permutations))
     profiles = None
     if ground_truth is not None:
         creator = [training_images[index] for index in range(len(training_table))]
@@ -267,6 +289,6 @@ def evaluate_adapter(
     report |= {
         "num_prompts": len(settings.prompts),
         "num_seeds": len(settings.seeds),
-        "num_images": int(scored.loc[scored["mode"] != RETRIEVAL, "image_path"].nunique()),
+        "num_images": int(scored.loc[scored["mode"].isin(MODES), "image_path"].nunique()),
     }
     return Evaluation(scored, images, figures, report, profiles)

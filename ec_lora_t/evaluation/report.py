@@ -34,6 +34,27 @@ def _by_target_table(sweep: dict[str, Any], score: str) -> list[str]:
     return lines
 
 
+def _ceilings(details: dict[str, Any]) -> list[str]:
+    """EC-LoRA-T's Spearman as a share of each ceiling: the retrieval baseline's (nearest training
+    images to the target, whatever the prompt names) and the prompt-aware one (only among images
+    that show what the prompt names; on a world whose attributes can be read back)."""
+    lines = []
+    for sweep_name in ("engagement_sweep", "time_sweep"):
+        ec_lora = details.get(sweep_name, {}).get("ec_lora")
+        if not ec_lora:
+            continue
+        for score, metrics in (("ground truth", ec_lora.get("ground_truth")), ("regressor", ec_lora)):
+            if metrics:
+                lines.append(f"| {sweep_name.replace('_', ' ')} | {score} | {_number(metrics['spearman'])} | "
+                             f"{_number(metrics.get('share_of_ceiling'))} | "
+                             f"{_number(metrics.get('share_of_prompt_aware_ceiling'))} |")
+    if not lines:
+        return []
+    return ["", "## EC-LoRA-T against the ceilings", "",
+            "| sweep | score | Spearman | share of the retrieval ceiling | share of the prompt-aware ceiling |",
+            "|---|---|---|---|---|", *lines]
+
+
 def markdown_report(details: dict[str, Any], figures: dict[str, str], title: str = "EC-LoRA-T evaluation") -> str:
     """The report's Markdown; `figures` maps a caption to an image path relative to the report."""
     lines = [f"# {title}", "", "## Verdicts", ""]
@@ -49,6 +70,7 @@ def markdown_report(details: dict[str, Any], figures: dict[str, str], title: str
             table = _by_target_table(sweep, score)
             if table:
                 lines += ["", f"## {label.capitalize()}: mean {score.replace('_', ' ')} score per target", ""] + table
+    lines += _ceilings(details)
     adherence = details.get("adherence")
     if adherence:
         modes = [mode for mode in ("ec_lora", "plain_lora", "base") if adherence.get(mode)]

@@ -351,7 +351,7 @@ def headline_metrics(report: dict[str, Any]) -> dict[str, Any]:
 
     On the demo (ground truth known) the numbers are the ground truth's, else the regressor's
     (`score` says which): the verdict, EC-LoRA-T's Spearman, its share of the retrieval
-    ceiling, its range ratio, whether the prompt was kept, and (demo only: the creator's drift
+    ceiling and of the prompt-aware one (demo only), its range ratio, whether the prompt was kept, and (demo only: the creator's drift
     is its ground truth) the time sweep's Spearman.
     """
     engagement = report["engagement_sweep"]
@@ -366,6 +366,7 @@ def headline_metrics(report: dict[str, Any]) -> dict[str, Any]:
         "controls_time": verdict.get("controls_time"),
         "spearman": metrics["spearman"],
         "of_ceiling": metrics.get("share_of_ceiling"),
+        "of_prompt_aware_ceiling": metrics.get("share_of_prompt_aware_ceiling"),
         "range_ratio": metrics["range_ratio"],
         "time_spearman": time_metrics["spearman"] if time_metrics else None,
     }
