@@ -308,11 +308,15 @@ def test_evaluate_stage_end_to_end_on_the_tiny_model(tiny_sd_dir, adapter_dir, t
                 "--features", "train.parquet", "--run-info", "run_info/evaluate.json"])
 
     scored = pd.read_csv(tmp_path / "out/sweep.csv")
-    generated = scored[scored["mode"] != "retrieval"]
+    generated = scored[scored["mode"].isin(["ec_lora", "plain_lora", "base"])]
     assert len(generated) == 3 * 2 * 2 * (3 + 2)  # modes x prompts x seeds x (engagement + time targets)
     retrieval = scored[scored["mode"] == "retrieval"]
     assert len(retrieval) == (3 + 2) * 2  # every target of both sweeps x k nearest training images
     assert set(retrieval["image_path"]) <= set(posts)
+    # The prompt-aware ceiling (the demo manifest: ground truth on) picks training images per prompt too.
+    aware = scored[scored["mode"] == "prompt_aware_retrieval"]
+    assert len(aware) > 0 and set(aware["image_path"]) <= set(posts)
+    assert set(aware["prompt_index"]) == {0, 1}
     assert scored["predicted_engagement"].notna().all() and scored["ground_truth_score"].between(0, 1).all()
     assert generated["adherence_named"].gt(0).all()  # both prompts name a scene (and so day lighting)
     per_image = generated.groupby("image_path")["predicted_engagement"].nunique()
@@ -369,7 +373,8 @@ def test_evaluate_stage_end_to_end_on_the_tiny_model(tiny_sd_dir, adapter_dir, t
     assert headline == {
         "score": "ground_truth", "controls": details["verdict"]["controls_ground_truth"],
         "keeps_prompt": details["verdict"]["keeps_prompt"], "controls_time": details["verdict"]["controls_time"],
-        "spearman": truth["spearman"], "of_ceiling": truth["share_of_ceiling"], "range_ratio": truth["range_ratio"],
+        "spearman": truth["spearman"], "of_ceiling": truth["share_of_ceiling"],
+        "of_prompt_aware_ceiling": truth["share_of_prompt_aware_ceiling"], "range_ratio": truth["range_ratio"],
         "time_spearman": details["time_sweep"]["ec_lora"]["ground_truth"]["spearman"],
     }
 
