@@ -390,3 +390,12 @@ def test_stage_reads_signal_tables_and_writes_the_posts_left_out(tmp_path, monke
     metrics = json.loads((tmp_path / "metrics/features.json").read_text())
     assert metrics["posts_left_out"] == {"missing_signal": 1, "zero_denominator": 0}
     assert json.loads((tmp_path / "out/normalization.json").read_text())["signals"] == {"likes": 1.0, "sentiment": 100.0}
+
+
+def test_params_per_choices_are_the_librarys_denominators():
+    from typing import get_args
+
+    from ec_lora_t.data.features import DENOMINATORS
+
+    literal, _ = get_args(FeaturesParams.model_fields["per"].annotation)
+    assert set(get_args(literal)) == set(DENOMINATORS)
