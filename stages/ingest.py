@@ -38,25 +38,38 @@ def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--out-table", required=True, help="posts.parquet: one row per usable image")
     parser.add_argument("--out-rejects", required=True, help="rejects.parquet: path, reason, detail")
+    parser.add_argument("--out-signals", help="signals.parquet: shortcode, signal, value, source")
+    parser.add_argument("--out-comments", help="comments.parquet: the comments' texts, where the export has them")
+    parser.add_argument("--out-signal-issues", help="signal_issues.parquet: location, shortcode, reason, detail")
     args = parser.parse_args(argv)
     params = load_section(IngestParams, "ingest", args.params)
     folds = load_section(RegressorParams, "regressor", args.params).folds
 
     try:
         result = ingest_posts(
-            params.posts_dir, format=params.format, videos=params.videos, max_image_pixels=params.max_image_pixels
+            params.posts_dir, format=params.format, videos=params.videos, max_image_pixels=params.max_image_pixels,
+            insights=params.insights,
         )
     except IngestError as error:
         sys.exit(f"ingest: {error}")
 
     # Rejects and metrics are written even when nothing is usable: they say why.
-    for path in (args.out_table, args.out_rejects):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(result.rejects_table(), args.out_rejects)
+    outputs = {args.out_rejects: result.rejects_table(), args.out_signals: result.signals_table(),
+               args.out_comments: result.comments_table(), args.out_signal_issues: result.signal_issues_table()}
+    for path, table in outputs.items():
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(table, path)
+    Path(args.out_table).parent.mkdir(parents=True, exist_ok=True)
     metrics = result.metrics()
     write_metrics(args.metrics, metrics)
     for reject in result.rejects:
         print(f"ingest: rejected {reject.path}: {reject.reason}: {reject.detail}", file=sys.stderr)
+    for issue in result.signal_issues:
+        print(f"ingest: signals: {issue.location}: {issue.reason}: {issue.detail}", file=sys.stderr)
+    if params.insights is not None and not _inside(params.insights, params.posts_dir):
+        print(f"ingest: note: {params.insights} is outside {params.posts_dir}, so DVC does not see it change: "
+              "move it into the posts folder or rerun with `dvc repro -f -s ingest`", file=sys.stderr)
     if not result.records:
         sys.exit(
             f"ingest: no valid post left in {params.posts_dir} ({metrics['rejected']} rejected, "
@@ -76,6 +89,10 @@ def main(argv: list[str] | None = None) -> None:
         f"{metrics['rejected']} rejected",
         file=sys.stderr,
     )
+
+
+def _inside(path: str, folder: str) -> bool:
+    return Path(path).resolve().is_relative_to(Path(folder).resolve())
 
 
 def _nonzero(counts: dict[str, int]) -> dict[str, int]:

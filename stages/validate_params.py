@@ -13,8 +13,8 @@ Each section is checked by its schema in `stages/params/`; the error names the k
 value and what is allowed, one line for every problem found. Then what the stages would
 otherwise find only after DVC deleted their outputs: `ingest.posts_dir` must exist (unless a
 stage writes it: `--pipeline-output`), and every hub id the pipeline will load
-(`model.pretrained`; `caption.model` when BLIP is asked for) must be in the local Hugging Face
-cache or reachable within seconds (`ec_lora_t.hub.resolve_pretrained`).
+(`model.pretrained`; `caption.model` when BLIP is asked for; `sentiment.model` when set) must
+be in the local Hugging Face cache or reachable within seconds (`ec_lora_t.hub.resolve_pretrained`).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from stages.params.ingest import IngestParams
 from stages.params.latents import LatentsParams
 from stages.params.model import ModelParams
 from stages.params.regressor import RegressorParams
+from stages.params.sentiment import SentimentParams
 from stages.params.train import TrainParams
 
 SCHEMAS: dict[str, type[Section]] = {
@@ -47,6 +48,7 @@ SCHEMAS: dict[str, type[Section]] = {
     "model": ModelParams,
     "ingest": IngestParams,
     "caption": CaptionParams,
+    "sentiment": SentimentParams,
     "features": FeaturesParams,
     "latents": LatentsParams,
     "regressor": RegressorParams,
@@ -98,6 +100,8 @@ def _unreachable_hub_ids(sections: dict[str, Section], root: Path) -> list[str]:
     caption = sections["caption"]
     if "blip" in (caption.source, caption.missing_text):
         references.append(("caption.model", caption.model))
+    if sections["sentiment"].model:
+        references.append(("sentiment.model", sections["sentiment"].model))
     problems = []
     for key, reference in references:
         if is_local_reference(reference, root):

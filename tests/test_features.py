@@ -15,11 +15,15 @@ from hypothesis import strategies as st
 from ec_lora_t.data.features import (
     DEGENERATE_LEVEL,
     FEATURES_SCHEMA,
+    NORMALIZATIONS,
     EngagementTimeNormalizer,
     build_feature_table,
+    signals_from_posts,
     total_engagement,
 )
 from stages import features as features_stage
+from stages._common import ParamsError, validate_section
+from stages.params.features import FeaturesParams
 
 DAY = 86_400
 T0 = 1_704_067_200  # 2024-01-01T00:00:00Z
@@ -188,7 +192,8 @@ def test_stage_writes_table_statistics_and_metrics(tmp_path, monkeypatch):
     posts, captions = _tables()
     posts.to_parquet(tmp_path / "posts.parquet")
     captions.to_parquet(tmp_path / "captions.parquet")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"features": {"comment_weight": 3, "normalization": "log_minmax"}}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(
+        {"features": {"signals": {"likes": 1, "comments": 3}, "per": None, "normalization": "log_minmax"}}))
     monkeypatch.chdir(tmp_path)
     features_stage.main(["--posts", "posts.parquet", "--captions", "captions.parquet", "--out", "out/train.parquet",
                          "--stats", "out/normalization.json", "--metrics", "metrics/features.json"])
@@ -241,3 +246,156 @@ def test_a_detrended_query_warns_only_outside_the_range_at_its_date():
     outside = normalizer.query(likes=int(10 * likes.max()), date=dates[5])
     assert outside.unclipped[0] > 1 and outside.vector[0] == 1.0
     assert len(outside.warnings) == 1 and "above the training posts' range" in outside.warnings[0]
+
+
+# --- engagement from named signals --------------------------------------------------------------
+
+
+def _signal_rows(values: dict[str, dict[str, float]]) -> pd.DataFrame:
+    """A signals table from {shortcode: {signal: value}}."""
+    return pd.DataFrame([{"shortcode": code, "signal": name, "value": float(value), "source": "test"}
+                         for code, signals in values.items() for name, value in signals.items()])
+
+
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+def test_the_default_signals_give_the_report_formula_bit_for_bit(normalization):
+    """{likes: 1, comments: 3} over the signals table is today's likes + 3 x comments: the same
+    float64 totals (compared exactly, computed here without the library) and the same vectors."""
+    rng = np.random.default_rng(0)
+    posts, captions = _tables(num_posts=40)
+    posts["likes_count"] = rng.integers(0, 10**6, len(posts))
+    posts["comments_count"] = rng.integers(0, 10**4, len(posts))
+    posts.loc[len(posts) - 1, ["likes_count", "comments_count"]] = posts.loc[0, ["likes_count", "comments_count"]].values
+    posts["timestamp"] = pd.to_datetime(T0 + rng.integers(0, 400 * DAY, len(posts)), unit="s", utc=True)
+    posts.loc[len(posts) - 1, "timestamp"] = posts.loc[0, "timestamp"]  # the carousel's second image
+    legacy = build_feature_table(posts, captions, comment_weight=3, normalization=normalization)
+    named = build_feature_table(posts, captions, normalization=normalization, signals=signals_from_posts(posts),
+                                weights={"likes": 1, "comments": 3}, per=None)
+    frame = named.table.to_pandas()
+    by_hand = frame["likes_count"].to_numpy(np.float64) + 3 * frame["comments_count"].to_numpy(np.float64)
+    assert np.array_equal(frame["total_engagement"].to_numpy(), by_hand)
+    assert named.table.equals(legacy.table)
+    assert named.normalizer.to_dict()["engagement"] == legacy.normalizer.to_dict()["engagement"]
+    assert "posts_left_out" not in named.metrics and named.left_out.num_rows == 0
+
+
+def test_engagement_rate_per_reach_leaves_out_and_reports_posts_without_a_signal_or_reach():
+    posts, captions = _tables(num_posts=6)
+    signals = signals_from_posts(posts)
+    extra = _signal_rows({"P0": {"saves": 10, "reach": 100}, "P1": {"saves": 5, "reach": 1000},
+                          "P2": {"reach": 50},  # no saves
+                          "P3": {"saves": 1, "reach": 0},  # reach 0: no rate
+                          "P4": {"saves": 8, "reach": 1000}, "P5": {"saves": 2, "reach": 3000}})
+    result = build_feature_table(posts, captions, normalization="minmax", signals=pd.concat([signals, extra]),
+                                 weights={"likes": 1, "saves": 2}, per="reach")
+    frame = result.table.to_pandas().drop_duplicates("shortcode").set_index("shortcode")
+    assert sorted(frame.index) == ["P0", "P1", "P4", "P5"]
+    likes = {f"P{i}": 100 * (i + 1) for i in range(6)}
+    assert frame.loc["P0", "total_engagement"] == pytest.approx((likes["P0"] + 2 * 10) / 100)
+    assert frame.loc["P4", "total_engagement"] == pytest.approx((likes["P4"] + 2 * 8) / 1000)
+    # the best rate is the post that reached fewest, not the one with most likes
+    assert frame["normalized_engagement"].idxmax() == "P0" and frame["likes_count"].idxmax() == "P5"
+    left_out = result.left_out.to_pandas().set_index("shortcode")
+    assert left_out.loc["P2", "reason"] == "missing_signal" and "saves" in left_out.loc["P2", "detail"]
+    assert left_out.loc["P3", "reason"] == "zero_denominator" and "reach is 0" in left_out.loc["P3", "detail"]
+    assert result.metrics["posts_left_out"] == {"missing_signal": 1, "zero_denominator": 1}
+    assert result.metrics["posts"] == 4 and result.metrics["images"] == 5  # P0's carousel keeps both images
+    assert result.normalizer.formula == "(likes + 2 x saves) / reach"
+
+
+def test_a_signal_in_no_post_or_twice_for_one_post_is_an_error():
+    posts, captions = _tables()
+    with pytest.raises(ValueError, match=r"signal\(s\) \['save'\] are in no post; the signals found are \['comments', 'likes'\]"):
+        build_feature_table(posts, captions, signals=signals_from_posts(posts), weights={"save": 1})
+    doubled = pd.concat([signals_from_posts(posts), _signal_rows({"P1": {"likes": 3}})])
+    with pytest.raises(ValueError, match="post P1 has signal 'likes' more than once"):
+        build_feature_table(posts, captions, signals=doubled, weights={"likes": 1})
+
+
+def test_sentiment_may_be_negative_but_log_normalisations_need_totals_above_minus_one():
+    posts, captions = _tables()
+    sentiment = _signal_rows({f"P{i}": {"sentiment": s} for i, s in enumerate([-0.9, -0.2, 0.4, 0.8])})
+    signals = pd.concat([signals_from_posts(posts), sentiment])
+    result = build_feature_table(posts, captions, normalization="minmax", signals=signals, weights={"sentiment": 1})
+    frame = result.table.to_pandas().drop_duplicates("shortcode").set_index("shortcode")
+    assert frame.loc["P0", "normalized_engagement"] == 0 and frame.loc["P3", "normalized_engagement"] == 1
+    with pytest.raises(ValueError, match="log1p"):
+        build_feature_table(posts, captions, normalization="log_minmax", signals=signals, weights={"sentiment": 2})
+
+
+def test_a_rate_normalizer_round_trips_and_queries_need_every_signal(tmp_path):
+    days = [0, 10, 20, 30]
+    normalizer = EngagementTimeNormalizer.fit_signals(
+        {"saves": [1, 5, 9, 20], "reach": [100, 100, 300, 200]}, _times(*days), {"saves": 1.0}, per="reach",
+        normalization="detrended")
+    normalizer.to_json(tmp_path / "n.json")
+    loaded = EngagementTimeNormalizer.from_json(tmp_path / "n.json")
+    assert loaded == normalizer and loaded.formula == "saves / reach"
+    date = _times(20)[0]
+    assert loaded.vector(signals={"saves": 9, "reach": 300}, date=date)[0] == pytest.approx(
+        normalizer.normalize_engagement([9 / 300], dates=[date])[0], abs=1e-6)
+    with pytest.raises(ValueError, match="the engagement is saves / reach: give saves, reach too"):
+        loaded.vector(likes=100, date=date)
+    query = loaded.query(signals={"saves": 90, "reach": 100}, date=date)
+    assert query.vector[0] == 1.0 and "saves / reach: saves 90, reach 100" in query.warnings[0]
+    assert query.metadata()["raw_saves"] == 90 and query.metadata()["raw_reach"] == 100
+
+
+def test_statistics_of_format_1_still_load_as_likes_plus_weighted_comments():
+    normalizer = EngagementTimeNormalizer.fit([100, 200, 400], [1, 2, 3], _times(0, 10, 40), comment_weight=2)
+    old = normalizer.to_dict()
+    old["format_version"] = 1
+    old["comment_weight"] = 2.0
+    for key in ("signals", "per", "formula"):
+        del old[key]
+    loaded = EngagementTimeNormalizer.from_dict(old)
+    assert loaded == normalizer and loaded.comment_weight == 2.0
+
+
+def test_params_take_signals_and_per_and_name_the_old_comment_weight_key():
+    params = validate_section(FeaturesParams, "features",
+                              {"signals": {"likes": 1, "saves": 2}, "per": "reach", "normalization": "rank"})
+    assert params.signals == {"likes": 1.0, "saves": 2.0} and params.per == "reach"
+    with pytest.raises(ParamsError, match=r"features: comment_weight = 3 was replaced by signals: write "
+                                          r"`signals: \{likes: 1, comments: 3\}`"):
+        validate_section(FeaturesParams, "features", {"comment_weight": 3, "normalization": "minmax"})
+    for bad, message in (({"signals": {"likes": 1}, "per": "likes"}, "per = 'likes'"),
+                         ({"signals": {"reach": 1}, "per": "reach"}, "also a weighted signal"),
+                         ({"signals": {"likes": 0}}, "at least one weight must be > 0"),
+                         ({"signals": {"Likes": 1}}, "Likes"),
+                         ({"signals": {}}, "signals")):
+        with pytest.raises(ParamsError, match=message):
+            validate_section(FeaturesParams, "features", {"normalization": "minmax", **bad})
+
+
+def test_stage_reads_signal_tables_and_writes_the_posts_left_out(tmp_path, monkeypatch):
+    posts, captions = _tables()
+    posts.to_parquet(tmp_path / "posts.parquet")
+    captions.to_parquet(tmp_path / "captions.parquet")
+    signals_from_posts(posts).to_parquet(tmp_path / "ingest_signals.parquet")
+    _signal_rows({"P0": {"sentiment": 0.5}, "P1": {"sentiment": -0.5}, "P2": {"sentiment": 0.1}}).to_parquet(
+        tmp_path / "sentiment.parquet")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(
+        {"features": {"signals": {"likes": 1, "sentiment": 100}, "per": None, "normalization": "minmax"}}))
+    monkeypatch.chdir(tmp_path)
+    features_stage.main(["--posts", "posts.parquet", "--captions", "captions.parquet",
+                         "--signals", "ingest_signals.parquet", "--signals", "sentiment.parquet",
+                         "--out", "out/train.parquet", "--stats", "out/normalization.json",
+                         "--left-out", "out/left_out.parquet", "--metrics", "metrics/features.json"])
+    frame = pq.read_table(tmp_path / "out/train.parquet").to_pandas()
+    assert sorted(set(frame["shortcode"])) == ["P0", "P1", "P2"]
+    assert frame.set_index("shortcode").loc["P1", "total_engagement"] == 200 - 50
+    left_out = pq.read_table(tmp_path / "out/left_out.parquet").to_pylist()
+    assert left_out == [{"shortcode": "P3", "reason": "missing_signal", "detail": "no sentiment for this post"}]
+    metrics = json.loads((tmp_path / "metrics/features.json").read_text())
+    assert metrics["posts_left_out"] == {"missing_signal": 1, "zero_denominator": 0}
+    assert json.loads((tmp_path / "out/normalization.json").read_text())["signals"] == {"likes": 1.0, "sentiment": 100.0}
+
+
+def test_params_per_choices_are_the_librarys_denominators():
+    from typing import get_args
+
+    from ec_lora_t.data.features import DENOMINATORS
+
+    literal, _ = get_args(FeaturesParams.model_fields["per"].annotation)
+    assert set(get_args(literal)) == set(DENOMINATORS)

@@ -1,7 +1,14 @@
 """Engagement and time features (report sections 3.4 and 3.5).
 
-``total_engagement = likes + w * comments`` (w = 3 in the report) is scaled to [0, 1] by
-one of three normalisations:
+``total_engagement`` is a weighted sum of named signals, by default the report's
+``likes + 3 * comments`` (:data:`DEFAULT_SIGNAL_WEIGHTS`); any signal ingest found (saves,
+shares, views, a business export's other numbers, comment sentiment) can take part. With a
+denominator (``per``: reach, impressions or views) it is an engagement *rate*: weighted
+interactions per account reached, the industry's figure, so a post that reached few people
+and was liked by most of them counts as the better post it was. A post that lacks a signal
+the engagement needs, or whose denominator is 0, is left out and reported
+(:func:`build_feature_table`), never counted as 0. The engagement is scaled to [0, 1] by
+one of four normalisations:
 
 * ``minmax``: the report's min-max scaling;
 * ``log_minmax``: min-max of ``log1p(total_engagement)``, for heavy-tailed engagement where a
@@ -35,7 +42,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -43,23 +50,63 @@ import pyarrow as pa
 from scipy import stats
 
 from ec_lora_t.data.fields import parse_timestamp
-from ec_lora_t.data.schemas import FEATURES_SCHEMA
+from ec_lora_t.data.schemas import FEATURES_SCHEMA, LEFT_OUT_SCHEMA
 
 NORMALIZATIONS = ("minmax", "log_minmax", "rank", "detrended")
 DEFAULT_COMMENT_WEIGHT = 3.0
+# The report's formula (3.4.1): likes + 3 x comments.
+DEFAULT_SIGNAL_WEIGHTS = {"likes": 1.0, "comments": DEFAULT_COMMENT_WEIGHT}
+# Signals an engagement rate may be taken per (interactions per account reached / per view).
+DENOMINATORS = ("reach", "impressions", "views")
+# Why a post is left out of the features table (the `left_out.parquet` reasons).
+LEFT_OUT_REASONS = ("missing_signal", "zero_denominator")
 DEGENERATE_LEVEL = 0.5
 # Posts within less than a day of each other carry no time trend worth a [0, 1] axis.
 MIN_TIME_SPAN_DAYS = 1.0
 SECONDS_PER_DAY = 86_400.0
-STATS_FORMAT_VERSION = 1
+# 2: the engagement's `signals` (name -> weight) and `per` replace `comment_weight`; version 1
+# files (likes + comment_weight x comments) are still read.
+STATS_FORMAT_VERSION = 2
+# Signals that may be negative: a sentiment score is in [-1, 1]; counts never are.
+SIGNED_SIGNALS = ("sentiment",)
+
 
 def total_engagement(likes: Any, comments: Any, comment_weight: float = DEFAULT_COMMENT_WEIGHT) -> np.ndarray:
     """``likes + comment_weight * comments`` (report 3.4.1), float64."""
-    likes = np.asarray(likes, dtype=np.float64)
-    comments = np.asarray(comments, dtype=np.float64)
-    if np.any(likes < 0) or np.any(comments < 0):
-        raise ValueError("likes and comments must be non-negative")
-    return likes + comment_weight * comments
+    return weighted_engagement({"likes": likes, "comments": comments}, {"likes": 1.0, "comments": comment_weight})
+
+
+def weighted_engagement(signals: Mapping[str, Any], weights: Mapping[str, float], per: str | None = None) -> np.ndarray:
+    """``sum(weight * signal) [/ signals[per]]``, float64, summed in the order of `weights`.
+
+    The report's ``likes + 3 * comments`` comes out bit for bit as before: ``0 + 1.0 * likes``
+    is ``likes``, then ``+ 3.0 * comments``. Counts must be non-negative (a sentiment score
+    may be negative); a denominator must be positive (the caller leaves out posts whose is 0).
+    """
+    missing = [name for name in [*weights, *([per] if per else [])] if name not in signals]
+    if missing:
+        raise ValueError(f"the engagement {describe_engagement(weights, per)} needs signal(s) {missing}")
+    total: Any = 0.0
+    for name, weight in weights.items():
+        values = np.asarray(signals[name], dtype=np.float64)
+        if name not in SIGNED_SIGNALS and np.any(values < 0):
+            raise ValueError(f"{name} must be non-negative")
+        total = total + float(weight) * values
+    total = np.asarray(total, dtype=np.float64)
+    if per is not None:
+        denominator = np.asarray(signals[per], dtype=np.float64)
+        if np.any(~(denominator > 0)):
+            raise ValueError(f"{per} must be positive to divide by it")
+        total = total / denominator
+    return total
+
+
+def describe_engagement(weights: Mapping[str, float], per: str | None = None) -> str:
+    """The formula as text: ``likes + 3 x comments``, ``(likes + saves) / reach``."""
+    terms = " + ".join(name if float(w) == 1 else f"{float(w):g} x {name}" for name, w in weights.items())
+    if per is None:
+        return terms
+    return f"({terms}) / {per}" if len(weights) > 1 or "x" in terms else f"{terms} / {per}"
 
 
 def _to_utc_seconds(dates: Any) -> np.ndarray:
@@ -87,11 +134,13 @@ class VectorQuery:
     unclipped: tuple[float, float]  # the normalised values before clipping (rank saturates anyway)
     vector: tuple[float, float]  # clipped into [0, 1]: what the ECM gets
     warnings: tuple[str, ...]  # one line per clipped component
+    signals: tuple[tuple[str, float], ...] = ()  # every raw signal the engagement read
 
     def metadata(self) -> dict[str, Any]:
         """What a generated PNG records about the vector's origin, raw and clipped."""
+        extra = {f"raw_{name}": value for name, value in self.signals if name not in ("likes", "comments")}
         return {
-            "raw_likes": self.likes, "raw_comments": self.comments, "raw_date": self.date,
+            "raw_likes": self.likes, "raw_comments": self.comments, **extra, "raw_date": self.date,
             "raw_total_engagement": self.total_engagement, "unclipped_engagement_time": list(self.unclipped),
             "clipped": bool(self.warnings),
         }
@@ -106,9 +155,11 @@ class EngagementTimeNormalizer:
     the time trend for detrended). For rank, ``rank_values`` are the distinct training totals,
     ascending, and ``rank_levels`` their normalised mid-ranks. For detrended,
     ``engagement_trend`` is (intercept, slope per day) of ``log1p`` on days since the first post.
+    ``signal_weights`` ((name, weight) pairs, in summing order) and ``per`` say what the
+    total engagement is (:func:`weighted_engagement`).
     """
 
-    comment_weight: float
+    signal_weights: tuple[tuple[str, float], ...]
     normalization: str
     engagement_low: float
     engagement_high: float
@@ -118,6 +169,7 @@ class EngagementTimeNormalizer:
     rank_values: tuple[float, ...] = field(default=(), repr=False)
     rank_levels: tuple[float, ...] = field(default=(), repr=False)
     engagement_trend: tuple[float, ...] = ()
+    per: str | None = None
 
     # -- fitting ------------------------------------------------------------------------
 
@@ -130,12 +182,40 @@ class EngagementTimeNormalizer:
         comment_weight: float = DEFAULT_COMMENT_WEIGHT,
         normalization: str = "minmax",
     ) -> "EngagementTimeNormalizer":
-        """Fit on one entry per post (deduplicate carousels before calling)."""
-        if normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+        """Fit the report's ``likes + comment_weight * comments`` on one entry per post."""
         if not comment_weight >= 0:
             raise ValueError(f"comment_weight must be >= 0, got {comment_weight!r}")
-        totals = total_engagement(likes, comments, comment_weight)
+        return cls.fit_signals(
+            {"likes": likes, "comments": comments}, timestamps, {"likes": 1.0, "comments": comment_weight},
+            normalization=normalization,
+        )
+
+    @classmethod
+    def fit_signals(
+        cls,
+        signals: Mapping[str, Any],
+        timestamps: Any,
+        weights: Mapping[str, float] = DEFAULT_SIGNAL_WEIGHTS,
+        per: str | None = None,
+        normalization: str = "minmax",
+    ) -> "EngagementTimeNormalizer":
+        """Fit on one entry per post (deduplicate carousels before calling).
+
+        `signals`: name -> one value per post; `weights`: name -> weight of the signals that
+        make the engagement; `per`: the signal it is divided by (an engagement rate), or None.
+        """
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+        if not weights:
+            raise ValueError("the engagement needs at least one signal")
+        if per is not None and per not in DENOMINATORS:
+            raise ValueError(f"per must be one of {DENOMINATORS} or None, got {per!r}")
+        totals = weighted_engagement(signals, weights, per)
+        if normalization in ("log_minmax", "detrended") and np.any(totals <= -1):
+            raise ValueError(
+                f"the engagement {describe_engagement(weights, per)} is {totals.min():g} <= -1 for a post, and "
+                f"{normalization} takes log1p of it: use minmax or rank, or weigh the signed signal less"
+            )
         seconds = _to_utc_seconds(timestamps)
         if totals.size == 0 or totals.size != seconds.size:
             raise ValueError(f"need one timestamp per post and at least one post, got {totals.size} and {seconds.size}")
@@ -157,7 +237,7 @@ class EngagementTimeNormalizer:
             trend = (float(intercept), float(slope))
             values = values - (intercept + slope * days)
         return cls(
-            comment_weight=float(comment_weight),
+            signal_weights=tuple((str(name), float(weight)) for name, weight in weights.items()),
             normalization=normalization,
             engagement_low=float(values.min()),
             engagement_high=float(values.max()),
@@ -167,6 +247,7 @@ class EngagementTimeNormalizer:
             rank_values=rank_values,
             rank_levels=rank_levels,
             engagement_trend=trend,
+            per=per,
         )
 
     # -- properties of the fit ------------------------------------------------------------
@@ -178,6 +259,28 @@ class EngagementTimeNormalizer:
     @property
     def time_is_degenerate(self) -> bool:
         return self.span_days < MIN_TIME_SPAN_DAYS
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return dict(self.signal_weights)
+
+    @property
+    def comment_weight(self) -> float:
+        """The weight of comments (0 when the engagement does not count them)."""
+        return self.weights.get("comments", 0.0)
+
+    @property
+    def formula(self) -> str:
+        """What the total engagement is, as text: ``likes + 3 x comments``."""
+        return describe_engagement(self.weights, self.per)
+
+    def signals_needed(self) -> tuple[str, ...]:
+        """Every signal a query must give: the weighted ones and the denominator."""
+        return tuple(self.weights) + ((self.per,) if self.per else ())
+
+    def total(self, signals: Mapping[str, Any]) -> np.ndarray:
+        """Total engagement (float64) of raw signals (name -> values)."""
+        return weighted_engagement(signals, self.weights, self.per)
 
     # -- transforms ---------------------------------------------------------------------
 
@@ -211,20 +314,39 @@ class EngagementTimeNormalizer:
         scaled = days / self.span_days
         return np.clip(scaled, 0.0, 1.0) if clip else scaled
 
-    def vector(self, likes: float, comments: float = 0, date: Any = None, clip: bool = True) -> np.ndarray:
+    def _query_signals(self, likes: float | None, comments: float | None, signals: Mapping[str, float] | None) -> dict[str, float]:
+        """The raw signals of one query: `signals`, with `likes`/`comments` given apart (0 when
+        the engagement does not read them); a signal the engagement needs must be given."""
+        values = {"likes": 0.0 if likes is None else float(likes), "comments": 0.0 if comments is None else float(comments)}
+        values.update({name: float(value) for name, value in (signals or {}).items()})
+        missing = [name for name in self.signals_needed() if name not in values]
+        if missing:
+            raise ValueError(f"the engagement is {self.formula}: give {', '.join(missing)} too")
+        return values
+
+    def vector(
+        self, likes: float | None = None, comments: float | None = 0, date: Any = None, clip: bool = True,
+        signals: Mapping[str, float] | None = None,
+    ) -> np.ndarray:
         """The ``engagement_time`` vector (float32, shape (2,)) of raw numbers.
 
-        ``date`` is an ISO string (``"2025-06-01"``), a datetime or an epoch number; None
-        means the latest training post. Values beyond the training range saturate at 0 or 1
-        unless ``clip=False`` (rank always saturates: it has no scale to extrapolate).
+        ``likes``/``comments`` or ``signals`` (name -> raw value, e.g. ``{"saves": 40,
+        "reach": 900}``) give the engagement's signals. ``date`` is an ISO string
+        (``"2025-06-01"``), a datetime or an epoch number; None means the latest training
+        post. Values beyond the training range saturate at 0 or 1 unless ``clip=False``
+        (rank always saturates: it has no scale to extrapolate).
         """
         if date is None:
             date = self.earliest_timestamp + pd.Timedelta(days=self.span_days)
-        engagement = self.normalize_engagement(total_engagement([likes], [comments], self.comment_weight), clip, [date])
+        values = self._query_signals(likes, comments, signals)
+        engagement = self.normalize_engagement(self.total({k: [v] for k, v in values.items()}), clip, [date])
         time = self.normalize_time(date, clip)
         return np.array([engagement[0], time[0]], dtype=np.float32)
 
-    def query(self, likes: float, comments: float = 0, date: Any = None) -> VectorQuery:
+    def query(
+        self, likes: float | None = None, comments: float | None = 0, date: Any = None,
+        signals: Mapping[str, float] | None = None,
+    ) -> VectorQuery:
         """The vector of raw numbers, what it was before clipping into [0, 1], and why it was clipped.
 
         A query outside the training posts' range has no trained meaning: its vector is
@@ -234,14 +356,16 @@ class EngagementTimeNormalizer:
         if date is None:
             date = self.earliest_timestamp + pd.Timedelta(days=self.span_days)
         moment = pd.Timestamp(_to_utc_seconds(date)[0], unit="s", tz="UTC")
-        total = float(total_engagement([likes], [comments], self.comment_weight)[0])
-        unclipped = self.vector(likes, comments, moment, clip=False)
+        values = self._query_signals(likes, comments, signals)
+        total = float(self.total({k: [v] for k, v in values.items()})[0])
+        unclipped = self.vector(date=moment, clip=False, signals=values)
         warnings = []
         low, high = self._engagement_range(moment)
         if not self.engagement_is_degenerate and not low <= total <= high:
             side = "above" if total > high else "below"
+            given = ", ".join(f"{name} {values[name]:g}" for name in self.signals_needed())
             warnings.append(
-                f"total engagement {total:g} (likes {likes:g} + {self.comment_weight:g} x comments {comments:g}) is "
+                f"total engagement {total:g} ({self.formula}: {given}) is "
                 f"{side} the training posts' range [{low:g}, {high:g}]: normalized_engagement "
                 f"{unclipped[0]:.3g} clipped to {min(max(float(unclipped[0]), 0.0), 1.0):g}"
             )
@@ -253,10 +377,11 @@ class EngagementTimeNormalizer:
                 f"normalized_time {unclipped[1]:.3g} clipped to {min(max(float(unclipped[1]), 0.0), 1.0):g}"
             )
         return VectorQuery(
-            likes=float(likes), comments=float(comments), date=moment.isoformat(), total_engagement=total,
+            likes=values["likes"], comments=values["comments"], date=moment.isoformat(), total_engagement=total,
             unclipped=(float(unclipped[0]), float(unclipped[1])),
             vector=(min(max(float(unclipped[0]), 0.0), 1.0), min(max(float(unclipped[1]), 0.0), 1.0)),
             warnings=tuple(warnings),
+            signals=tuple((name, values[name]) for name in self.signals_needed()),
         )
 
     def _engagement_range(self, moment: pd.Timestamp) -> tuple[float, float]:
@@ -277,7 +402,9 @@ class EngagementTimeNormalizer:
     def to_dict(self) -> dict[str, Any]:
         return {
             "format_version": STATS_FORMAT_VERSION,
-            "comment_weight": self.comment_weight,
+            "signals": self.weights,
+            "per": self.per,
+            "formula": self.formula,
             "normalization": self.normalization,
             "num_posts": self.num_posts,
             "engagement": {
@@ -303,11 +430,19 @@ class EngagementTimeNormalizer:
     @classmethod
     def from_dict(cls, stats: dict[str, Any]) -> "EngagementTimeNormalizer":
         version = stats.get("format_version")
-        if version != STATS_FORMAT_VERSION:
+        if version not in (1, STATS_FORMAT_VERSION):
             raise ValueError(f"normalisation statistics format {version!r}, expected {STATS_FORMAT_VERSION}")
         engagement, time = stats["engagement"], stats["time"]
+        if version == 1:  # likes + comment_weight x comments
+            weights = {"likes": 1.0, "comments": float(stats["comment_weight"])}
+        else:
+            weights = {str(name): float(weight) for name, weight in stats["signals"].items()}
+        per = stats.get("per")
+        if per is not None and per not in DENOMINATORS:
+            raise ValueError(f"per must be one of {DENOMINATORS} or null, got {per!r}")
         return cls(
-            comment_weight=float(stats["comment_weight"]),
+            signal_weights=tuple(weights.items()),
+            per=per,
             normalization=stats["normalization"],
             engagement_low=float(engagement["low"]),
             engagement_high=float(engagement["high"]),
@@ -354,19 +489,68 @@ class FeatureResult:
     table: pa.Table
     normalizer: EngagementTimeNormalizer
     metrics: dict[str, Any]
+    left_out: pa.Table  # LEFT_OUT_SCHEMA: one row per post left out, with why
+
+
+def signals_from_posts(posts: pd.DataFrame) -> pd.DataFrame:
+    """The export's likes and comments as a signals table (SIGNALS_SCHEMA), one row per post and signal."""
+    per_post = posts.drop_duplicates("shortcode")
+    frames = [
+        pd.DataFrame({"shortcode": per_post["shortcode"], "signal": name,
+                      "value": per_post[column].astype(np.float64), "source": "posts table"})
+        for name, column in (("likes", "likes_count"), ("comments", "comments_count"))
+    ]
+    return pd.concat(frames, ignore_index=True)
+
+
+def signal_columns(signals: pd.DataFrame, shortcodes: Sequence[str], names: Sequence[str]) -> pd.DataFrame:
+    """Wide table: one row per shortcode (in the given order), one float64 column per name (NaN: absent).
+
+    Raises when a name is in no post at all (a misspelt signal is a params error, not
+    thousands of missing values) or when one post has a signal twice (from two sources).
+    """
+    missing = [c for c in ("shortcode", "signal", "value") if c not in signals]
+    if missing:
+        raise ValueError(f"signals table lacks column(s) {missing}")
+    duplicated = signals[signals.duplicated(["shortcode", "signal"], keep=False)]
+    if not duplicated.empty:
+        first = duplicated.iloc[0]
+        sources = duplicated.loc[(duplicated["shortcode"] == first["shortcode"]) & (duplicated["signal"] == first["signal"]),
+                                 "source"] if "source" in duplicated else []
+        raise ValueError(f"post {first['shortcode']} has signal {first['signal']!r} more than once "
+                         f"(from {', '.join(map(str, sources))})")
+    found = sorted(set(signals["signal"]))
+    unknown = [name for name in names if name not in found]
+    if unknown:
+        raise ValueError(f"signal(s) {unknown} are in no post; the signals found are {found} "
+                         "(ingest.insights adds a business export's, the sentiment stage adds sentiment)")
+    wide = signals[signals["signal"].isin(list(names))].pivot(index="shortcode", columns="signal", values="value")
+    return wide.reindex(index=list(shortcodes), columns=list(names)).astype(np.float64)
 
 
 def build_feature_table(
     posts: pd.DataFrame,
     captions: pd.DataFrame,
-    comment_weight: float = DEFAULT_COMMENT_WEIGHT,
+    comment_weight: float | None = None,
     normalization: str = "minmax",
+    *,
+    signals: pd.DataFrame | None = None,
+    weights: Mapping[str, float] | None = None,
+    per: str | None = None,
 ) -> FeatureResult:
     """Join the ingest and caption tables on image_path and add the engagement-time features.
 
-    Images without a caption (the caption stage left them out) are not in the table and
-    are counted in the metrics. Statistics are fitted on the posts that remain.
+    The engagement is ``sum(weights[name] * signal) [/ per]`` over the signals table
+    (shortcode, signal, value: what ingest and the sentiment stage found; by default the posts
+    table's likes and comments); `weights` default to ``likes + comment_weight * comments``.
+    Images without a caption (the caption stage left them out) are not in the table and are
+    counted in the metrics; posts without a signal the engagement needs, or whose denominator
+    is 0, are left out and listed in `left_out`. Statistics are fitted on the posts that remain.
     """
+    if weights is not None and comment_weight is not None:
+        raise ValueError("give either weights or comment_weight, not both")
+    if weights is None:
+        weights = {"likes": 1.0, "comments": DEFAULT_COMMENT_WEIGHT if comment_weight is None else comment_weight}
     missing = [c for c in ("shortcode", "image_path", "likes_count", "comments_count", "timestamp") if c not in posts]
     if missing:
         raise ValueError(f"posts table lacks column(s) {missing}")
@@ -378,12 +562,33 @@ def build_feature_table(
     if table.empty:
         raise ValueError("no image of the posts table has a caption: nothing to train on")
     table = table.sort_values(["timestamp", "shortcode", "image_index"], kind="stable").reset_index(drop=True)
+    images_without_caption = int(len(posts) - len(table))
 
+    # 1. Each post's signals; posts that lack one, or whose denominator is 0, are left out.
+    needed = list(weights) + ([per] if per else [])
+    captioned_posts = table["shortcode"].drop_duplicates().tolist()
+    values = signal_columns(signals_from_posts(posts) if signals is None else signals, captioned_posts, needed)
+    left_out = []
+    for shortcode, row in values.iterrows():
+        absent = [name for name in needed if np.isnan(row[name])]
+        if absent:
+            left_out.append((shortcode, "missing_signal", f"no {', '.join(absent)} for this post"))
+        elif per is not None and row[per] == 0:
+            left_out.append((shortcode, "zero_denominator", f"{per} is 0: no engagement rate"))
+    dropped = {shortcode for shortcode, _, _ in left_out}
+    table = table[~table["shortcode"].isin(dropped)].reset_index(drop=True)
+    if table.empty:
+        raise ValueError(f"every captioned post lacks a signal of the engagement {describe_engagement(weights, per)} "
+                         f"(first: {left_out[0][0]}: {left_out[0][2]})")
+    values = values.drop(index=list(dropped))
+
+    # 2. Fit per post, then apply per image.
     per_post = table.drop_duplicates("shortcode")
-    normalizer = EngagementTimeNormalizer.fit(
-        per_post["likes_count"], per_post["comments_count"], per_post["timestamp"], comment_weight, normalization
+    normalizer = EngagementTimeNormalizer.fit_signals(
+        {name: values.loc[per_post["shortcode"], name].to_numpy() for name in needed},
+        per_post["timestamp"], weights, per, normalization,
     )
-    table["total_engagement"] = total_engagement(table["likes_count"], table["comments_count"], normalizer.comment_weight)
+    table["total_engagement"] = normalizer.total({name: values.loc[table["shortcode"], name].to_numpy() for name in needed})
     table["normalized_engagement"] = normalizer.normalize_engagement(
         table["total_engagement"], dates=table["timestamp"]
     ).astype(np.float32)
@@ -397,12 +602,19 @@ def build_feature_table(
     arrow = pa.Table.from_pandas(table[FEATURES_SCHEMA.names], schema=FEATURES_SCHEMA, preserve_index=False)
     # The few numbers worth comparing across experiments; the normalization itself is a param,
     # and its statistics are in normalization.json.
-    metrics = {
+    metrics: dict[str, Any] = {
         "images": arrow.num_rows,
         "posts": normalizer.num_posts,
-        "images_without_caption": int(len(posts) - len(table)),
+        "images_without_caption": images_without_caption,
         "engagement_degenerate": normalizer.engagement_is_degenerate,
         "time_degenerate": normalizer.time_is_degenerate,
         "span_days": normalizer.span_days,
     }
-    return FeatureResult(table=arrow, normalizer=normalizer, metrics=metrics)
+    # The posts table's likes and comments are never missing (ingest rejects a post without
+    # them): the count of posts left out is reported when the engagement reads anything else.
+    if set(needed) - {"likes", "comments"}:
+        metrics["posts_left_out"] = {reason: sum(1 for _, r, _ in left_out if r == reason) for reason in LEFT_OUT_REASONS}
+    left_out_table = pa.Table.from_pydict(
+        {name: [row[i] for row in left_out] for i, name in enumerate(LEFT_OUT_SCHEMA.names)}, schema=LEFT_OUT_SCHEMA
+    )
+    return FeatureResult(table=arrow, normalizer=normalizer, metrics=metrics, left_out=left_out_table)

@@ -74,6 +74,36 @@ def parse_count(value: Any, field_name: str = "count") -> int:
     return number
 
 
+def parse_signal_value(value: Any, field_name: str = "value") -> float | None:
+    """Parse one cell of an insights table: a non-negative finite number, or None when empty.
+
+    Accepted: numbers, and text such as ``"1,234"``, ``"1 234"`` or ``"12.5"``. Rejected with
+    ``invalid_count``: negative, non-finite, booleans and any other text (``"n/a"``, ``"--"``).
+    """
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        raise InvalidPostData("invalid_count", f"{field_name} is a boolean ({value!r})")
+    if isinstance(value, (int, np.integer, float, np.floating)):
+        if isinstance(value, (float, np.floating)) and math.isnan(value):
+            return None  # pandas and parquet write an empty cell as NaN
+        number = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if re.fullmatch(r"\d{1,3}([, \u00a0\u202f]\d{3})+(\.\d+)?", text):
+            text = re.sub(r"[, \u00a0\u202f]", "", text)
+        if not re.fullmatch(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?", text):
+            raise InvalidPostData("invalid_count", f"{field_name} is not a number ({value!r})")
+        number = float(text)
+    else:
+        raise InvalidPostData("invalid_count", f"{field_name} is not a number ({value!r})")
+    if not math.isfinite(number):
+        raise InvalidPostData("invalid_count", f"{field_name} is not finite ({value!r})")
+    if number < 0:
+        raise InvalidPostData("invalid_count", f"{field_name} is negative ({value!r})")
+    return number
+
+
 def parse_timestamp(value: Any, field_name: str = "timestamp") -> pd.Timestamp:
     """Parse a post time into a tz-aware UTC ``pd.Timestamp`` (microsecond precision).
 

@@ -22,6 +22,37 @@ POSTS_SCHEMA = pa.schema(
     ]
 )
 
+# ingest (and the sentiment stage): the numbers a post's engagement can be made of, one row per
+# post and signal (likes, comments, and what an insights table or the comments' sentiment add).
+# A signal a post does not have has no row: absent, never 0.
+SIGNALS_SCHEMA = pa.schema(
+    [
+        pa.field("shortcode", pa.string(), nullable=False),
+        pa.field("signal", pa.string(), nullable=False),  # likes, comments, saves, reach, sentiment...
+        pa.field("value", pa.float64(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),  # the file (and line) it was read from
+    ]
+)
+
+# ingest: the text of each post's comments, where the export has it (instaloader --comments)
+COMMENTS_SCHEMA = pa.schema(
+    [
+        pa.field("shortcode", pa.string(), nullable=False),
+        pa.field("comment_index", pa.int64(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+    ]
+)
+
+# ingest: what went wrong joining signals (insights rows, comment files); no post is rejected for it
+SIGNAL_ISSUES_SCHEMA = pa.schema(
+    [
+        pa.field("location", pa.string(), nullable=False),  # file:line, file:row N, or the post's source path
+        pa.field("shortcode", pa.string(), nullable=True),  # the post concerned, when known
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("detail", pa.string(), nullable=False),
+    ]
+)
+
 REJECTS_SCHEMA = pa.schema(
     [
         pa.field("path", pa.string(), nullable=False),
@@ -54,5 +85,14 @@ FEATURES_SCHEMA = pa.schema(
         pa.field("days_since_earliest_post", pa.float64(), nullable=False),
         pa.field("normalized_time", pa.float32(), nullable=False),
         pa.field("engagement_time", pa.list_(pa.float32(), 2), nullable=False),
+    ]
+)
+
+# features: posts left out because a signal of the engagement is missing or its denominator is 0
+LEFT_OUT_SCHEMA = pa.schema(
+    [
+        pa.field("shortcode", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),  # ec_lora_t.data.features.LEFT_OUT_REASONS
+        pa.field("detail", pa.string(), nullable=False),
     ]
 )

@@ -17,3 +17,7 @@ class IngestParams(Section):
     format: Literal["auto", "report", "instaloader"] = "auto"
     videos: Literal["thumbnail", "skip"] = "thumbnail"
     max_image_pixels: Annotated[Int, Field(ge=1)]
+    # A business account's insights export (CSV or Parquet) joined by shortcode / post id /
+    # permalink: saves, shares, reach, views... as signals for features.signals. null: none.
+    # Checked by the ingest stage (like posts_dir, it may be a file a stage writes).
+    insights: Annotated[str, Field(min_length=1)] | None = None

@@ -12,7 +12,7 @@ import pandas as pd
 import pyarrow as pa
 
 from ec_lora_t.data.fields import InvalidPostData
-from ec_lora_t.data.schemas import POSTS_SCHEMA, REJECTS_SCHEMA
+from ec_lora_t.data.schemas import COMMENTS_SCHEMA, POSTS_SCHEMA, REJECTS_SCHEMA, SIGNAL_ISSUES_SCHEMA, SIGNALS_SCHEMA
 
 REPORT = "report"
 INSTALOADER = "instaloader"
@@ -22,6 +22,8 @@ VIDEO_MODES = ("thumbnail", "skip")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 VIDEO_SUFFIXES = (".mp4",)
 REPORT_METADATA_NAME = "metadata.csv"
+# Optional, next to metadata.csv: one comment per row in a `text` column (report layout).
+REPORT_COMMENTS_NAME = "comments.csv"
 REPORT_REQUIRED_COLUMNS = ("likes_count", "comments_count", "timestamp")
 
 # Reason codes of the rejects table; the message beside each says what exactly was wrong.
@@ -62,6 +64,7 @@ class PostMetadata:
     comments_count: int
     timestamp: pd.Timestamp  # tz-aware UTC
     post_text: str | None = None
+    post_id: str | None = None  # Instagram's media id, where the export has it (joins an insights table)
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,16 @@ class ImageRecord:
 
 
 
+@dataclass(frozen=True)
+class SignalRecord:
+    """One row of the signals table: one number of one post, and where it was read."""
+
+    shortcode: str
+    signal: str
+    value: float
+    source: str
+
+
 @dataclass
 class IngestResult:
     source_format: str
@@ -86,6 +99,10 @@ class IngestResult:
     rejects: list[Reject]
     ignored_files: int = 0
     posts_found: int = 0
+    signals: list[SignalRecord] = field(default_factory=list)
+    comments: list[tuple[str, int, str]] = field(default_factory=list)  # (shortcode, comment_index, text)
+    signal_issues: list[Any] = field(default_factory=list)  # ingest.insights.SignalIssue
+    insights_metrics: dict[str, Any] | None = None  # None: no insights table was given
 
     def posts_table(self) -> pa.Table:
         columns = {name: [getattr(r, name) for r in self.records] for name in POSTS_SCHEMA.names}
@@ -93,8 +110,17 @@ class IngestResult:
         return pa.Table.from_pydict(columns, schema=POSTS_SCHEMA)
 
     def rejects_table(self) -> pa.Table:
-        columns = {name: [getattr(r, name) for r in self.rejects] for name in REJECTS_SCHEMA.names}
-        return pa.Table.from_pydict(columns, schema=REJECTS_SCHEMA)
+        return _records_table(self.rejects, REJECTS_SCHEMA)
+
+    def signals_table(self) -> pa.Table:
+        return _records_table(self.signals, SIGNALS_SCHEMA)
+
+    def signal_issues_table(self) -> pa.Table:
+        return _records_table(self.signal_issues, SIGNAL_ISSUES_SCHEMA)
+
+    def comments_table(self) -> pa.Table:
+        columns = dict(zip(COMMENTS_SCHEMA.names, map(list, zip(*self.comments)))) if self.comments else {}
+        return pa.Table.from_pydict({name: columns.get(name, []) for name in COMMENTS_SCHEMA.names}, schema=COMMENTS_SCHEMA)
 
     def metrics(self) -> dict[str, Any]:
         by_reason = {reason: 0 for reason in REJECT_REASONS}
@@ -103,7 +129,14 @@ class IngestResult:
         images_per_post: dict[str, int] = {}
         for record in self.records:
             images_per_post[record.shortcode] = images_per_post.get(record.shortcode, 0) + 1
+        # Keys that exist only where the export has them, so the default feed's metrics stay as they were.
+        extra: dict[str, Any] = {}
+        if self.insights_metrics is not None:
+            extra["insights"] = self.insights_metrics
+        if self.comments:
+            extra["comment_texts"] = {"comments": len(self.comments), "posts": len({c[0] for c in self.comments})}
         return {
+            **extra,
             "format": self.source_format,
             "posts_found": self.posts_found,
             "posts": len(images_per_post),
@@ -116,6 +149,10 @@ class IngestResult:
 
 
 
+def _records_table(records: list[Any], schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pydict({name: [getattr(r, name) for r in records] for name in schema.names}, schema=schema)
+
+
 @dataclass
 class _Post:
     """A post found on disk before its images are checked."""
@@ -126,6 +163,8 @@ class _Post:
     # (image_index, path, post_text): the text is per image because a carousel slide may
     # carry its own alt text when the post has no caption.
     images: list[tuple[int, Path, str | None]] = field(default_factory=list)
+    comments: tuple[str, ...] = ()  # the text of its comments, where the export has it
+    comment_problem: tuple[str, str] | None = None  # (file, why) of a comments file that cannot be read
 
 
 

@@ -123,6 +123,7 @@ def parse_instaloader_structure(structure: Any, stem: str = "") -> InstaloaderPo
         slide_is_video = (bool(node.get("is_video")) or typename == "GraphVideo",)
         slide_alt = (post_alt_text,)
 
+    raw_id = _first_present(node.get("id"), iphone.get("pk"))
     return InstaloaderPost(
         metadata=PostMetadata(
             shortcode=shortcode,
@@ -130,6 +131,7 @@ def parse_instaloader_structure(structure: Any, stem: str = "") -> InstaloaderPo
             comments_count=parse_count(comments, "comments count"),
             timestamp=parse_timestamp(taken_at, "date"),
             post_text=clean_text(caption) if isinstance(caption, str) else None,
+            post_id=clean_text(str(raw_id)) if isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool) else None,
         ),
         typename=typename,
         slide_is_video=slide_is_video,
@@ -155,6 +157,27 @@ def read_instaloader_json(path: str | Path) -> Any:
         raise InvalidPostData("malformed_metadata", f"not valid JSON ({error})") from None
 
 
+def parse_instaloader_comments(structure: Any) -> tuple[str, ...]:
+    """The texts of ``<stem>_comments.json`` (``instaloader --comments``): a list of comments,
+    each ``{"id", "created_at", "text", "owner", "likes_count", "answers": [replies]}``.
+    Replies count as comments; empty texts are left out."""
+    if not isinstance(structure, list):
+        raise InvalidPostData("malformed_metadata", "not a list of comments")
+    texts = []
+    for comment in structure:
+        if not isinstance(comment, dict):
+            raise InvalidPostData("malformed_metadata", f"a comment is not an object ({comment!r:.60})")
+        for item in [comment, *(a for a in comment.get("answers") or [] if isinstance(a, dict))]:
+            text = clean_text(item.get("text")) if isinstance(item.get("text"), str) else None
+            if text is not None:
+                texts.append(text)
+    return tuple(texts)
+
+
+def _comments_name(stem: str) -> str:
+    return f"{stem}_comments.json"
+
+
 def _read_instaloader_posts(root: Path, videos: str) -> tuple[list[_Post], list[Reject], int, int]:
     """(posts, rejects, ignored files, Post JSON files found) of an instaloader tree."""
     posts: list[_Post] = []
@@ -170,6 +193,7 @@ def _read_instaloader_posts(root: Path, videos: str) -> tuple[list[_Post], list[
                     stems[stem] = name
         media: dict[str, dict[int | None, dict[str, Path]]] = {stem: {} for stem in stems}
         claimed = {name for name in filenames if _json_stem(name) in stems}
+        claimed |= {_comments_name(stem) for stem in stems} & set(filenames)
         for name in filenames:
             match = _match_media(name, stems)
             if match is None:
@@ -202,6 +226,12 @@ def _read_instaloader_posts(root: Path, videos: str) -> tuple[list[_Post], list[
                 continue
             metadata_files += 1
             post = _Post(parsed.metadata, str(json_path), preferred=True)
+            if _comments_name(stem) in filenames:
+                comments_path = folder / _comments_name(stem)
+                try:
+                    post.comments = parse_instaloader_comments(read_instaloader_json(comments_path))
+                except InvalidPostData as error:
+                    post.comment_problem = (str(comments_path), str(error))
             rejects.extend(_collect_instaloader_slides(post, parsed, slides, videos))
             if not slides:
                 rejects.append(Reject(str(json_path), "no_images", "Post JSON but no image file next to it"))

@@ -20,8 +20,17 @@ from ec_lora_t.data.ingest.common import (
     IngestError,
     IngestResult,
     Reject,
+    SignalRecord,
     _Post,
     _walk,
+)
+from ec_lora_t.data.ingest.insights import (
+    ISSUE_REASONS,
+    InsightsError,
+    PostKey,
+    SignalIssue,
+    match_insights,
+    read_insights,
 )
 from ec_lora_t.data.ingest.instaloader import (
     _INSTALOADER_DATE_STEM,
@@ -75,6 +84,7 @@ def ingest_posts(
     format: str = "auto",
     videos: str = "thumbnail",
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    insights: str | Path | None = None,
 ) -> IngestResult:
     """Read every post under posts_dir into image records and rejects.
 
@@ -82,8 +92,14 @@ def ingest_posts(
     truncated and oversized files are rejected here rather than later in a GPU job.
     Duplicate shortcodes keep one post (the one whose folder/file name is the shortcode,
     else the first by path) and reject the others. Raises :class:`IngestError` only when the
-    folder is missing/empty or has no known layout; an ingest in which every post is
-    rejected still returns, so the caller can write the rejects before failing.
+    folder is missing/empty or has no known layout (or the `insights` table cannot be read
+    at all); an ingest in which every post is rejected still returns, so the caller can write
+    the rejects before failing.
+
+    Signals: every post's likes and comments, then, with an `insights` table (CSV or Parquet,
+    :mod:`ec_lora_t.data.ingest.insights`), its row's numbers; where both give likes or
+    comments the table's win (the account's own figures; a public download may see rounded or
+    hidden counts). Comments' texts come where the export has them.
     """
     root = Path(posts_dir)
     if format not in FORMATS:
@@ -128,6 +144,9 @@ def ingest_posts(
                 )
             )
 
+    ordered = sorted(kept.values(), key=lambda p: (p.metadata.timestamp, p.metadata.shortcode))
+    # 3. Signals, comment texts, and the insights table's numbers joined by shortcode / id / permalink.
+    signals, comments, issues, insights_metrics = _signals_and_comments(ordered, insights)
     records = [
         ImageRecord(
             shortcode=post.metadata.shortcode,
@@ -139,7 +158,7 @@ def ingest_posts(
             post_text=text,
             source_format=source_format,
         )
-        for post in sorted(kept.values(), key=lambda p: (p.metadata.timestamp, p.metadata.shortcode))
+        for post in ordered
         for index, path, text in post.images
     ]
     return IngestResult(
@@ -148,7 +167,51 @@ def ingest_posts(
         rejects=sorted(rejects, key=lambda r: (r.path, r.reason)),
         ignored_files=ignored,
         posts_found=metadata_files,
+        signals=signals,
+        comments=comments,
+        signal_issues=issues,
+        insights_metrics=insights_metrics,
     )
+
+
+def _signals_and_comments(
+    posts: list[_Post], insights: str | Path | None
+) -> tuple[list[SignalRecord], list[tuple[str, int, str]], list[SignalIssue], dict | None]:
+    """(signal rows, comment rows, issues, insights metrics or None) of the kept posts."""
+    table = None
+    if insights is not None:
+        try:
+            table = read_insights(insights)
+        except InsightsError as error:
+            raise IngestError(str(error)) from None
+    issues: list[SignalIssue] = []
+    matched = {}
+    if table is not None:
+        keys = [PostKey(p.metadata.shortcode, p.metadata.post_id, p.source_path) for p in posts]
+        matched, issues = match_insights(table, keys)
+    signals, comments = [], []
+    for post in posts:
+        shortcode = post.metadata.shortcode
+        values = {"likes": (float(post.metadata.likes_count), post.source_path),
+                  "comments": (float(post.metadata.comments_count), post.source_path)}
+        row = matched.get(shortcode)
+        if row is not None:
+            values.update({signal: (value, row.location) for signal, value in row.values.items()})
+        signals.extend(SignalRecord(shortcode, name, value, source) for name, (value, source) in values.items())
+        comments.extend((shortcode, index, text) for index, text in enumerate(post.comments))
+        if post.comment_problem is not None:
+            issues.append(SignalIssue(post.comment_problem[0], shortcode, "malformed_comments", post.comment_problem[1]))
+    metrics = None
+    if table is not None:
+        by_reason = {reason: sum(1 for i in issues if i.reason == reason) for reason in ISSUE_REASONS}
+        metrics = {
+            "rows": len(table.rows),
+            "posts_matched": len(matched),
+            "issues_by_reason": by_reason,
+            # posts that have each signal from the table
+            "posts_by_signal": {name: sum(1 for r in matched.values() if name in r.values) for name in table.signals},
+        }
+    return signals, comments, issues, metrics
 
 
 def _non_hidden_entries(root: Path) -> Iterator[Path]:

@@ -14,6 +14,7 @@ from ec_lora_t.data.fields import (
 )
 from ec_lora_t.data.ingest.common import (
     IMAGE_SUFFIXES,
+    REPORT_COMMENTS_NAME,
     REPORT_METADATA_NAME,
     REPORT_REQUIRED_COLUMNS,
     PostMetadata,
@@ -29,7 +30,8 @@ def parse_report_metadata(text: str, folder_name: str = "") -> PostMetadata:
     """Parse one post's metadata.csv text (report layout).
 
     The header is matched case-insensitively; ``shortcode`` falls back to the folder name
-    when empty or absent; ``caption`` is optional. More than one data row is accepted only
+    when empty or absent; ``caption`` and ``post_id`` (Instagram's media id, which an
+    insights table may be keyed by) are optional. More than one data row is accepted only
     when all rows agree (some exports repeat the post's row once per image).
     """
     try:
@@ -64,6 +66,7 @@ def parse_report_metadata(text: str, folder_name: str = "") -> PostMetadata:
                 comments_count=parse_count(values["comments_count"], "comments_count"),
                 timestamp=parse_timestamp(values["timestamp"], "timestamp"),
                 post_text=clean_text(values.get("caption")),
+                post_id=clean_text(values.get("post_id")),
             )
         )
     if any(record != records[0] for record in records[1:]):
@@ -74,6 +77,21 @@ def parse_report_metadata(text: str, folder_name: str = "") -> PostMetadata:
 
 
 
+def parse_report_comments(text: str) -> tuple[str, ...]:
+    """The texts of a post's comments.csv: one comment per row in a ``text`` (or ``comment``) column."""
+    try:
+        rows = list(csv.DictReader(io.StringIO(text.removeprefix("\ufeff"))))
+    except csv.Error as error:
+        raise InvalidPostData("malformed_metadata", f"not valid CSV ({error})") from None
+    if not rows:
+        return ()
+    columns = {str(name).strip().lower(): name for name in rows[0] if name is not None}
+    column = columns.get("text") or columns.get("comment")
+    if column is None:
+        raise InvalidPostData("malformed_metadata", f"no text or comment column; header is {list(rows[0])}")
+    return tuple(text for row in rows if (text := clean_text(row.get(column))) is not None)
+
+
 def _read_report_posts(root: Path) -> tuple[list[_Post], list[Reject], int, int]:
     """(posts, rejects, ignored files, metadata files found) of a report-layout tree."""
     posts: list[_Post] = []
@@ -81,7 +99,9 @@ def _read_report_posts(root: Path) -> tuple[list[_Post], list[Reject], int, int]
     ignored = metadata_files = 0
     for folder, filenames in _walk(root):
         image_names = [f for f in filenames if f.lower().endswith(IMAGE_SUFFIXES)]
-        other_names = [f for f in filenames if f != REPORT_METADATA_NAME and f not in image_names]
+        other_names = [
+            f for f in filenames if f not in (REPORT_METADATA_NAME, REPORT_COMMENTS_NAME) and f not in image_names
+        ]
         if REPORT_METADATA_NAME not in filenames:
             if image_names:
                 rejects.append(
@@ -102,14 +122,16 @@ def _read_report_posts(root: Path) -> tuple[list[_Post], list[Reject], int, int]
         if not image_names:
             rejects.append(Reject(str(folder), "no_images", "metadata.csv but no image file"))
             continue
-        posts.append(
-            _Post(
-                metadata=metadata,
-                source_path=str(folder),
-                preferred=folder.name == metadata.shortcode,
-                images=[
-                    (index, folder / name, metadata.post_text) for index, name in enumerate(image_names)
-                ],
-            )
+        post = _Post(
+            metadata=metadata,
+            source_path=str(folder),
+            preferred=folder.name == metadata.shortcode,
+            images=[(index, folder / name, metadata.post_text) for index, name in enumerate(image_names)],
         )
+        if REPORT_COMMENTS_NAME in filenames:
+            try:
+                post.comments = parse_report_comments(_read_text(folder / REPORT_COMMENTS_NAME))
+            except InvalidPostData as error:
+                post.comment_problem = (str(folder / REPORT_COMMENTS_NAME), str(error))
+        posts.append(post)
     return posts, rejects, ignored, metadata_files
