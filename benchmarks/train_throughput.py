@@ -54,7 +54,7 @@ from ec_lora_t.training.cache import LatentCache  # noqa: E402
 from ec_lora_t.training.config import TrainingConfig  # noqa: E402
 from ec_lora_t.training.loop import make_accelerator, train_ec_lora  # noqa: E402
 from ec_lora_t.training.objective import noisy_latents  # noqa: E402
-from ec_lora_t.training.precision import COMPUTE_DTYPES, autocast  # noqa: E402
+from ec_lora_t.training.precision import COMPUTE_DTYPES  # noqa: E402
 from stages.params.train import TrainParams, configs_from_params  # noqa: E402
 
 # stable-diffusion-v1-5/stable-diffusion-v1-5, unet/config.json (architecture keys).
@@ -136,17 +136,30 @@ class StepClock:
         return (self.last_images - self.first_images) / (self.last - self.started)
 
 
+def fresh_accelerator_state() -> None:
+    """accelerate's state is process-wide: without a reset a later Accelerator keeps the first
+    one's precision and dynamo backend (a compiled run would follow an eager one uncompiled)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def measure_loop(unet_config, scheduler, cache, lora_config, training, device, warmup) -> dict:
     reset_memory(device)
     torch.manual_seed(0)
     with torch.device(device):
         unet = UNet2DConditionModel(**unet_config)
     clock = StepClock(device, warmup)
+    fresh_accelerator_state()
     with tempfile.TemporaryDirectory() as checkpoints:
         result = train_ec_lora(make_accelerator(training), unet, scheduler, cache, lora_config, training,
                                checkpoints, on_step=clock, log=lambda message: None)
+    # The loop's own steady rate (after its warm-up, checkpoint saving left out) beside this clock's,
+    # and what compiling cost: seconds to the steady state, graphs compiled after it (0: no recompiles).
     figures = {"images_per_second": clock.images_per_second, "whole_run_images_per_second": result.images_per_second,
-               "peak_memory_gb": peak_gb(device), "steps": result.steps, "final_loss": result.final_loss}
+               "loop_steady_images_per_second": result.steady_images_per_second,
+               "peak_memory_gb": peak_gb(device), "steps": result.steps, "final_loss": result.final_loss,
+               "compile": training.compile, **result.extra}
     return figures
 
 
@@ -162,16 +175,27 @@ def measure_step(unet, step, batch_size: int, steps: int, warmup: int, device) -
     return {"images_per_second": steps * batch_size / (time.perf_counter() - started), "peak_memory_gb": peak_gb(device)}
 
 
-def measure_steps(unet_config, scheduler, lora_config, training, batch, device, steps, warmup) -> dict:
-    """The isolated training step of EC-LoRA-T and plain LoRA, and the PEFT anchor."""
+def step_accelerator(device, compile: bool):
+    """As the train loop's: bf16 autocast on a GPU around the prepared UNet's forward and, with
+    `compile`, the UNet compiled by accelerate's dynamo backend."""
     from accelerate import Accelerator
+
+    fresh_accelerator_state()
+    return Accelerator(mixed_precision="bf16" if device.type == "cuda" else "no", cpu=device.type == "cpu",
+                       dynamo_backend="inductor" if compile else "no")
+
+
+def measure_steps(unet_config, scheduler, lora_config, training, batch, device, steps, warmup,
+                  modes=("ec_lora", "plain_lora", "peft_anchor"), compile: bool = False) -> dict:
+    """The isolated training step of EC-LoRA-T and plain LoRA, and the PEFT anchor, each on a UNet
+    prepared by accelerate as the loop's is."""
     from peft import LoraConfig
 
     from ec_lora_t.training.objective import diffusion_training_step
 
     dtype = COMPUTE_DTYPES["bf16" if device.type == "cuda" else "no"]
     results = {}
-    for mode in ("ec_lora", "plain_lora"):
+    for mode in [mode for mode in ("ec_lora", "plain_lora") if mode in modes]:
         reset_memory(device)
         torch.manual_seed(0)
         with torch.device(device):
@@ -180,18 +204,21 @@ def measure_steps(unet_config, scheduler, lora_config, training, batch, device, 
                                     target_modules=lora_config.target_modules,
                                     ecm_granularity=lora_config.ecm_granularity)
         adapter = add_ec_lora(unet, fresh_config, device)
-        accelerator = Accelerator(mixed_precision="bf16" if device.type == "cuda" else "no", cpu=device.type == "cpu")
+        accelerator = step_accelerator(device, compile)
+        runner = accelerator.prepare_model(unet)
         trainable = adapter.lora_parameters() + (list(adapter.ecm.parameters()) if mode == "ec_lora" else [])
         optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=device.type == "cuda")
         generator = torch.Generator(device).manual_seed(0)
 
         def step() -> None:
-            diffusion_training_step(accelerator, unet, adapter, adapter.ecm, scheduler, batch, generator, mode=mode,
+            diffusion_training_step(accelerator, runner, adapter, adapter.ecm, scheduler, batch, generator, mode=mode,
                                     caption_dropout=training.caption_dropout, snr_gamma=training.snr_gamma)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
         results[f"step:{mode}"] = measure_step(unet, step, batch["latent_mean"].shape[0], steps, warmup, device)
+    if "peft_anchor" not in modes:
+        return results
     # The anchor: diffusers' own PEFT integration, the same targets, rank and alpha.
     reset_memory(device)
     torch.manual_seed(0)
@@ -204,12 +231,12 @@ def measure_steps(unet_config, scheduler, lora_config, training, batch, device, 
         parameter.data = parameter.data.float()  # fp32 master weights, as ours
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=device.type == "cuda")
     generator = torch.Generator(device).manual_seed(0)
+    runner = step_accelerator(device, compile).prepare_model(unet)
 
     def peft_step() -> None:
         noisy = noisy_latents(batch["latent_mean"], batch["latent_std"], scheduler, generator)
-        with autocast(device, "auto"):
-            prediction = unet(noisy.noisy_latents.to(dtype), noisy.timesteps,
-                              encoder_hidden_states=batch["text_embeddings"].to(dtype), return_dict=False)[0]
+        prediction = runner(noisy.noisy_latents.to(dtype), noisy.timesteps,
+                            encoder_hidden_states=batch["text_embeddings"].to(dtype), return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(prediction.float(), noisy.target)
         loss.backward()
         optimizer.step()
@@ -282,8 +309,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=8, help="untimed steps first")
     parser.add_argument("--sample-steps", type=int, default=20)
-    parser.add_argument("--parts", default="loop,step,memory,sample", help="comma-separated subset")
+    parser.add_argument("--parts", default="loop,step,memory,sample",
+                        help="comma-separated subset; anchor: the PEFT anchor alone (step includes it)")
     parser.add_argument("--tiny", action="store_true", help="a narrow model for a CPU smoke check")
+    parser.add_argument("--compile", choices=("params", "auto", "yes", "no"), default="params",
+                        help="train.compile for every part: params.yaml's (default), or this value")
     parser.add_argument("--out", type=Path, default=None, help="JSON to write (a .md table beside it)")
     args = parser.parse_args(argv)
 
@@ -301,6 +331,10 @@ def main(argv: list[str] | None = None) -> dict:
     # params.yaml's train section, as the train stage reads it; batch and length set here.
     train_params = yaml.safe_load((REPO / "params.yaml").read_text())["train"]
     lora_config, training = configs_from_params(TrainParams.model_validate(train_params))
+    if args.compile != "params":
+        training = TrainingConfig(**{**training.__dict__, "compile": args.compile})
+    # The isolated steps and the anchor compile when the loop does (make_accelerator's rule).
+    compile_steps = training.compile == "yes" or (training.compile == "auto" and device.type == "cuda")
     steps_per_epoch = 8
     cache = synthetic_cache(batch_size * steps_per_epoch, latent_size, unet_config["cross_attention_dim"])
     epochs = -(-(args.steps + args.warmup) // steps_per_epoch)
@@ -321,11 +355,13 @@ def main(argv: list[str] | None = None) -> dict:
             results[f"loop:{conditioning}"] = measure_loop(unet_config, scheduler, cache, lora_config,
                                                            run(conditioning=conditioning), device, args.warmup)
             save(results)
-    if "step" in parts:
+    if "step" in parts or "anchor" in parts:
         generator = torch.Generator().manual_seed(1)
         index = torch.randperm(len(cache), generator=generator)[:batch_size]
         batch = {name: getattr(cache, name)[index].to(device) for name in cache.tensor_names()}
-        results |= measure_steps(unet_config, scheduler, lora_config, run(), batch, device, args.steps, args.warmup)
+        modes = ("ec_lora", "plain_lora", "peft_anchor") if "step" in parts else ("peft_anchor",)
+        results |= measure_steps(unet_config, scheduler, lora_config, run(), batch, device, args.steps, args.warmup,
+                                 modes=modes, compile=compile_steps)
         save(results)
     if "memory" in parts:
         small = synthetic_cache(4 * steps_per_epoch, latent_size, unet_config["cross_attention_dim"])
@@ -346,7 +382,8 @@ def main(argv: list[str] | None = None) -> dict:
         "model": "tiny" if args.tiny else "sd15", "resolution": resolution, "batch_size": batch_size,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "diffusers": diffusers.__version__, "warmup_steps": args.warmup,
-        "timed_steps": args.steps, "train_params": train_params, "results": results,
+        "timed_steps": args.steps, "train_params": train_params, "compile": training.compile,
+        "steps_compiled": compile_steps, "date": time.strftime("%Y-%m-%d"), "results": results,
     }
     loop, plain = results.get("loop:ec_lora"), results.get("loop:plain_lora")
     if loop and plain:
