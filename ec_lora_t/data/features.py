@@ -1,487 +1,44 @@
 """Engagement and time features (report sections 3.4 and 3.5).
 
 ``total_engagement`` is a weighted sum of named signals, by default the report's
-``likes + 3 * comments`` (:data:`DEFAULT_SIGNAL_WEIGHTS`); any signal ingest found (saves,
+``likes + 3 * comments`` (``signals.DEFAULT_SIGNAL_WEIGHTS``); any signal ingest found (saves,
 shares, views, a business export's other numbers, comment sentiment) can take part. With a
 denominator (``per``: reach, impressions or views) it is an engagement *rate*: weighted
 interactions per account reached, the industry's figure, so a post that reached few people
 and was liked by most of them counts as the better post it was. A post that lacks a signal
 the engagement needs, or whose denominator is 0, is left out and reported
-(:func:`build_feature_table`), never counted as 0. The engagement is scaled to [0, 1] by
-one of four normalisations:
-
-* ``minmax``: the report's min-max scaling;
-* ``log_minmax``: min-max of ``log1p(total_engagement)``, for heavy-tailed engagement where a
-  few viral posts would squeeze every other post near 0;
-* ``rank``: the post's mid-rank among the training posts (ties share the average rank),
-  min-max scaled to [0, 1]; new values between training values are interpolated linearly;
-* ``detrended``: min-max of the residual of ``log1p(total_engagement)`` after a robust
-  (Theil-Sen) line in time: how well a post did *for its time*. A growing audience lifts every later post;
-  the report's min-max then ties engagement to time (late posts score high whatever they show),
-  so "high engagement now" asks for pictures the creator never posted at that time. The
-  residual is engagement relative to the audience the creator had when posting (an
-  engagement rate without a follower count).
-
-``days_since_earliest_post`` (fractional days) is min-max scaled into ``normalized_time``.
-The vector ``engagement_time = [normalized_engagement, normalized_time]`` feeds the ECM.
-
-Statistics are fitted per post, not per image: a ten-slide carousel is one post and must not
-count ten times in a rank. Degenerate data has a defined result instead of a division by
-zero: when all training posts share one engagement value, or their times span less than
-:data:`MIN_TIME_SPAN_DAYS`, that component is :data:`DEGENERATE_LEVEL` (0.5, the middle of
-the range: "no information") for every post and every later query.
-
-:class:`EngagementTimeNormalizer` holds the fitted statistics, is saved as JSON, and turns a
-user's raw numbers into the vector::
-
-    EngagementTimeNormalizer.from_json(path).vector(likes=5000, comments=120, date="2025-06-01")
+(:mod:`ec_lora_t.data.signals`), never counted as 0. The engagement and the time are scaled
+to [0, 1] by :class:`EngagementTimeNormalizer` (:mod:`ec_lora_t.data.normalizer`, which
+describes the four normalisations and the degenerate cases); :func:`build_feature_table`
+fits it per post and adds the vector
+``engagement_time = [normalized_engagement, normalized_time]`` to every captioned image.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from scipy import stats
 
-from ec_lora_t.data.fields import parse_timestamp
-from ec_lora_t.data.schemas import FEATURES_SCHEMA, LEFT_OUT_SCHEMA
-
-NORMALIZATIONS = ("minmax", "log_minmax", "rank", "detrended")
-DEFAULT_COMMENT_WEIGHT = 3.0
-# The report's formula (3.4.1): likes + 3 x comments.
-DEFAULT_SIGNAL_WEIGHTS = {"likes": 1.0, "comments": DEFAULT_COMMENT_WEIGHT}
-# Signals an engagement rate may be taken per (interactions per account reached / per view).
-DENOMINATORS = ("reach", "impressions", "views")
-# Why a post is left out of the features table (the `left_out.parquet` reasons).
-LEFT_OUT_REASONS = ("missing_signal", "zero_denominator")
-DEGENERATE_LEVEL = 0.5
-# Posts within less than a day of each other carry no time trend worth a [0, 1] axis.
-MIN_TIME_SPAN_DAYS = 1.0
-SECONDS_PER_DAY = 86_400.0
-# 2: the engagement's `signals` (name -> weight) and `per` replace `comment_weight`; version 1
-# files (likes + comment_weight x comments) are still read.
-STATS_FORMAT_VERSION = 2
-# Signals that may be negative: a sentiment score is in [-1, 1]; counts never are.
-SIGNED_SIGNALS = ("sentiment",)
-
-
-def total_engagement(likes: Any, comments: Any, comment_weight: float = DEFAULT_COMMENT_WEIGHT) -> np.ndarray:
-    """``likes + comment_weight * comments`` (report 3.4.1), float64."""
-    return weighted_engagement({"likes": likes, "comments": comments}, {"likes": 1.0, "comments": comment_weight})
-
-
-def weighted_engagement(signals: Mapping[str, Any], weights: Mapping[str, float], per: str | None = None) -> np.ndarray:
-    """``sum(weight * signal) [/ signals[per]]``, float64, summed in the order of `weights`.
-
-    The report's ``likes + 3 * comments`` comes out bit for bit as before: ``0 + 1.0 * likes``
-    is ``likes``, then ``+ 3.0 * comments``. Counts must be non-negative (a sentiment score
-    may be negative); a denominator must be positive (the caller leaves out posts whose is 0).
-    """
-    missing = [name for name in [*weights, *([per] if per else [])] if name not in signals]
-    if missing:
-        raise ValueError(f"the engagement {describe_engagement(weights, per)} needs signal(s) {missing}")
-    total: Any = 0.0
-    for name, weight in weights.items():
-        values = np.asarray(signals[name], dtype=np.float64)
-        if name not in SIGNED_SIGNALS and np.any(values < 0):
-            raise ValueError(f"{name} must be non-negative")
-        total = total + float(weight) * values
-    total = np.asarray(total, dtype=np.float64)
-    if per is not None:
-        denominator = np.asarray(signals[per], dtype=np.float64)
-        if np.any(~(denominator > 0)):
-            raise ValueError(f"{per} must be positive to divide by it")
-        total = total / denominator
-    return total
-
-
-def describe_engagement(weights: Mapping[str, float], per: str | None = None) -> str:
-    """The formula as text: ``likes + 3 x comments``, ``(likes + saves) / reach``."""
-    terms = " + ".join(name if float(w) == 1 else f"{float(w):g} x {name}" for name, w in weights.items())
-    if per is None:
-        return terms
-    return f"({terms}) / {per}" if len(weights) > 1 or "x" in terms else f"{terms} / {per}"
-
-
-def _to_utc_seconds(dates: Any) -> np.ndarray:
-    """Seconds since the epoch (float64) of one date or a sequence of dates.
-
-    Strings, numbers and datetimes are read by :func:`ec_lora_t.data.ingest.parse_timestamp`
-    (naive times are UTC), so a query date means what a metadata timestamp means.
-    """
-    if isinstance(dates, pd.Series) and pd.api.types.is_datetime64_any_dtype(dates):
-        series = dates.dt.tz_localize("UTC") if dates.dt.tz is None else dates.dt.tz_convert("UTC")
-        return (series - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy(dtype=np.float64)
-    if isinstance(dates, (str, bytes)) or not isinstance(dates, (Sequence, np.ndarray, pd.Series, pd.Index)):
-        dates = [dates]
-    return np.array([parse_timestamp(date, "date").timestamp() for date in dates], dtype=np.float64)
-
-
-@dataclass(frozen=True)
-class VectorQuery:
-    """Raw numbers turned into the `engagement_time` vector (`EngagementTimeNormalizer.query`)."""
-
-    likes: float
-    comments: float
-    date: str  # ISO 8601, UTC
-    total_engagement: float
-    unclipped: tuple[float, float]  # the normalised values before clipping (rank saturates anyway)
-    vector: tuple[float, float]  # clipped into [0, 1]: what the ECM gets
-    warnings: tuple[str, ...]  # one line per clipped component
-    signals: tuple[tuple[str, float], ...] = ()  # every raw signal the engagement read
-
-    def metadata(self) -> dict[str, Any]:
-        """What a generated PNG records about the vector's origin, raw and clipped."""
-        extra = {f"raw_{name}": value for name, value in self.signals if name not in ("likes", "comments")}
-        return {
-            "raw_likes": self.likes, "raw_comments": self.comments, **extra, "raw_date": self.date,
-            "raw_total_engagement": self.total_engagement, "unclipped_engagement_time": list(self.unclipped),
-            "clipped": bool(self.warnings),
-        }
-
-
-@dataclass(frozen=True)
-class EngagementTimeNormalizer:
-    """Fitted statistics that map raw engagement and dates to ``engagement_time``.
-
-    ``engagement_low``/``engagement_high`` are the range in the normalisation's own space
-    (raw totals for minmax, ``log1p`` of them for log_minmax, the residual of ``log1p`` after
-    the time trend for detrended). For rank, ``rank_values`` are the distinct training totals,
-    ascending, and ``rank_levels`` their normalised mid-ranks. For detrended,
-    ``engagement_trend`` is (intercept, slope per day) of ``log1p`` on days since the first post.
-    ``signal_weights`` ((name, weight) pairs, in summing order) and ``per`` say what the
-    total engagement is (:func:`weighted_engagement`).
-    """
-
-    signal_weights: tuple[tuple[str, float], ...]
-    normalization: str
-    engagement_low: float
-    engagement_high: float
-    earliest_timestamp: pd.Timestamp  # UTC, day 0 of days_since_earliest_post
-    span_days: float  # days from the earliest to the latest training post
-    num_posts: int
-    rank_values: tuple[float, ...] = field(default=(), repr=False)
-    rank_levels: tuple[float, ...] = field(default=(), repr=False)
-    engagement_trend: tuple[float, ...] = ()
-    per: str | None = None
-
-    # -- fitting ------------------------------------------------------------------------
-
-    @classmethod
-    def fit(
-        cls,
-        likes: Any,
-        comments: Any,
-        timestamps: Any,
-        comment_weight: float = DEFAULT_COMMENT_WEIGHT,
-        normalization: str = "minmax",
-    ) -> "EngagementTimeNormalizer":
-        """Fit the report's ``likes + comment_weight * comments`` on one entry per post."""
-        if not comment_weight >= 0:
-            raise ValueError(f"comment_weight must be >= 0, got {comment_weight!r}")
-        return cls.fit_signals(
-            {"likes": likes, "comments": comments}, timestamps, {"likes": 1.0, "comments": comment_weight},
-            normalization=normalization,
-        )
-
-    @classmethod
-    def fit_signals(
-        cls,
-        signals: Mapping[str, Any],
-        timestamps: Any,
-        weights: Mapping[str, float] = DEFAULT_SIGNAL_WEIGHTS,
-        per: str | None = None,
-        normalization: str = "minmax",
-    ) -> "EngagementTimeNormalizer":
-        """Fit on one entry per post (deduplicate carousels before calling).
-
-        `signals`: name -> one value per post; `weights`: name -> weight of the signals that
-        make the engagement; `per`: the signal it is divided by (an engagement rate), or None.
-        """
-        if normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-        if not weights:
-            raise ValueError("the engagement needs at least one signal")
-        if per is not None and per not in DENOMINATORS:
-            raise ValueError(f"per must be one of {DENOMINATORS} or None, got {per!r}")
-        totals = weighted_engagement(signals, weights, per)
-        if normalization in ("log_minmax", "detrended") and np.any(totals <= -1):
-            raise ValueError(
-                f"the engagement {describe_engagement(weights, per)} is {totals.min():g} <= -1 for a post, and "
-                f"{normalization} takes log1p of it: use minmax or rank, or weigh the signed signal less"
-            )
-        seconds = _to_utc_seconds(timestamps)
-        if totals.size == 0 or totals.size != seconds.size:
-            raise ValueError(f"need one timestamp per post and at least one post, got {totals.size} and {seconds.size}")
-        values = np.log1p(totals) if normalization in ("log_minmax", "detrended") else totals
-        rank_values: tuple[float, ...] = ()
-        rank_levels: tuple[float, ...] = ()
-        trend: tuple[float, ...] = ()
-        if normalization == "rank":
-            distinct, levels = _mid_rank_levels(totals)
-            rank_values, rank_levels = tuple(distinct.tolist()), tuple(levels.tolist())
-        earliest = float(seconds.min())
-        if normalization == "detrended":
-            days = (seconds - earliest) / SECONDS_PER_DAY
-            if np.ptp(days) >= MIN_TIME_SPAN_DAYS:
-                # Theil-Sen (median of pairwise slopes): a few viral posts must not tilt the trend.
-                slope, intercept = stats.theilslopes(values, days)[:2]
-            else:  # no time span to fit a trend on: nothing to remove
-                slope, intercept = 0.0, float(values.mean())
-            trend = (float(intercept), float(slope))
-            values = values - (intercept + slope * days)
-        return cls(
-            signal_weights=tuple((str(name), float(weight)) for name, weight in weights.items()),
-            normalization=normalization,
-            engagement_low=float(values.min()),
-            engagement_high=float(values.max()),
-            earliest_timestamp=pd.Timestamp(earliest, unit="s", tz="UTC").floor("us"),
-            span_days=(float(seconds.max()) - earliest) / SECONDS_PER_DAY,
-            num_posts=int(totals.size),
-            rank_values=rank_values,
-            rank_levels=rank_levels,
-            engagement_trend=trend,
-            per=per,
-        )
-
-    # -- properties of the fit ------------------------------------------------------------
-
-    @property
-    def engagement_is_degenerate(self) -> bool:
-        return self.engagement_high <= self.engagement_low
-
-    @property
-    def time_is_degenerate(self) -> bool:
-        return self.span_days < MIN_TIME_SPAN_DAYS
-
-    @property
-    def weights(self) -> dict[str, float]:
-        return dict(self.signal_weights)
-
-    @property
-    def comment_weight(self) -> float:
-        """The weight of comments (0 when the engagement does not count them)."""
-        return self.weights.get("comments", 0.0)
-
-    @property
-    def formula(self) -> str:
-        """What the total engagement is, as text: ``likes + 3 x comments``."""
-        return describe_engagement(self.weights, self.per)
-
-    def signals_needed(self) -> tuple[str, ...]:
-        """Every signal a query must give: the weighted ones and the denominator."""
-        return tuple(self.weights) + ((self.per,) if self.per else ())
-
-    def total(self, signals: Mapping[str, Any]) -> np.ndarray:
-        """Total engagement (float64) of raw signals (name -> values)."""
-        return weighted_engagement(signals, self.weights, self.per)
-
-    # -- transforms ---------------------------------------------------------------------
-
-    def normalize_engagement(self, totals: Any, clip: bool = True, dates: Any = None) -> np.ndarray:
-        """normalized_engagement (float64) of total engagement values (posted on `dates`:
-        needed by detrended, whose engagement is relative to the time's trend)."""
-        totals = np.asarray(totals, dtype=np.float64)
-        if self.engagement_is_degenerate:
-            return np.full(totals.shape, DEGENERATE_LEVEL)
-        if self.normalization == "rank":
-            # np.interp holds the end levels (0 and 1) outside the training range.
-            return np.interp(totals, self.rank_values, self.rank_levels)
-        values = np.log1p(totals) if self.normalization in ("log_minmax", "detrended") else totals
-        if self.normalization == "detrended":
-            if dates is None:
-                raise ValueError("detrended engagement is relative to the post's time: give its dates")
-            intercept, slope = self.engagement_trend
-            values = values - (intercept + slope * self.days_since_earliest(dates))
-        scaled = (values - self.engagement_low) / (self.engagement_high - self.engagement_low)
-        return np.clip(scaled, 0.0, 1.0) if clip else scaled
-
-    def days_since_earliest(self, dates: Any) -> np.ndarray:
-        """days_since_earliest_post (fractional, float64); negative before the first post."""
-        return (_to_utc_seconds(dates) - self.earliest_timestamp.timestamp()) / SECONDS_PER_DAY
-
-    def normalize_time(self, dates: Any, clip: bool = True) -> np.ndarray:
-        """normalized_time (float64) of dates (strings, datetimes, epoch numbers)."""
-        days = self.days_since_earliest(dates)
-        if self.time_is_degenerate:
-            return np.full(days.shape, DEGENERATE_LEVEL)
-        scaled = days / self.span_days
-        return np.clip(scaled, 0.0, 1.0) if clip else scaled
-
-    def _query_signals(self, likes: float | None, comments: float | None, signals: Mapping[str, float] | None) -> dict[str, float]:
-        """The raw signals of one query: `signals`, with `likes`/`comments` given apart (0 when
-        the engagement does not read them); a signal the engagement needs must be given."""
-        values = {"likes": 0.0 if likes is None else float(likes), "comments": 0.0 if comments is None else float(comments)}
-        values.update({name: float(value) for name, value in (signals or {}).items()})
-        missing = [name for name in self.signals_needed() if name not in values]
-        if missing:
-            raise ValueError(f"the engagement is {self.formula}: give {', '.join(missing)} too")
-        return values
-
-    def vector(
-        self, likes: float | None = None, comments: float | None = 0, date: Any = None, clip: bool = True,
-        signals: Mapping[str, float] | None = None,
-    ) -> np.ndarray:
-        """The ``engagement_time`` vector (float32, shape (2,)) of raw numbers.
-
-        ``likes``/``comments`` or ``signals`` (name -> raw value, e.g. ``{"saves": 40,
-        "reach": 900}``) give the engagement's signals. ``date`` is an ISO string
-        (``"2025-06-01"``), a datetime or an epoch number; None means the latest training
-        post. Values beyond the training range saturate at 0 or 1 unless ``clip=False``
-        (rank always saturates: it has no scale to extrapolate).
-        """
-        if date is None:
-            date = self.earliest_timestamp + pd.Timedelta(days=self.span_days)
-        values = self._query_signals(likes, comments, signals)
-        engagement = self.normalize_engagement(self.total({k: [v] for k, v in values.items()}), clip, [date])
-        time = self.normalize_time(date, clip)
-        return np.array([engagement[0], time[0]], dtype=np.float32)
-
-    def query(
-        self, likes: float | None = None, comments: float | None = 0, date: Any = None,
-        signals: Mapping[str, float] | None = None,
-    ) -> VectorQuery:
-        """The vector of raw numbers, what it was before clipping into [0, 1], and why it was clipped.
-
-        A query outside the training posts' range has no trained meaning: its vector is
-        clipped to the nearest end, and `warnings` say by how much (for the CLI to print, and
-        `metadata()` for the PNG to record).
-        """
-        if date is None:
-            date = self.earliest_timestamp + pd.Timedelta(days=self.span_days)
-        moment = pd.Timestamp(_to_utc_seconds(date)[0], unit="s", tz="UTC")
-        values = self._query_signals(likes, comments, signals)
-        total = float(self.total({k: [v] for k, v in values.items()})[0])
-        unclipped = self.vector(date=moment, clip=False, signals=values)
-        warnings = []
-        low, high = self._engagement_range(moment)
-        if not self.engagement_is_degenerate and not low <= total <= high:
-            side = "above" if total > high else "below"
-            given = ", ".join(f"{name} {values[name]:g}" for name in self.signals_needed())
-            warnings.append(
-                f"total engagement {total:g} ({self.formula}: {given}) is "
-                f"{side} the training posts' range [{low:g}, {high:g}]: normalized_engagement "
-                f"{unclipped[0]:.3g} clipped to {min(max(float(unclipped[0]), 0.0), 1.0):g}"
-            )
-        last = self.earliest_timestamp + pd.Timedelta(days=self.span_days)
-        if not self.time_is_degenerate and not self.earliest_timestamp <= moment <= last:
-            side = "after the latest" if moment > last else "before the earliest"
-            warnings.append(
-                f"date {moment.date()} is {side} training post ({self.earliest_timestamp.date()} to {last.date()}): "
-                f"normalized_time {unclipped[1]:.3g} clipped to {min(max(float(unclipped[1]), 0.0), 1.0):g}"
-            )
-        return VectorQuery(
-            likes=values["likes"], comments=values["comments"], date=moment.isoformat(), total_engagement=total,
-            unclipped=(float(unclipped[0]), float(unclipped[1])),
-            vector=(min(max(float(unclipped[0]), 0.0), 1.0), min(max(float(unclipped[1]), 0.0), 1.0)),
-            warnings=tuple(warnings),
-            signals=tuple((name, values[name]) for name in self.signals_needed()),
-        )
-
-    def _engagement_range(self, moment: pd.Timestamp) -> tuple[float, float]:
-        """The total engagement that maps to 0 and to 1 at `moment` (the training posts' range;
-        detrended: their range relative to the trend, moved to the trend's level at `moment`)."""
-        if self.normalization == "rank":
-            return self.rank_values[0], self.rank_values[-1]
-        if self.normalization == "log_minmax":
-            return float(np.expm1(self.engagement_low)), float(np.expm1(self.engagement_high))
-        if self.normalization == "detrended":
-            intercept, slope = self.engagement_trend
-            trend = intercept + slope * float(self.days_since_earliest([moment])[0])
-            return float(np.expm1(self.engagement_low + trend)), float(np.expm1(self.engagement_high + trend))
-        return self.engagement_low, self.engagement_high
-
-    # -- persistence --------------------------------------------------------------------
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "format_version": STATS_FORMAT_VERSION,
-            "signals": self.weights,
-            "per": self.per,
-            "formula": self.formula,
-            "normalization": self.normalization,
-            "num_posts": self.num_posts,
-            "engagement": {
-                "low": self.engagement_low,
-                "high": self.engagement_high,
-                "space": {"log_minmax": "log1p(total_engagement)",
-                          "detrended": "log1p(total_engagement) - (trend[0] + trend[1] * days_since_earliest_post)",
-                          }.get(self.normalization, "total_engagement"),
-                "trend": list(self.engagement_trend),
-                "degenerate": self.engagement_is_degenerate,
-                "rank_values": list(self.rank_values),
-                "rank_levels": list(self.rank_levels),
-            },
-            "time": {
-                "earliest_timestamp": self.earliest_timestamp.isoformat(),
-                "span_days": self.span_days,
-                "degenerate": self.time_is_degenerate,
-            },
-            "degenerate_level": DEGENERATE_LEVEL,
-            "min_time_span_days": MIN_TIME_SPAN_DAYS,
-        }
-
-    @classmethod
-    def from_dict(cls, stats: dict[str, Any]) -> "EngagementTimeNormalizer":
-        version = stats.get("format_version")
-        if version not in (1, STATS_FORMAT_VERSION):
-            raise ValueError(f"normalisation statistics format {version!r}, expected {STATS_FORMAT_VERSION}")
-        engagement, time = stats["engagement"], stats["time"]
-        if version == 1:  # likes + comment_weight x comments
-            weights = {"likes": 1.0, "comments": float(stats["comment_weight"])}
-        else:
-            weights = {str(name): float(weight) for name, weight in stats["signals"].items()}
-        per = stats.get("per")
-        if per is not None and per not in DENOMINATORS:
-            raise ValueError(f"per must be one of {DENOMINATORS} or null, got {per!r}")
-        return cls(
-            signal_weights=tuple(weights.items()),
-            per=per,
-            normalization=stats["normalization"],
-            engagement_low=float(engagement["low"]),
-            engagement_high=float(engagement["high"]),
-            earliest_timestamp=pd.Timestamp(time["earliest_timestamp"]).tz_convert("UTC"),
-            span_days=float(time["span_days"]),
-            num_posts=int(stats["num_posts"]),
-            rank_values=tuple(float(v) for v in engagement.get("rank_values", [])),
-            rank_levels=tuple(float(v) for v in engagement.get("rank_levels", [])),
-            engagement_trend=tuple(float(v) for v in engagement.get("trend", [])),
-        )
-
-    def to_json(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "EngagementTimeNormalizer":
-        path = Path(path)
-        try:
-            stats = json.loads(path.read_text())
-            return cls.from_dict(stats)
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"{path}: not usable normalisation statistics ({error})") from error
-
-
-def _mid_rank_levels(totals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct values (ascending) and their mid-ranks min-max scaled to [0, 1].
-
-    Tied posts share the average of the ranks they occupy; the smallest value gets 0 and
-    the largest 1 even when tied. One distinct value is the degenerate case (handled by
-    the caller).
-    """
-    distinct, counts = np.unique(totals, return_counts=True)
-    if distinct.size == 1:
-        return distinct, np.array([DEGENERATE_LEVEL])
-    first_rank = np.concatenate([[0], np.cumsum(counts)[:-1]])  # 0-based rank of each group's first
-    mid_rank = first_rank + (counts - 1) / 2.0
-    return distinct, (mid_rank - mid_rank[0]) / (mid_rank[-1] - mid_rank[0])
+from ec_lora_t.data.schemas import FEATURES_SCHEMA
+# The normaliser and the signals are modules of their own; their public names are imported here
+# too, for the callers (app, cli, tests) that know them as `ec_lora_t.data.features.*`.
+from ec_lora_t.data.normalizer import DEGENERATE_LEVEL, NORMALIZATIONS, EngagementTimeNormalizer  # noqa: F401
+from ec_lora_t.data.signals import (  # noqa: F401
+    DEFAULT_COMMENT_WEIGHT,
+    DENOMINATORS,
+    LEFT_OUT_REASONS,
+    count_left_out,
+    describe_engagement,
+    left_out_table,
+    posts_left_out,
+    signal_columns,
+    signals_from_posts,
+    total_engagement,
+)
 
 
 @dataclass
@@ -492,40 +49,38 @@ class FeatureResult:
     left_out: pa.Table  # LEFT_OUT_SCHEMA: one row per post left out, with why
 
 
-def signals_from_posts(posts: pd.DataFrame) -> pd.DataFrame:
-    """The export's likes and comments as a signals table (SIGNALS_SCHEMA), one row per post and signal."""
-    per_post = posts.drop_duplicates("shortcode")
-    frames = [
-        pd.DataFrame({"shortcode": per_post["shortcode"], "signal": name,
-                      "value": per_post[column].astype(np.float64), "source": "posts table"})
-        for name, column in (("likes", "likes_count"), ("comments", "comments_count"))
-    ]
-    return pd.concat(frames, ignore_index=True)
+CAPTION_COLUMNS = ["image_path", "image_sha256", "caption", "season", "full_caption"]
 
 
-def signal_columns(signals: pd.DataFrame, shortcodes: Sequence[str], names: Sequence[str]) -> pd.DataFrame:
-    """Wide table: one row per shortcode (in the given order), one float64 column per name (NaN: absent).
-
-    Raises when a name is in no post at all (a misspelt signal is a params error, not
-    thousands of missing values) or when one post has a signal twice (from two sources).
-    """
-    missing = [c for c in ("shortcode", "signal", "value") if c not in signals]
+def _captioned_images(posts: pd.DataFrame, captions: pd.DataFrame) -> pd.DataFrame:
+    """The posts table's images that have a caption, with it, in time order (one row per image)."""
+    missing = [c for c in ("shortcode", "image_path", "likes_count", "comments_count", "timestamp") if c not in posts]
     if missing:
-        raise ValueError(f"signals table lacks column(s) {missing}")
-    duplicated = signals[signals.duplicated(["shortcode", "signal"], keep=False)]
-    if not duplicated.empty:
-        first = duplicated.iloc[0]
-        sources = duplicated.loc[(duplicated["shortcode"] == first["shortcode"]) & (duplicated["signal"] == first["signal"]),
-                                 "source"] if "source" in duplicated else []
-        raise ValueError(f"post {first['shortcode']} has signal {first['signal']!r} more than once "
-                         f"(from {', '.join(map(str, sources))})")
-    found = sorted(set(signals["signal"]))
-    unknown = [name for name in names if name not in found]
-    if unknown:
-        raise ValueError(f"signal(s) {unknown} are in no post; the signals found are {found} "
-                         "(ingest.insights adds a business export's, the sentiment stage adds sentiment)")
-    wide = signals[signals["signal"].isin(list(names))].pivot(index="shortcode", columns="signal", values="value")
-    return wide.reindex(index=list(shortcodes), columns=list(names)).astype(np.float64)
+        raise ValueError(f"posts table lacks column(s) {missing}")
+    missing = [c for c in CAPTION_COLUMNS if c not in captions]
+    if missing:
+        raise ValueError(f"captions table lacks column(s) {missing}")
+    table = posts.merge(captions[CAPTION_COLUMNS], on="image_path", how="inner", validate="one_to_one")
+    if table.empty:
+        raise ValueError("no image of the posts table has a caption: nothing to train on")
+    return table.sort_values(["timestamp", "shortcode", "image_index"], kind="stable").reset_index(drop=True)
+
+
+def _add_features(table: pd.DataFrame, normalizer: EngagementTimeNormalizer, values: pd.DataFrame) -> pa.Table:
+    """The FEATURES_SCHEMA table: each image with its post's engagement and time, raw and normalised."""
+    needed = list(values.columns)
+    table["total_engagement"] = normalizer.total({name: values.loc[table["shortcode"], name].to_numpy() for name in needed})
+    table["normalized_engagement"] = normalizer.normalize_engagement(
+        table["total_engagement"], dates=table["timestamp"]
+    ).astype(np.float32)
+    table["days_since_earliest_post"] = normalizer.days_since_earliest(table["timestamp"])
+    table["normalized_time"] = normalizer.normalize_time(table["timestamp"]).astype(np.float32)
+    table["engagement_time"] = list(table[["normalized_engagement", "normalized_time"]].to_numpy(np.float32))
+    if "post_text" not in table:
+        table["post_text"] = None
+    if "source_format" not in table:
+        table["source_format"] = "unknown"
+    return pa.Table.from_pandas(table[FEATURES_SCHEMA.names], schema=FEATURES_SCHEMA, preserve_index=False)
 
 
 def build_feature_table(
@@ -551,30 +106,15 @@ def build_feature_table(
         raise ValueError("give either weights or comment_weight, not both")
     if weights is None:
         weights = {"likes": 1.0, "comments": DEFAULT_COMMENT_WEIGHT if comment_weight is None else comment_weight}
-    missing = [c for c in ("shortcode", "image_path", "likes_count", "comments_count", "timestamp") if c not in posts]
-    if missing:
-        raise ValueError(f"posts table lacks column(s) {missing}")
-    caption_columns = ["image_path", "image_sha256", "caption", "season", "full_caption"]
-    missing = [c for c in caption_columns if c not in captions]
-    if missing:
-        raise ValueError(f"captions table lacks column(s) {missing}")
-    table = posts.merge(captions[caption_columns], on="image_path", how="inner", validate="one_to_one")
-    if table.empty:
-        raise ValueError("no image of the posts table has a caption: nothing to train on")
-    table = table.sort_values(["timestamp", "shortcode", "image_index"], kind="stable").reset_index(drop=True)
+    # 1. The captioned images.
+    table = _captioned_images(posts, captions)
     images_without_caption = int(len(posts) - len(table))
 
-    # 1. Each post's signals; posts that lack one, or whose denominator is 0, are left out.
+    # 2. Each post's signals; posts that lack one, or whose denominator is 0, are left out.
     needed = list(weights) + ([per] if per else [])
     captioned_posts = table["shortcode"].drop_duplicates().tolist()
     values = signal_columns(signals_from_posts(posts) if signals is None else signals, captioned_posts, needed)
-    left_out = []
-    for shortcode, row in values.iterrows():
-        absent = [name for name in needed if np.isnan(row[name])]
-        if absent:
-            left_out.append((shortcode, "missing_signal", f"no {', '.join(absent)} for this post"))
-        elif per is not None and row[per] == 0:
-            left_out.append((shortcode, "zero_denominator", f"{per} is 0: no engagement rate"))
+    left_out = posts_left_out(values, needed, per)
     dropped = {shortcode for shortcode, _, _ in left_out}
     table = table[~table["shortcode"].isin(dropped)].reset_index(drop=True)
     if table.empty:
@@ -582,25 +122,15 @@ def build_feature_table(
                          f"(first: {left_out[0][0]}: {left_out[0][2]})")
     values = values.drop(index=list(dropped))
 
-    # 2. Fit per post, then apply per image.
+    # 3. Fit per post, then apply per image.
     per_post = table.drop_duplicates("shortcode")
     normalizer = EngagementTimeNormalizer.fit_signals(
         {name: values.loc[per_post["shortcode"], name].to_numpy() for name in needed},
         per_post["timestamp"], weights, per, normalization,
     )
-    table["total_engagement"] = normalizer.total({name: values.loc[table["shortcode"], name].to_numpy() for name in needed})
-    table["normalized_engagement"] = normalizer.normalize_engagement(
-        table["total_engagement"], dates=table["timestamp"]
-    ).astype(np.float32)
-    table["days_since_earliest_post"] = normalizer.days_since_earliest(table["timestamp"])
-    table["normalized_time"] = normalizer.normalize_time(table["timestamp"]).astype(np.float32)
-    table["engagement_time"] = list(table[["normalized_engagement", "normalized_time"]].to_numpy(np.float32))
-    if "post_text" not in table:
-        table["post_text"] = None
-    if "source_format" not in table:
-        table["source_format"] = "unknown"
-    arrow = pa.Table.from_pandas(table[FEATURES_SCHEMA.names], schema=FEATURES_SCHEMA, preserve_index=False)
-    # The few numbers worth comparing across experiments; the normalization itself is a param,
+    arrow = _add_features(table, normalizer, values)
+
+    # 4. The few numbers worth comparing across experiments; the normalization itself is a param,
     # and its statistics are in normalization.json.
     metrics: dict[str, Any] = {
         "images": arrow.num_rows,
@@ -613,8 +143,5 @@ def build_feature_table(
     # The posts table's likes and comments are never missing (ingest rejects a post without
     # them): the count of posts left out is reported when the engagement reads anything else.
     if set(needed) - {"likes", "comments"}:
-        metrics["posts_left_out"] = {reason: sum(1 for _, r, _ in left_out if r == reason) for reason in LEFT_OUT_REASONS}
-    left_out_table = pa.Table.from_pydict(
-        {name: [row[i] for row in left_out] for i, name in enumerate(LEFT_OUT_SCHEMA.names)}, schema=LEFT_OUT_SCHEMA
-    )
-    return FeatureResult(table=arrow, normalizer=normalizer, metrics=metrics, left_out=left_out_table)
+        metrics["posts_left_out"] = count_left_out(left_out)
+    return FeatureResult(table=arrow, normalizer=normalizer, metrics=metrics, left_out=left_out_table(left_out))

@@ -101,51 +101,16 @@ def ingest_posts(
     comments the table's win (the account's own figures; a public download may see rounded or
     hidden counts). Comments' texts come where the export has them.
     """
-    root = Path(posts_dir)
-    if format not in FORMATS:
-        raise ValueError(f"ingest format must be one of {FORMATS}, got {format!r}")
-    if videos not in VIDEO_MODES:
-        raise ValueError(f"ingest videos must be one of {VIDEO_MODES}, got {videos!r}")
-    if not root.is_dir():
-        raise IngestError(f"posts folder {root} does not exist. {_layout_help(root)}")
-    if not any(True for _ in _non_hidden_entries(root)):
-        raise IngestError(f"posts folder {root} is empty. {_layout_help(root)}")
-    source_format = detect_format(root) if format == "auto" else format
-    if source_format == REPORT:
-        posts, rejects, ignored, metadata_files = _read_report_posts(root)
-    else:
-        posts, rejects, ignored, metadata_files = _read_instaloader_posts(root, videos)
-
-    # 1. Decode every image; a post keeps the images that survive.
-    for post in posts:
-        usable = []
-        for index, path, text in post.images:
-            problem = _check_image(path, max_image_pixels)
-            if problem is None:
-                usable.append((index, path, text))
-            else:
-                rejects.append(problem)
-        post.images = usable
-
-    # 2. One post per shortcode, chosen among posts that still have an image.
-    kept: dict[str, _Post] = {}
-    for post in sorted(
-        (p for p in posts if p.images), key=lambda p: (not p.preferred, p.source_path)
-    ):
-        first = kept.get(post.metadata.shortcode)
-        if first is None:
-            kept[post.metadata.shortcode] = post
-        else:
-            rejects.append(
-                Reject(
-                    post.source_path,
-                    "duplicate_shortcode",
-                    f"shortcode {post.metadata.shortcode} already ingested from {first.source_path}",
-                )
-            )
+    # 1. Read the posts of the layout found (or asked for).
+    source_format, posts, rejects, ignored, metadata_files = _read_posts(Path(posts_dir), format, videos)
+    # 2. Decode every image; a post keeps the images that survive.
+    rejects += _drop_unreadable_images(posts, max_image_pixels)
+    # 3. One post per shortcode, chosen among posts that still have an image.
+    kept, duplicates = _one_post_per_shortcode(posts)
+    rejects += duplicates
 
     ordered = sorted(kept.values(), key=lambda p: (p.metadata.timestamp, p.metadata.shortcode))
-    # 3. Signals, comment texts, and the insights table's numbers joined by shortcode / id / permalink.
+    # 4. Signals, comment texts, and the insights table's numbers joined by shortcode / id / permalink.
     signals, comments, issues, insights_metrics = _signals_and_comments(ordered, insights)
     records = [
         ImageRecord(
@@ -172,6 +137,59 @@ def ingest_posts(
         signal_issues=issues,
         insights_metrics=insights_metrics,
     )
+
+
+def _read_posts(root: Path, format: str, videos: str) -> tuple[str, list[_Post], list[Reject], int, int]:
+    """(source format, posts, rejects, ignored files, metadata files found) of the folder `root`."""
+    if format not in FORMATS:
+        raise ValueError(f"ingest format must be one of {FORMATS}, got {format!r}")
+    if videos not in VIDEO_MODES:
+        raise ValueError(f"ingest videos must be one of {VIDEO_MODES}, got {videos!r}")
+    if not root.is_dir():
+        raise IngestError(f"posts folder {root} does not exist. {_layout_help(root)}")
+    if not any(True for _ in _non_hidden_entries(root)):
+        raise IngestError(f"posts folder {root} is empty. {_layout_help(root)}")
+    source_format = detect_format(root) if format == "auto" else format
+    if source_format == REPORT:
+        return (source_format, *_read_report_posts(root))
+    return (source_format, *_read_instaloader_posts(root, videos))
+
+
+def _drop_unreadable_images(posts: list[_Post], max_image_pixels: int) -> list[Reject]:
+    """Decode every image of every post; each post keeps the ones that decode. Returns the rejects."""
+    rejects = []
+    for post in posts:
+        usable = []
+        for index, path, text in post.images:
+            problem = _check_image(path, max_image_pixels)
+            if problem is None:
+                usable.append((index, path, text))
+            else:
+                rejects.append(problem)
+        post.images = usable
+    return rejects
+
+
+def _one_post_per_shortcode(posts: list[_Post]) -> tuple[dict[str, _Post], list[Reject]]:
+    """The posts with an image, one per shortcode (the preferred one, else the first by path),
+    and a reject for each other."""
+    kept: dict[str, _Post] = {}
+    rejects = []
+    for post in sorted(
+        (p for p in posts if p.images), key=lambda p: (not p.preferred, p.source_path)
+    ):
+        first = kept.get(post.metadata.shortcode)
+        if first is None:
+            kept[post.metadata.shortcode] = post
+        else:
+            rejects.append(
+                Reject(
+                    post.source_path,
+                    "duplicate_shortcode",
+                    f"shortcode {post.metadata.shortcode} already ingested from {first.source_path}",
+                )
+            )
+    return kept, rejects
 
 
 def _signals_and_comments(
