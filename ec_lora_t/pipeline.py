@@ -38,7 +38,6 @@ from typing import Any
 import torch
 
 from ec_lora_t.adapter.conditioning import AVERAGE_POST, MODES, engagement_conditioning, unet_rows
-from ec_lora_t.adapter.ecm import ENGAGEMENT_TIME_DIM
 from ec_lora_t.adapter.model import ECLoRAAdapter, load_adapter
 from ec_lora_t.models import quiet_loading
 
@@ -131,7 +130,6 @@ class ECLoRAStableDiffusionPipeline(StableDiffusionPipeline):
         )
         if not torch.isfinite(vectors).all():
             raise ValueError(f"engagement and time must be finite, got {vectors.tolist()}")
-        assert vectors.shape[1] == ENGAGEMENT_TIME_DIM
         self.ec_lora.ecm.to(device)  # the ECM is not a pipeline component: `pipe.to()` does not move it
         return vectors.repeat_interleave(num_images_per_prompt, dim=0).to(device)
 

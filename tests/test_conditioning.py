@@ -10,7 +10,7 @@ from ec_lora_toys import WIDTH, conditioned, randomize_adapter, toy_with_adapter
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ec_lora_t.adapter import build_ecm, ecm_outputs, ecm_scales, engagement_conditioning, row_conditioning, unet_rows
+from ec_lora_t.adapter import build_ecm, ecm_outputs, engagement_conditioning, row_conditioning, unet_rows
 
 
 def trained_toy(**config_overrides):

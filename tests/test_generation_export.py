@@ -42,11 +42,6 @@ def one_intra_op_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def ec_pipeline(tiny_sd_dir, adapter_dir):
-    return load_pipeline(str(tiny_sd_dir), adapter_dir, device="cpu")
-
-
 def pixels(images) -> np.ndarray:
     return np.stack([np.asarray(image, dtype=np.int16) for image in images])
 

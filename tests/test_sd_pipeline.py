@@ -13,7 +13,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from ec_lora_t.adapter.conditioning import CONSTANT_SCALES, ecm_outputs, engagement_conditioning
-from ec_lora_t.generation import VectorSampling, generate_images, load_pipeline
+from ec_lora_t.generation import VectorSampling, generate_images
 from ec_lora_t.pipeline import ECLoRAStableDiffusionPipeline
 
 PROMPTS = ["a person in a red coat (winter)", "a city street at night (summer)"]
@@ -22,17 +22,9 @@ SEEDS = [3, 11]
 STEPS = 3
 
 
-@pytest.fixture(autouse=True)
-def one_intra_op_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_sd_dir, adapter_dir):
-    return load_pipeline(str(tiny_sd_dir), adapter_dir, device="cpu")
+@pytest.fixture
+def pipe(ec_pipeline):
+    return ec_pipeline
 
 
 def pixels(images) -> np.ndarray:
