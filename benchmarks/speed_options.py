@@ -1,0 +1,220 @@
+"""Which speed options pay at Stable Diffusion 1.5 shape: one table, one process, one device.
+
+Each row is the isolated training step (`diffusion_training_step` plus the optimizer step, on
+one resident batch) or a sampling batch, under one option set, beside the static PEFT LoRA
+anchor measured the same way:
+
+    eager              bf16, default SDPA, what the train stage runs today
+    channels_last      the UNet's weights and inputs in NHWC (convolutions in cuDNN's fast layout)
+    compile            torch.compile of the UNet (default mode, static shapes)
+    compile+cl         both
+    cudnn_sdpa         eager with PyTorch's cuDNN attention backend only
+
+For compiled rows the warm-up (first steps, compilation included) is reported beside the
+steady rate, and the number of graphs Dynamo compiled during the timed steps (0 = no
+recompiles in steady state). Steady state: after `--warmup` steps, synchronised at both ends.
+
+    python benchmarks/speed_options.py --out benchmarks/results/speed_options_h200.json
+    python benchmarks/speed_options.py --tiny --steps 2 --warmup 1 --sample-steps 2   # CPU smoke check
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import diffusers  # noqa: E402
+from diffusers import DDPMScheduler, UNet2DConditionModel  # noqa: E402
+
+from benchmarks.train_throughput import (  # noqa: E402
+    SD15_SCHEDULER_CONFIG, SD15_TEXT, SD15_UNET_CONFIG, SD15_VAE_CONFIG, TINY_TEXT, TINY_UNET_CONFIG, TINY_VAE_CONFIG,
+    build_pipeline_folder, peak_gb, reset_memory, synchronize, synthetic_cache,
+)
+from ec_lora_t.adapter import ECLoRAConfig, add_ec_lora  # noqa: E402
+from ec_lora_t.generation import VectorSampling, generate_images, load_pipeline  # noqa: E402
+from ec_lora_t.training.objective import diffusion_training_step, noisy_latents  # noqa: E402
+
+OPTION_SETS = {
+    "eager": {},
+    "channels_last": {"channels_last": True},
+    "compile": {"compile": True},
+    "compile+cl": {"compile": True, "channels_last": True},
+    "cudnn_sdpa": {"sdpa": "cudnn"},
+}
+
+
+def compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"].get("unique_graphs", 0))
+
+
+def sdpa_context(name: str | None):
+    if name is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([{"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[name]])
+
+
+def timed(step: Callable[[], None], steps: int, warmup: int, device, images_per_step: int) -> dict:
+    started = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    warmup_seconds = time.perf_counter() - started
+    graphs_before = compiled_graphs()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    seconds = time.perf_counter() - started
+    return {"images_per_second": steps * images_per_step / seconds, "warmup_seconds": warmup_seconds,
+            "graphs_compiled_in_timed_steps": compiled_graphs() - graphs_before, "peak_memory_gb": peak_gb(device)}
+
+
+def training_step(unet_config, scheduler, batch, device, *, peft: bool = False, channels_last: bool = False,
+                  compile: bool = False, sdpa: str | None = None) -> Callable[[], None]:
+    """One optimizer step of EC-LoRA-T (params.yaml's recipe: per-rank ECM, min-SNR 5, caption
+    dropout 0.9) or of a static PEFT LoRA, with the options applied."""
+    from accelerate import Accelerator
+    from peft import LoraConfig
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**unet_config).to(dtype).requires_grad_(False)
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+    generator = torch.Generator(device).manual_seed(0)
+    if peft:
+        unet.add_adapter(LoraConfig(r=16, lora_alpha=64, init_lora_weights="gaussian",
+                                    target_modules=["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]))
+        trainable = [p for p in unet.parameters() if p.requires_grad]
+        for parameter in trainable:
+            parameter.data = parameter.data.float()
+    else:
+        adapter = add_ec_lora(unet, ECLoRAConfig(rank=16, alpha=64, ecm_granularity="rank"), device)
+        trainable = adapter.lora_parameters() + list(adapter.ecm.parameters())
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=device.type == "cuda")
+    # As the train stage's loop does: accelerate wraps the UNet's forward in bf16 autocast and,
+    # with a dynamo backend, compiles it (`train.compile`).
+    accelerator = Accelerator(mixed_precision="bf16" if device.type == "cuda" else "no", cpu=device.type == "cpu",
+                              dynamo_backend="inductor" if compile else "no")
+    runner = accelerator.prepare_model(unet)
+
+    def step() -> None:
+        with sdpa_context(sdpa):
+            if peft:
+                noisy = noisy_latents(batch["latent_mean"], batch["latent_std"], scheduler, generator)
+                latents = noisy.noisy_latents.to(dtype)
+                if channels_last:
+                    latents = latents.contiguous(memory_format=torch.channels_last)
+                prediction = runner(latents, noisy.timesteps, encoder_hidden_states=batch["text_embeddings"].to(dtype),
+                                    return_dict=False)[0]
+                torch.nn.functional.mse_loss(prediction.float(), noisy.target).backward()
+            else:
+                diffusion_training_step(accelerator, runner, adapter, adapter.ecm, scheduler, batch, generator,
+                                        caption_dropout=0.9, snr_gamma=5.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def sampling_call(folder: Path, device, resolution: int, batch_size: int, steps: int, vector_guidance: float,
+                  channels_last: bool = False, compile: bool = False, sdpa: str | None = None) -> Callable[[], None]:
+    pipeline = load_pipeline(str(folder), folder / "adapter", device=device, sampler="dpmsolver++")
+    pipe = pipeline.pipeline
+    if channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if compile:
+        pipe.unet.compile()
+        pipe.vae.decoder.compile()
+    prompts = [f"a photo of a person in a city, take {index}" for index in range(batch_size)]
+    vectors = torch.tensor([[index % 5 / 4, 0.5] for index in range(batch_size)])
+    seeds = list(range(batch_size))
+    call = dict(num_inference_steps=steps, guidance_scale=5.0, batch_size=batch_size, height=resolution,
+                width=resolution, sampling=VectorSampling(vector_guidance=vector_guidance))
+
+    def sample() -> None:
+        with sdpa_context(sdpa):
+            generate_images(pipeline, prompts, vectors, seeds, **call)
+
+    return sample
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=None, help="training batch; default 32 (2 with --tiny)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--sample-steps", type=int, default=20)
+    parser.add_argument("--options", default=",".join(OPTION_SETS), help="comma-separated option sets")
+    parser.add_argument("--parts", default="step,peft,sample", help="comma-separated subset")
+    parser.add_argument("--tiny", action="store_true", help="a narrow model for a CPU smoke check")
+    parser.add_argument("--out", type=Path, default=None, help="JSON, rewritten after every row")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    unet_config, vae_config, text = ((TINY_UNET_CONFIG, TINY_VAE_CONFIG, TINY_TEXT) if args.tiny
+                                     else (SD15_UNET_CONFIG, SD15_VAE_CONFIG, SD15_TEXT))
+    batch_size = args.batch_size or (2 if args.tiny else 32)
+    latent_size = unet_config["sample_size"]
+    resolution = latent_size * 2 ** (len(vae_config["block_out_channels"]) - 1)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    scheduler = DDPMScheduler(**SD15_SCHEDULER_CONFIG)
+    cache = synthetic_cache(batch_size, latent_size, unet_config["cross_attention_dim"])
+    batch = {name: getattr(cache, name).to(device) for name in cache.tensor_names()}
+    parts, options = set(args.parts.split(",")), args.options.split(",")
+    report = {"model": "tiny" if args.tiny else "sd15", "resolution": resolution, "batch_size": batch_size,
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+              "torch": torch.__version__, "diffusers": diffusers.__version__, "date": time.strftime("%Y-%m-%d"),
+              "warmup_steps": args.warmup, "timed_steps": args.steps, "results": {}}
+
+    def record(name: str, figures: dict) -> None:
+        report["results"][name] = figures
+        print(name, json.dumps(figures), flush=True)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+    for option in options:
+        for kind in ("step", "peft"):
+            if kind in parts:
+                reset_memory(device)
+                torch._dynamo.reset()
+                step = training_step(unet_config, scheduler, batch, device, peft=kind == "peft", **OPTION_SETS[option])
+                record(f"{kind}:{option}", timed(step, args.steps, args.warmup, device, batch_size))
+                del step
+    if "sample" in parts:
+        sample_batch = min(batch_size, 16)
+        with tempfile.TemporaryDirectory() as folder:
+            sd = build_pipeline_folder(Path(folder) / "sd", unet_config, vae_config, text, device)
+            for option in options:
+                for vector_guidance in (1.0, 3.0):
+                    reset_memory(device)
+                    torch._dynamo.reset()
+                    sample = sampling_call(sd, device, resolution, sample_batch, args.sample_steps, vector_guidance,
+                                           **OPTION_SETS[option])
+                    name = f"sample:{option}" + (":vector_guidance" if vector_guidance != 1.0 else "")
+                    record(name, timed(sample, 2, 1, device, sample_batch))
+    return report
+
+
+if __name__ == "__main__":
+    main()

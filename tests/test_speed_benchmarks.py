@@ -1,0 +1,69 @@
+"""CPU smoke tests of the speed, feed-size and base-quality benchmarks: each script runs a few
+steps on a tiny model, as a user would start it, and writes the rows it promises. A change to a
+module or to dvc.yaml that breaks a benchmark fails here, not on the next GPU session."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_script(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=REPO, capture_output=True,
+                            text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_train_throughput_reports_every_part_on_the_tiny_model(tmp_path):
+    out = tmp_path / "speed.json"
+    run_script("train_throughput.py", "--tiny", "--steps", "2", "--warmup", "1", "--sample-steps", "2",
+               "--out", str(out))
+    report = json.loads(out.read_text())
+    expected = {"loop:ec_lora", "loop:plain_lora", "step:ec_lora", "step:plain_lora", "peft_anchor",
+                "memory:batch4_checkpointing"}
+    assert expected <= set(report["results"])
+    assert any(name.startswith("sample:") for name in report["results"])
+    for name, figures in report["results"].items():
+        assert figures["images_per_second"] > 0, name
+    assert report["ec_lora_over_plain_lora"] > 0
+    assert out.with_suffix(".md").read_text().startswith("| run |")
+
+
+def test_speed_options_writes_a_row_per_option_and_part(tmp_path):
+    out = tmp_path / "options.json"
+    run_script("speed_options.py", "--tiny", "--steps", "1", "--warmup", "1", "--sample-steps", "2",
+               "--options", "eager,channels_last", "--out", str(out))
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {f"{part}:{option}" for part in ("step", "peft", "sample")
+                            for option in ("eager", "channels_last")} | {
+        "sample:eager:vector_guidance", "sample:channels_last:vector_guidance"}
+    for name, figures in results.items():
+        assert figures["images_per_second"] > 0, name
+        assert figures["graphs_compiled_in_timed_steps"] == 0, name  # eager: Dynamo compiles nothing
+
+
+@pytest.mark.slow
+def test_large_feed_runs_the_data_stages_and_the_cache_encodes_only_new_posts(tmp_path):
+    out = tmp_path / "feed.json"
+    run_script("large_feed.py", "--posts", "30", "--extra-posts", "5", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["feeds"]["30"]["images"] >= 30
+    assert report["added_posts"]["images_added"] >= 5
+    assert report["added_posts"]["latents_run"]["images_encoded"] == report["added_posts"]["images_added"]
+
+
+def test_base_model_quality_scores_prompts_against_the_attribute_reader(tmp_path):
+    result = run_script("base_model_quality.py", "--out", str(tmp_path), "--prompts", "4", "--steps", "2",
+                        "--batch-size", "8", "--device", "cpu")
+    report = json.loads((tmp_path / "quality.json").read_text())
+    for key in ("full_prompts", "chance_shuffled_prompts", "checker_on_world_renders"):
+        assert key in report
+    assert (tmp_path / "samples.csv").read_text().count("\n") >= 4
+    assert "full_prompts" in result.stdout
