@@ -139,13 +139,12 @@ def training_step(unet_config, scheduler, batch, device, *, peft: bool = False, 
 def sampling_call(folder: Path, device, resolution: int, batch_size: int, steps: int, vector_guidance: float,
                   channels_last: bool = False, compile: bool = False, sdpa: str | None = None) -> Callable[[], None]:
     pipeline = load_pipeline(str(folder), folder / "adapter", device=device, sampler="dpmsolver++")
-    pipe = pipeline.pipeline
     if channels_last:
-        pipe.unet.to(memory_format=torch.channels_last)
-        pipe.vae.to(memory_format=torch.channels_last)
+        pipeline.unet.to(memory_format=torch.channels_last)
+        pipeline.vae.to(memory_format=torch.channels_last)
     if compile:
-        pipe.unet.compile()
-        pipe.vae.decoder.compile()
+        pipeline.unet.compile()
+        pipeline.vae.decoder.compile()
     prompts = [f"a photo of a person in a city, take {index}" for index in range(batch_size)]
     vectors = torch.tensor([[index % 5 / 4, 0.5] for index in range(batch_size)])
     seeds = list(range(batch_size))

@@ -5,7 +5,9 @@ sliders of the vector (normalised engagement and time, both in [0, 1]), raw like
 and a post date that the saved normalisation statistics turn into slider positions, a seed,
 and the mode (EC-LoRA-T, the same LoRA with the ECM off, or the base model). The pipeline is
 loaded once, when the page is built; each click generates one image through
-`ec_lora_t.generation.generate_images`, exactly as `ec-lora-t generate` would.
+`ec_lora_t.generation.generate_images` (the `ECLoRAStableDiffusionPipeline`), exactly as
+`ec-lora-t generate` would. Every setting of the sliders acts: vector guidance works with text
+guidance 1 too (two UNet rows, `ec_lora_t.pipeline`), so no slider position is silently ignored.
 
 Two API endpoints come with the page (what `gradio_client` calls): `/generate` (prompt,
 engagement, time, seed, mode, steps, guidance -> image, description) and `/vector` (likes,
@@ -15,7 +17,6 @@ comments, date -> engagement, time, description).
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ DEFAULT_VECTOR_GUIDANCE = 4.0
 class SliderPage:
     """What the page's callbacks share: the pipeline (loaded once) and the statistics."""
 
-    pipeline: Any  # ec_lora_t.generation.ECLoRAPipeline
+    pipeline: Any  # ec_lora_t.pipeline.ECLoRAStableDiffusionPipeline
     normalizer: Any | None  # ec_lora_t.data.features.EngagementTimeNormalizer, None without statistics
 
     def generate(self, prompt: str, engagement: float, time: float, seed: float, mode: str = "EC-LoRA-T",
@@ -82,10 +83,7 @@ def load_slider_page(pretrained: str, adapter_dir: str | Path, stats: str | Path
     """Load the pipeline with the adapter (once) and the normalisation statistics when they exist."""
     from ec_lora_t.data.features import EngagementTimeNormalizer
 
-    with quiet_loading(), warnings.catch_warnings():
-        # generation.load_pipeline still passes diffusers' deprecated `torch_dtype` (a
-        # FutureWarning since diffusers 0.40); models.diffusers_dtype is the replacement.
-        warnings.filterwarnings("ignore", message="`torch_dtype` is deprecated", category=FutureWarning)
+    with quiet_loading():
         from ec_lora_t.generation import load_pipeline
 
         pipeline = load_pipeline(pretrained, adapter_dir, device=device)
@@ -120,8 +118,9 @@ def build_app(page: SliderPage, steps: int = 20, guidance_scale: float = 5.0):
                 with gr.Accordion("Sampling", open=False):
                     steps_slider = gr.Slider(1, 100, value=steps, step=1, label="Steps")
                     guidance = gr.Slider(1.0, 15.0, value=guidance_scale, step=0.5, label="Guidance scale")
-                    vector_guidance = gr.Slider(1.0, 8.0, value=DEFAULT_VECTOR_GUIDANCE, step=0.5,
-                                                label="Vector guidance (1: none; 4: the evaluated default)")
+                    vector_guidance = gr.Slider(
+                        1.0, 8.0, value=DEFAULT_VECTOR_GUIDANCE, step=0.5,
+                        label="Vector guidance (1: none, what an exported LoRA reproduces; 4: the evaluated default)")
                 run = gr.Button("Generate", variant="primary")
             with gr.Column():
                 image = gr.Image(label="Generated image", type="pil", format="png", height=DISPLAY_SIZE)

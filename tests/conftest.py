@@ -36,3 +36,11 @@ def adapter_dir(tiny_sd_dir, tmp_path_factory):
         output = adapter.ecm.mlp[-1]
         output.weight.copy_(2.0 * torch.randn(output.weight.shape, generator=generator))
     return save_adapter(tmp_path_factory.mktemp("adapter") / "adapter", adapter)
+
+
+@pytest.fixture(scope="session")
+def ec_pipeline(tiny_sd_dir, adapter_dir):
+    """The tiny model with that adapter, loaded as the tool loads it (DDIM, CPU); do not modify it."""
+    from ec_lora_t.generation import load_pipeline
+
+    return load_pipeline(str(tiny_sd_dir), adapter_dir, device="cpu")

@@ -12,7 +12,7 @@ from ec_lora_t.adapter import (
     ECLoRAConfig,
     add_ec_lora,
     engagement_conditioning,
-    mode_conditioning,
+    row_conditioning,
 )
 
 WIDTH = 8
@@ -76,5 +76,5 @@ def toy_with_adapter(seed: int = 0, **config_overrides) -> tuple[ToyBlock, ECLoR
 @contextmanager
 def conditioned(adapter: ECLoRAAdapter, engagement_time: torch.Tensor | None = None, mode: str = "ec_lora"):
     """The common case: one row per vector (mode ec_lora), or a constant scale (the other modes)."""
-    with engagement_conditioning(adapter, *mode_conditioning(adapter, mode, engagement_time)):
+    with engagement_conditioning(adapter, *row_conditioning(adapter.ecm, mode, engagement_time)):
         yield

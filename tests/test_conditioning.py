@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from ec_lora_toys import WIDTH, conditioned, randomize_adapter, toy_with_adapter
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ec_lora_t.adapter import ecm_scales, engagement_conditioning, pipeline_row_scales
+from ec_lora_t.adapter import build_ecm, ecm_outputs, engagement_conditioning, row_conditioning, unet_rows
 
 
 def trained_toy(**config_overrides):
@@ -34,26 +36,59 @@ def test_mixed_vectors_give_each_sample_its_solo_output(granularity):
     assert not torch.allclose(pair[0], pair[1], atol=1e-4)
 
 
-def test_pipeline_row_layout_repeats_each_prompt_then_doubles_for_guidance():
+def test_unet_rows_lay_out_negative_conditional_and_anchor_groups():
+    _, adapter = trained_toy()
+    # An ECM with a time-embedding head, so that the offsets' layout is checked too.
+    config = dataclasses.replace(adapter.config, vector_embedding=True, time_embedding_dim=WIDTH)
+    ecm = build_ecm(config)
+    with torch.no_grad():
+        ecm.embedding.weight.normal_()
+    vectors, anchor = torch.tensor([[0.0, 0.1], [1.0, 0.9]]), (0.3, 0.6)
+    text, negative = torch.randn(2, 3, WIDTH), torch.randn(2, 3, WIDTH)
+    rows = unet_rows(ecm, "ec_lora", text, vectors, negative_prompt_embeds=negative, anchor_row=True,
+                     guidance_anchor=anchor)
+    assert rows.groups == 3
+    torch.testing.assert_close(rows.text_embeddings, torch.cat([negative, text, text]))
+    scales, offsets = ecm_outputs(ecm, vectors)
+    anchor_scales, anchor_offsets = ecm_outputs(ecm, torch.tensor([anchor, anchor]))
+    torch.testing.assert_close(rows.scales, torch.cat([scales, scales, anchor_scales]))
+    torch.testing.assert_close(rows.offsets, torch.cat([offsets, offsets, anchor_offsets]))
+    # Without text guidance: [text + vector, text + anchor]; anchor None is the null vector.
+    rows = unet_rows(ecm, "ec_lora", text, vectors, anchor_row=True, guidance_anchor=None)
+    torch.testing.assert_close(rows.text_embeddings, torch.cat([text, text]))
+    torch.testing.assert_close(rows.scales, torch.cat([scales, torch.ones_like(scales)]))
+    torch.testing.assert_close(rows.offsets, torch.cat([offsets, torch.zeros_like(offsets)]))
+    # Training: one group; vector dropout gives the marked rows the null vector.
+    rows = unet_rows(ecm, "ec_lora", text, vectors, null_rows=torch.tensor([False, True]))
+    assert rows.groups == 1
+    torch.testing.assert_close(rows.scales, torch.stack([scales[0], torch.ones_like(scales[1])]))
+    torch.testing.assert_close(rows.offsets, torch.stack([offsets[0], torch.zeros_like(offsets[1])]))
+    # Modes without the ECM: one constant for every row, no offsets; no anchor row to guide along.
+    rows = unet_rows(ecm, "plain_lora", text, None, negative_prompt_embeds=negative)
+    assert (rows.scales, rows.offsets, rows.groups) == (1.0, None, 2)
+    with pytest.raises(ValueError, match="needs mode 'ec_lora'"):
+        unet_rows(ecm, "base", text, None, anchor_row=True)
+
+
+@pytest.mark.parametrize("anchor", [(0.2, 0.8), None])
+def test_vector_scale_extrapolates_from_the_configured_anchor(anchor):
     model, adapter = trained_toy()
-    vectors = torch.tensor([[0.0, 0.1], [1.0, 0.9]])  # one per prompt
-    scales = ecm_scales(adapter.ecm, vectors)
-    rows = pipeline_row_scales(scales, num_images_per_prompt=2, classifier_free_guidance=True)
-    # p0, p0, p1, p1 for the unconditional half, then the same for the conditional half
-    expected_vector_of_row = [0, 0, 1, 1, 0, 0, 1, 1]
-    torch.testing.assert_close(rows, scales[expected_vector_of_row])
-    sample = torch.randn(8, 5, WIDTH)
-    with engagement_conditioning(adapter, rows):
-        batched = model(sample)
-    for row, vector_index in enumerate(expected_vector_of_row):
-        with conditioned(adapter, vectors[vector_index : vector_index + 1]):
-            torch.testing.assert_close(batched[row], model(sample[row : row + 1])[0], atol=1e-6, rtol=1e-5)
+    vectors = torch.tensor([[0.9, 0.1], [0.4, 0.7]])
+    scales, _ = ecm_outputs(adapter.ecm, vectors)
+    origin = ecm_outputs(adapter.ecm, torch.tensor([anchor] * 2))[0] if anchor else torch.ones_like(scales)
+    extrapolated, _ = row_conditioning(adapter.ecm, "ec_lora", vectors, vector_scale=2.5, anchor=anchor)
+    torch.testing.assert_close(extrapolated, origin + 2.5 * (scales - origin))
+    # γ = 0 lands on the anchor itself; the average post is not what the anchor (0.2, 0.8) extrapolates from.
+    at_anchor, _ = row_conditioning(adapter.ecm, "ec_lora", vectors, vector_scale=0.0, anchor=anchor)
+    torch.testing.assert_close(at_anchor, origin)
+    average = ecm_outputs(adapter.ecm, torch.tensor([[0.5, 0.5]] * 2))[0]
+    assert not torch.allclose(at_anchor, average, atol=1e-3)
 
 
 def test_a_batch_the_scales_were_not_built_for_raises():
     model, adapter = trained_toy()
     with conditioned(adapter, torch.rand(3, 2)), pytest.raises(RuntimeError, match="scales for 3 rows"):
-        model(torch.randn(6, 5, WIDTH))  # e.g. a guidance batch without pipeline_row_scales
+        model(torch.randn(6, 5, WIDTH))  # e.g. a guidance batch laid out without unet_rows
     with pytest.raises(ValueError, match="scales must be"):
         with engagement_conditioning(adapter, torch.ones(2, 3)):  # 3 columns, the toy has 6 layers
             pass

@@ -68,7 +68,7 @@ def test_stage_deps_are_exactly_the_code_it_imports(stage):
 
 
 METHOD_PACKAGES = ["adapter", "training", "data", "evaluation"]
-METHOD_MODULES = ["generation.py", "models.py", "encoders.py"]
+METHOD_MODULES = ["generation.py", "pipeline.py", "models.py", "encoders.py"]
 
 
 def test_the_method_never_imports_the_demo_world():

@@ -6,17 +6,19 @@ The method in one subpackage, split like peft's `tuners/lora/{config,layer,model
     layer.py          ECLoRALinear: a frozen nn.Linear plus s_k(e) * (alpha / r) * B A x
     ecm.py            EngagementConditioningModule: (engagement, time) -> one scale per layer
     model.py          injection, the ECLoRAAdapter (layers in ECM order + ECM), save and load
-    conditioning.py   per-row scales for the calls inside a block
+    conditioning.py   the UNet batch's rows (unet_rows) and their scales for the calls inside a block
     export.py         bake one vector into a plain LoRA file (diffusers/PEFT or kohya keys)
 """
 
 from ec_lora_t.adapter.conditioning import (
+    AVERAGE_POST,
     MODES,
+    UNetRows,
     ecm_outputs,
     ecm_scales,
     engagement_conditioning,
-    mode_conditioning,
-    pipeline_row_scales,
+    row_conditioning,
+    unet_rows,
 )
 from ec_lora_t.adapter.config import ECLoRAConfig
 from ec_lora_t.adapter.ecm import EngagementConditioningModule
@@ -36,5 +38,5 @@ from ec_lora_t.adapter.model import (
 __all__ = [
     "MODES", "VectorTimeEmbedding", "ECLoRAAdapter", "ECLoRAConfig", "ECLoRALinear", "EngagementConditioningModule", "add_ec_lora",
     "build_ecm", "ecm_scales", "engagement_conditioning", "inject_ec_lora", "inject_vector_embedding", "load_adapter", "load_adapter_weights",
-    "load_ecm", "ecm_outputs", "mode_conditioning", "pipeline_row_scales", "save_adapter",
+    "load_ecm", "ecm_outputs", "row_conditioning", "save_adapter", "unet_rows", "UNetRows", "AVERAGE_POST",
 ]

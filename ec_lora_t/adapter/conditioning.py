@@ -8,12 +8,11 @@ after the call, which leaks state when the forward raises. Here a context manage
         noise_pred = unet(noisy_latents, timesteps, text_embeddings).sample
         accelerator.backward(loss)
 
-The scales are per row of the UNet batch, and the code that builds that batch builds them:
-the training step has one row per sample; a sampler with classifier-free guidance calls the
-UNet on [unconditional rows, conditional rows]; diffusers' pipeline with
-`num_images_per_prompt` = n repeats each prompt's rows n times in a row (p0, p0, p1, p1).
-`pipeline_row_scales` gives that layout for diffusers' pipeline. Nothing is guessed from the
-batch size: a layer called with a batch that its scales do not fit raises.
+The scales are per row of the UNet batch, and `unet_rows` builds that batch for training (one
+row per sample) and for sampling (with guidance: [unconditional + vector, conditional +
+vector, conditional + anchor]; `ECLoRAStableDiffusionPipeline` repeats each prompt's rows
+`num_images_per_prompt` times in a row, p0, p0, p1, p1, before the layout). Nothing is guessed
+from the batch size: a layer called with a batch that its scales do not fit raises.
 
 On entry the (rows, K, ...) scales are split once into one tensor per layer (`unbind`, views,
 so gradients reach the ECM); on exit, also when the block raises, every layer's scale is
@@ -25,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -58,33 +58,111 @@ def ecm_outputs(
     return ecm(_checked(engagement_time), with_embedding=True)
 
 
-def pipeline_row_scales(
-    scales: torch.Tensor, num_images_per_prompt: int = 1, classifier_free_guidance: bool = True
-) -> torch.Tensor:
-    """Per-prompt scales laid out as diffusers' StableDiffusionPipeline lays out the UNet batch.
-
-    The pipeline repeats each prompt's embedding `num_images_per_prompt` times in a row
-    (p0, p0, p1, p1) and, with classifier-free guidance, calls the UNet on
-    `torch.cat([unconditional, conditional])`. Both halves get the prompt's vector: the
-    vector conditions the model, not the prompt.
-    """
-    if num_images_per_prompt < 1:
-        raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
-    rows = scales.repeat_interleave(num_images_per_prompt, dim=0)
-    return torch.cat([rows, rows]) if classifier_free_guidance else rows
+# The vector of a typical post: what vector guidance and extrapolation push away from by default.
+AVERAGE_POST = (0.5, 0.5)
 
 
-def mode_conditioning(
-    adapter: ECLoRAAdapter, mode: str, engagement_time: torch.Tensor | None = None
+def null_outputs(scales: torch.Tensor, offsets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The null vector's outputs shaped like (scales, offsets): every scale 1 and no offset, the
+    plain LoRA, which `train.vector_dropout` trains as the vector-free model."""
+    return torch.ones_like(scales), torch.zeros_like(offsets) if offsets is not None else None
+
+
+def anchor_outputs(
+    ecm: EngagementConditioningModule, engagement_time: torch.Tensor, anchor: tuple[float, float] | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The outputs of `anchor` (an (engagement, time) pair, or None: the null vector) for each of the rows."""
+    if anchor is None:
+        return null_outputs(*ecm_outputs(ecm, engagement_time))
+    # One anchor per row (expanded, not broadcast after the MLP): the batch is the same shape as the vectors'.
+    anchors = torch.tensor([anchor], dtype=engagement_time.dtype, device=engagement_time.device)
+    return ecm_outputs(ecm, anchors.expand_as(engagement_time))
+
+
+def row_conditioning(
+    ecm: EngagementConditioningModule | None,
+    mode: str,
+    engagement_time: torch.Tensor | None = None,
+    *,
+    vector_scale: float = 1.0,
+    anchor: tuple[float, float] | None = AVERAGE_POST,
+    null_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | float, torch.Tensor | None]:
-    """(scales, time offsets) of a mode: the ECM's for "ec_lora", constants and no offset otherwise."""
+    """(scales, time offsets) for one group of rows, one row per vector.
+
+    "ec_lora": the ECM's outputs for each vector, extrapolated from `anchor` by `vector_scale`
+    (s' = s(anchor) + γ (s(e, t) - s(anchor)); anchor None: from the null vector, s' = 1 + γ (s - 1));
+    rows where `null_rows` (N,) is true get the null vector (vector dropout). Other modes:
+    a constant scale (1 plain LoRA, 0 base) and no offset.
+    """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode != "ec_lora":
         return CONSTANT_SCALES[mode], None
     if engagement_time is None:
         raise ValueError("mode 'ec_lora' needs an engagement_time tensor (N, 2)")
-    return ecm_outputs(adapter.ecm, engagement_time)
+    scales, offsets = ecm_outputs(ecm, engagement_time)
+    if vector_scale != 1.0:
+        anchor_scales, anchor_offsets = anchor_outputs(ecm, engagement_time, anchor)
+        scales = anchor_scales + vector_scale * (scales - anchor_scales)
+        if offsets is not None:
+            offsets = anchor_offsets + vector_scale * (offsets - anchor_offsets)
+    if null_rows is not None:
+        null_scales, null_offsets = null_outputs(scales, offsets)
+        scales = torch.where(null_rows.view(-1, *([1] * (scales.ndim - 1))), null_scales, scales)
+        if offsets is not None:
+            offsets = torch.where(null_rows[:, None], null_offsets, offsets)
+    return scales, offsets
+
+
+@dataclass
+class UNetRows:
+    """One UNet batch: `groups` groups of N rows, each row's text embedding, scales and offsets."""
+
+    text_embeddings: torch.Tensor  # (groups * N, T, D)
+    scales: torch.Tensor | float  # (groups * N, K) or (groups * N, K, r); a float: every row
+    offsets: torch.Tensor | None  # (groups * N, D) time-embedding offsets, or None
+    groups: int
+
+
+def unet_rows(
+    ecm: EngagementConditioningModule | None,
+    mode: str,
+    prompt_embeds: torch.Tensor,
+    engagement_time: torch.Tensor | None = None,
+    *,
+    negative_prompt_embeds: torch.Tensor | None = None,
+    anchor_row: bool = False,
+    guidance_anchor: tuple[float, float] | None = AVERAGE_POST,
+    vector_scale: float = 1.0,
+    null_rows: torch.Tensor | None = None,
+) -> UNetRows:
+    """The one place that lays out the UNet batch, for training and sampling alike.
+
+    Row groups, in this order, each N rows (one per prompt embedding and vector):
+        [negative text + vector]   when `negative_prompt_embeds` is given (classifier-free guidance)
+        [text + vector]            always; the only group in training
+        [text + guidance anchor]   when `anchor_row` (vector guidance; "ec_lora" only)
+    Every vector group gets the same `row_conditioning` (the vector conditions the model, not
+    the prompt), including the extrapolation (`vector_scale`) and vector dropout (`null_rows`).
+    """
+    vector = row_conditioning(ecm, mode, engagement_time, vector_scale=vector_scale, anchor=guidance_anchor,
+                              null_rows=null_rows)
+    groups = [(negative_prompt_embeds, vector)] if negative_prompt_embeds is not None else []
+    groups.append((prompt_embeds, vector))
+    if anchor_row:
+        if mode != "ec_lora":
+            raise ValueError(f"an anchor row (vector guidance) needs mode 'ec_lora', got {mode!r}")
+        groups.append((prompt_embeds, anchor_outputs(ecm, engagement_time, guidance_anchor)))
+    text = torch.cat([embeds for embeds, _ in groups])
+    if len(groups) == 1:
+        scales, offsets = vector
+    elif isinstance(vector[0], float):
+        scales, offsets = vector[0], None
+    else:
+        scales = torch.cat([scales for _, (scales, _) in groups])
+        offsets = torch.cat([offsets for _, (_, offsets) in groups]) if vector[1] is not None else None
+    return UNetRows(text, scales, offsets, len(groups))
 
 
 @contextmanager

@@ -5,6 +5,11 @@ baking that factor into B gives an ordinary LoRA with scale 1 (alpha = rank):
 
     A' = A,   B' = s_k(e) * (alpha / r) * B
 
+The file reproduces `ECLoRAStableDiffusionPipeline` at e with vector guidance 1 (same seeds,
+same images; tests/test_generation_export.py). Vector guidance w != 1 (`ec-lora-t generate`'s
+default is 4) compares two model calls at every sampling step, the vector's and the anchor's;
+no fixed weight update can carry that, so the file draws what w = 1 draws.
+
 Formats:
     diffusers  PEFT key names as diffusers' `load_lora_weights` reads them:
                `unet.<module>.lora_A.weight` (r, in), `unet.<module>.lora_B.weight` (out, r)

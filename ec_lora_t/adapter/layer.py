@@ -66,7 +66,7 @@ class ECLoRALinear(nn.Module):
                 raise RuntimeError(
                     f"EC-LoRA layer has scales for {dynamic_scale.shape[0]} rows but was called with a batch "
                     f"of {x.shape[0]}: build the scales for the UNet batch's row layout "
-                    "(ec_lora_t.adapter.conditioning.pipeline_row_scales)"
+                    "(ec_lora_t.adapter.conditioning.unet_rows)"
                 )
             # (batch,) -> (batch, 1, ..., 1); (batch, r) -> (batch, 1, ..., r): per component
             components = dynamic_scale.shape[1] if dynamic_scale.ndim == 2 else 1

@@ -47,7 +47,8 @@ from ec_lora_t.evaluation.stats import (
     spearman,
     target_table,
 )
-from ec_lora_t.generation import ECLoRAPipeline, VectorSampling, generate_images
+from ec_lora_t.generation import VectorSampling, generate_images
+from ec_lora_t.pipeline import ECLoRAStableDiffusionPipeline
 from ec_lora_t.progress import progress_bar
 
 # Modes whose output does not depend on the engagement-time vector: one image per (prompt, seed).
@@ -294,7 +295,7 @@ def retrieval_plan(plan: pd.DataFrame, training_vectors: np.ndarray, k: int) -> 
 
 
 def generate_sweep(
-    pipeline: ECLoRAPipeline,
+    pipeline: ECLoRAStableDiffusionPipeline,
     plan: pd.DataFrame,
     mode: str,
     *,

@@ -15,11 +15,9 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
-from ec_lora_t.adapter.conditioning import (
-    CONSTANT_SCALES,
-    ecm_outputs,
-    engagement_conditioning,
-)
+from diffusers.training_utils import compute_snr
+
+from ec_lora_t.adapter.conditioning import engagement_conditioning, unet_rows
 from ec_lora_t.adapter.model import ECLoRAAdapter
 
 
@@ -52,10 +50,20 @@ def noisy_latents(
 
 
 def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """min(SNR, gamma) / SNR per sample for epsilon prediction (Hang et al. 2023, 'Min-SNR')."""
-    alphas_cumprod = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
-    snr = alphas_cumprod / (1.0 - alphas_cumprod)
-    return torch.clamp(snr, max=gamma) / snr
+    """Per-sample loss weights of Min-SNR-gamma (Hang et al. 2023) for the scheduler's prediction type.
+
+    As diffusers' examples/text_to_image/train_text_to_image.py computes them: min(SNR, gamma) / SNR
+    when the UNet predicts the noise (epsilon), min(SNR, gamma) / (SNR + 1) when it predicts the
+    velocity (v_prediction: the v-loss already carries a factor SNR + 1 over the epsilon loss).
+    """
+    snr = compute_snr(noise_scheduler, timesteps)
+    clamped = torch.clamp(snr, max=gamma)
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return clamped / snr
+    if prediction_type == "v_prediction":
+        return clamped / (snr + 1)
+    raise ValueError(f"min-SNR weights: unsupported scheduler prediction_type {prediction_type!r}")
 
 
 def diffusion_training_step(
@@ -87,22 +95,21 @@ def diffusion_training_step(
         text_embeddings = torch.where(
             (dropped < caption_dropout)[:, None, None], batch["generic_text_embeddings"], text_embeddings
         )
-    # 5. One row of scales (and time-embedding offsets) per sample: the ECM's for its vector, or
-    #    constants (plain LoRA); with vector dropout some samples get the null vector (every
-    #    scale 1, no offset).
-    scales, offsets = ecm_outputs(ecm, batch["engagement_time"]) if mode == "ec_lora" else (CONSTANT_SCALES[mode], None)
+    # 5. One row per sample (`unet_rows`, the layout sampling also uses): the ECM's scales (and
+    #    time-embedding offsets) for its vector, or constants (plain LoRA); with vector dropout
+    #    some samples get the null vector (every scale 1, no offset).
+    null_rows = None
     if mode == "ec_lora" and vector_dropout > 0.0:
-        dropped = torch.rand(noisy.timesteps.shape[0], generator=generator, device=noisy.timesteps.device)
-        dropped = dropped < vector_dropout
-        scales = torch.where(dropped.view(-1, *([1] * (scales.ndim - 1))), torch.ones_like(scales), scales)
-        if offsets is not None:
-            offsets = torch.where(dropped[:, None], torch.zeros_like(offsets), offsets)
+        null_rows = torch.rand(noisy.timesteps.shape[0], generator=generator, device=noisy.timesteps.device)
+        null_rows = null_rows < vector_dropout
+    rows = unet_rows(ecm, mode, text_embeddings, batch["engagement_time"] if mode == "ec_lora" else None,
+                     null_rows=null_rows)
     # 6. The UNet predicts the target; min-SNR weights rebalance the timesteps.
-    with engagement_conditioning(adapter, scales, offsets):
+    with engagement_conditioning(adapter, rows.scales, rows.offsets):
         prediction = unet(
             noisy.noisy_latents.to(compute_dtype),
             noisy.timesteps,
-            encoder_hidden_states=text_embeddings.to(compute_dtype),
+            encoder_hidden_states=rows.text_embeddings.to(compute_dtype),
             return_dict=False,
         )[0]
         if snr_gamma is None:

@@ -1,0 +1,243 @@
+"""`ECLoRAStableDiffusionPipeline`: Stable Diffusion steered by an engagement-time vector.
+
+A `StableDiffusionPipeline` subclass, as diffusers' `StableDiffusionInstructPix2PixPipeline` is
+for its second condition: `check_inputs`, `encode_prompt`, `prepare_latents`, the scheduler,
+callbacks and `output_type` are diffusers' own; `__call__` owns only what is new, the UNet
+batch's rows (`ec_lora_t.adapter.conditioning.unet_rows`, the layout training uses too) and
+how their predictions combine:
+
+    pipe = ECLoRAStableDiffusionPipeline.from_pretrained("models/ec-lora-t-base")
+    pipe.load_ec_lora("data/train/adapter")
+    image = pipe("(democreator style) (summer)", engagement=0.9, time=0.5,
+                 vector_guidance_scale=4.0, generator=torch.Generator().manual_seed(42)).images[0]
+
+With text guidance g (`guidance_scale` > 1) and vector guidance w the prediction is
+
+    eps(∅, v) + g (eps(c, v) - eps(∅, v)) + (w - 1) (eps(c, v) - eps(c, a))
+
+over the rows [negative prompt + vector, prompt + vector, prompt + anchor] (the anchor row only
+when w != 1). Without text guidance (g <= 1: diffusers then runs the prompt alone, i.e. g = 1)
+the same formula at g = 1 needs two rows, [prompt + vector, prompt + anchor]:
+
+    eps(c, a) + w (eps(c, v) - eps(c, a))
+
+The anchor a is the average post (0.5, 0.5) by default, or None: the null vector (every scale
+1, the plain LoRA that `train.vector_dropout` trains). A static LoRA exported at v
+(`ec-lora-t export`) reproduces w = 1 only: vector guidance is a difference of two model
+calls at sampling time, which no fixed weight update can carry.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ec_lora_t.adapter.conditioning import AVERAGE_POST, MODES, engagement_conditioning, unet_rows
+from ec_lora_t.adapter.model import ECLoRAAdapter, load_adapter
+from ec_lora_t.models import quiet_loading
+
+# diffusers' pipeline module imports CLIP's and SigLIP's image processors (for IP-Adapter), and
+# transformers says, once each, that it falls back to the PIL processors without torchvision:
+# the intended setup (README), so the import runs where quiet_loading drops that notice.
+with quiet_loading():
+    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+
+
+def check_sampling_strength(name: str, value: float) -> float:
+    """`vector_guidance_scale` and `vector_scale` are finite numbers >= 0 (one line otherwise)."""
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_anchor(anchor: Sequence[float] | None) -> tuple[float, float] | None:
+    if anchor is None:
+        return None
+    if len(anchor) != 2 or not all(0.0 <= float(v) <= 1.0 for v in anchor):
+        raise ValueError(f"guidance_anchor must be an (engagement, time) pair in [0, 1] or None, got {anchor!r}")
+    return (float(anchor[0]), float(anchor[1]))
+
+
+def _per_prompt(name: str, value: float | Sequence[float], batch_size: int) -> list[float]:
+    values = [value] * batch_size if isinstance(value, (int, float)) else list(value)
+    if len(values) != batch_size:
+        raise ValueError(f"{name}: got {len(values)} values for {batch_size} prompts; give one, or one per prompt")
+    return [float(v) for v in values]
+
+
+def guided_prediction(
+    prediction: torch.Tensor, groups: int, guidance_scale: float, vector_guidance_scale: float
+) -> torch.Tensor:
+    """Combine the UNet's prediction over the `unet_rows` groups (module docstring's formula)."""
+    parts = prediction.chunk(groups)
+    if groups == 1:
+        return parts[0]
+    if groups == 2 and vector_guidance_scale == 1.0:  # [∅ + v, c + v]: diffusers' own guidance
+        return parts[0] + guidance_scale * (parts[1] - parts[0])
+    if groups == 2:  # [c + v, c + a]: the formula at g = 1
+        return parts[1] + vector_guidance_scale * (parts[0] - parts[1])
+    unconditional, conditional, anchor = parts
+    noise = unconditional + guidance_scale * (conditional - unconditional)
+    return noise + (vector_guidance_scale - 1.0) * (conditional - anchor)
+
+
+class ECLoRAStableDiffusionPipeline(StableDiffusionPipeline):
+    """Stable Diffusion with an EC-LoRA-T adapter: `pipe(prompt, engagement=..., time=...)`.
+
+    Modes: "ec_lora" (the ECM's scales for each prompt's vector), "plain_lora" (every dynamic
+    scale 1, the ECM bypassed), "base" (the adapter off: the pretrained model).
+    """
+
+    ec_lora: ECLoRAAdapter | None = None
+    ec_lora_dir: Path | None = None
+
+    @property
+    def adapter(self) -> ECLoRAAdapter | None:
+        return self.ec_lora
+
+    def load_ec_lora(self, adapter_dir: str | Path) -> ECLoRAAdapter:
+        """Inject the adapter saved in `adapter_dir` into this pipeline's UNet (once); the ECM stays fp32."""
+        if self.ec_lora is not None:
+            raise RuntimeError(f"an EC-LoRA adapter is already loaded (from {self.ec_lora_dir})")
+        adapter_dir, device = Path(adapter_dir), self.unet.device
+        adapter = load_adapter(adapter_dir, self.unet)
+        # The new LoRA matrices (fp32 whatever the pipeline's dtype) and the ECM go to the UNet's device.
+        self.unet.to(device)
+        adapter.ecm.to(device).eval()
+        self.ec_lora, self.ec_lora_dir = adapter, adapter_dir
+        return adapter
+
+    def _vectors(self, mode, engagement, time, batch_size: int, num_images_per_prompt: int, device):
+        """(rows, 2) vectors in the pipeline's row order p0, p0, p1, p1 (`num_images_per_prompt` = 2)."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode != "base" and self.ec_lora is None:
+            raise ValueError(f"mode {mode!r} needs an adapter: call load_ec_lora(adapter_dir) first")
+        if mode != "ec_lora":
+            return None
+        if engagement is None or time is None:
+            raise ValueError("mode 'ec_lora' needs both engagement and time (normalised, in [0, 1])")
+        vectors = torch.tensor(
+            list(zip(_per_prompt("engagement", engagement, batch_size), _per_prompt("time", time, batch_size))),
+            dtype=torch.float32,
+        )
+        if not torch.isfinite(vectors).all():
+            raise ValueError(f"engagement and time must be finite, got {vectors.tolist()}")
+        self.ec_lora.ecm.to(device)  # the ECM is not a pipeline component: `pipe.to()` does not move it
+        return vectors.repeat_interleave(num_images_per_prompt, dim=0).to(device)
+
+    def _denoise(self, latents, rows, timesteps, vector_guidance_scale, extra_step_kwargs, callback_on_step_end,
+                 callback_on_step_end_tensor_inputs, negative_prompt_embeds):
+        """The denoising loop over `unet_rows`' groups, combined by `guided_prediction`."""
+        self._num_timesteps = len(timesteps)
+        conditioning = (engagement_conditioning(self.ec_lora, rows.scales, rows.offsets)
+                        if self.ec_lora is not None else nullcontext())
+        with conditioning, self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                model_input = self.scheduler.scale_model_input(torch.cat([latents] * rows.groups), t)
+                prediction = self.unet(model_input, t, encoder_hidden_states=rows.text_embeddings,
+                                       return_dict=False)[0]
+                noise_pred = guided_prediction(prediction, rows.groups, self.guidance_scale, vector_guidance_scale)
+                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    # diffusers' tensor inputs; only the latents are read back (the rows are fixed for the loop)
+                    step_tensors = {"latents": latents, "prompt_embeds": rows.text_embeddings,
+                                    "negative_prompt_embeds": negative_prompt_embeds}
+                    callback_kwargs = {name: step_tensors[name] for name in callback_on_step_end_tensor_inputs}
+                    latents = callback_on_step_end(self, i, t, callback_kwargs).pop("latents", latents)
+                progress_bar.update()
+        return latents
+
+    def _decode(self, latents, output_type, generator, device, dtype):
+        """diffusers' last steps: the VAE, its safety checker (when loaded), `output_type`."""
+        if output_type == "latent":
+            return latents, None
+        image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
+        image, has_nsfw_concept = self.run_safety_checker(image, device, dtype)
+        do_denormalize = [True] * image.shape[0] if has_nsfw_concept is None else [not n for n in has_nsfw_concept]
+        return self.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize), \
+            has_nsfw_concept
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        engagement: float | Sequence[float] | None = None,
+        time: float | Sequence[float] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        vector_guidance_scale: float = 1.0,
+        vector_scale: float = 1.0,
+        guidance_anchor: Sequence[float] | None = AVERAGE_POST,
+        mode: str = "ec_lora",
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[Any, int, int, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
+    ):
+        """Generate; `engagement` and `time` are one value, or one per prompt (normalised, in [0, 1]).
+
+        `vector_guidance_scale` w (>= 0; 1: none) and `vector_scale` γ (>= 0; 1: the ECM itself,
+        else s' = s(a) + γ (s(v) - s(a)) from the anchor a) act in mode "ec_lora" only. Returns a
+        `StableDiffusionPipelineOutput` (or a tuple), as `StableDiffusionPipeline` does.
+        """
+        # 1. Check inputs (diffusers' checks, then ours) and default the size to the UNet's.
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        self.check_inputs(prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
+        vector_guidance_scale = check_sampling_strength("vector_guidance_scale", vector_guidance_scale)
+        vector_scale = check_sampling_strength("vector_scale", vector_scale)
+        guidance_anchor = check_anchor(guidance_anchor)
+        self._guidance_scale, self._guidance_rescale, self._clip_skip = guidance_scale, 0.0, None
+        self._cross_attention_kwargs, self._interrupt = None, False
+        batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        device = self._execution_device
+        vectors = self._vectors(mode, engagement, time, batch_size, num_images_per_prompt, device)
+
+        # 2. Encode the prompts and lay out the UNet rows (text, vector, anchor).
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+        )
+        rows = unet_rows(
+            self.ec_lora.ecm if self.ec_lora is not None else None, mode, prompt_embeds, vectors,
+            negative_prompt_embeds=negative_prompt_embeds if self.do_classifier_free_guidance else None,
+            anchor_row=mode == "ec_lora" and vector_guidance_scale != 1.0,
+            guidance_anchor=guidance_anchor, vector_scale=vector_scale,
+        )
+
+        # 3. Timesteps and initial latents (a list of CPU generators: each row's noise from its own seed).
+        timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, device)
+        latents = self.prepare_latents(batch_size * num_images_per_prompt, self.unet.config.in_channels, height,
+                                       width, prompt_embeds.dtype, device, generator, latents)
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+
+        # 4. Denoise, with every row's adapter scales set for the whole loop.
+        latents = self._denoise(latents, rows, timesteps, vector_guidance_scale, extra_step_kwargs,
+                                callback_on_step_end, callback_on_step_end_tensor_inputs, negative_prompt_embeds)
+
+        # 5. Decode (no safety checker in this tool's pipelines; diffusers' runs when one is loaded).
+        image, has_nsfw_concept = self._decode(latents, output_type, generator, device, prompt_embeds.dtype)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return image, has_nsfw_concept
+        return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=has_nsfw_concept)
