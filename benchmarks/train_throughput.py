@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--parts", default="loop,step,memory,sample",
                         help="comma-separated subset; anchor: the PEFT anchor alone (step includes it)")
     parser.add_argument("--tiny", action="store_true", help="a narrow model for a CPU smoke check")
-    parser.add_argument("--compile", choices=("params", "auto", "yes", "no"), default="params",
+    parser.add_argument("--compile", choices=("params", "auto", "true", "false"), default="params",
                         help="train.compile for every part: params.yaml's (default), or this value")
     parser.add_argument("--out", type=Path, default=None, help="JSON to write (a .md table beside it)")
     args = parser.parse_args(argv)
@@ -332,9 +332,9 @@ def main(argv: list[str] | None = None) -> dict:
     train_params = yaml.safe_load((REPO / "params.yaml").read_text())["train"]
     lora_config, training = configs_from_params(TrainParams.model_validate(train_params))
     if args.compile != "params":
-        training = TrainingConfig(**{**training.__dict__, "compile": args.compile})
+        training = TrainingConfig(**{**training.__dict__, "compile": {"true": True, "false": False}.get(args.compile, args.compile)})
     # The isolated steps and the anchor compile when the loop does (make_accelerator's rule).
-    compile_steps = training.compile == "yes" or (training.compile == "auto" and device.type == "cuda")
+    compile_steps = training.compile is True or (training.compile == "auto" and device.type == "cuda")
     steps_per_epoch = 8
     cache = synthetic_cache(batch_size * steps_per_epoch, latent_size, unet_config["cross_attention_dim"])
     epochs = -(-(args.steps + args.warmup) // steps_per_epoch)

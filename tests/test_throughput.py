@@ -35,7 +35,7 @@ def test_too_few_steps_have_no_steady_state():
     assert throughput.warmup()["graphs_compiled_after_warmup"] is None
 
 
-@pytest.mark.parametrize(("setting", "backend"), [("yes", "INDUCTOR"), ("no", "NO"), ("auto", "NO")])
+@pytest.mark.parametrize(("setting", "backend"), [(True, "INDUCTOR"), (False, "NO"), ("auto", "NO")])
 def test_train_compile_picks_accelerates_dynamo_backend_on_a_cpu(setting, backend):
     from accelerate.state import AcceleratorState
 

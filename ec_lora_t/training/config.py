@@ -42,7 +42,7 @@ class TrainingConfig:
     # backend. On a GPU at SD1.5 shape the step runs about a third faster once compiled; the
     # compilation costs one to two minutes at the start of the run (docs/benchmarks.md). "auto":
     # on a CUDA GPU only (compiling the CPU-sized demo costs more than it saves).
-    compile: Literal["auto", "yes", "no"] = "no"
+    compile: Literal[False, True, "auto"] = False
     seed: Annotated[int, Ge(0)] = 42
     # Keep only the newest checkpoints of a run (None: keep all); the run resumes from the newest.
     checkpoints_total_limit: Count | None = 2

@@ -133,7 +133,7 @@ class TrainingRun:
 def make_accelerator(training: TrainingConfig) -> Accelerator:
     """The Accelerator a run of `training` needs ('auto' precision resolved for this machine)."""
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    compile_unet = training.compile == "yes" or (training.compile == "auto" and device_type == "cuda")
+    compile_unet = training.compile is True or (training.compile == "auto" and device_type == "cuda")
     return Accelerator(
         mixed_precision=resolve_mixed_precision(training.mixed_precision, device_type),
         gradient_accumulation_steps=training.gradient_accumulation_steps,
