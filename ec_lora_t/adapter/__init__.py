@@ -10,33 +10,28 @@ The method in one subpackage, split like peft's `tuners/lora/{config,layer,model
     export.py         bake one vector into a plain LoRA file (diffusers/PEFT or kohya keys)
 """
 
-from ec_lora_t.adapter.conditioning import (
-    AVERAGE_POST,
-    MODES,
-    UNetRows,
-    ecm_outputs,
-    ecm_scales,
-    engagement_conditioning,
-    row_conditioning,
-    unet_rows,
-)
-from ec_lora_t.adapter.config import ECLoRAConfig
-from ec_lora_t.adapter.ecm import EngagementConditioningModule
-from ec_lora_t.adapter.layer import ECLoRALinear, VectorTimeEmbedding
-from ec_lora_t.adapter.model import (
-    ECLoRAAdapter,
-    add_ec_lora,
-    build_ecm,
-    inject_ec_lora,
-    inject_vector_embedding,
-    load_adapter,
-    load_adapter_weights,
-    load_ecm,
-    save_adapter,
-)
+import importlib
 
-__all__ = [
-    "MODES", "VectorTimeEmbedding", "ECLoRAAdapter", "ECLoRAConfig", "ECLoRALinear", "EngagementConditioningModule", "add_ec_lora",
-    "build_ecm", "ecm_scales", "engagement_conditioning", "inject_ec_lora", "inject_vector_embedding", "load_adapter", "load_adapter_weights",
-    "load_ecm", "ecm_outputs", "row_conditioning", "save_adapter", "unet_rows", "UNetRows", "AVERAGE_POST",
-]
+# Names are loaded from their module on first use (PEP 562), so that importing the torch-free
+# `ec_lora_t.adapter.config` (the params check, stages/params/train.py) does not import torch.
+_MODULES = {
+    "conditioning": ("AVERAGE_POST", "MODES", "UNetRows", "ecm_outputs", "ecm_scales", "engagement_conditioning",
+                     "row_conditioning", "unet_rows"),
+    "config": ("ECLoRAConfig",),
+    "ecm": ("EngagementConditioningModule",),
+    "layer": ("ECLoRALinear", "VectorTimeEmbedding"),
+    "model": ("ECLoRAAdapter", "add_ec_lora", "build_ecm", "inject_ec_lora", "inject_vector_embedding", "load_adapter",
+              "load_adapter_weights", "load_ecm", "save_adapter"),
+}
+_MODULE_OF = {name: module for module, names in _MODULES.items() for name in names}
+__all__ = list(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'ec_lora_t.adapter' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"ec_lora_t.adapter.{_MODULE_OF[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
