@@ -53,9 +53,9 @@ sys.path.insert(0, str(REPO))
 
 from stages._common import merge_params  # noqa: E402
 
-DATA_STAGES = ["demo_data", "ingest", "caption", "features", "latents", "regressor"]
+DATA_STAGES = ["demo_data", "ingest", "caption", "sentiment", "features", "latents", "regressor"]
 # What the data stages write, shared (symlinked) by every training run of an audience.
-DATA_OUTPUTS = ["demo_posts", "ingest", "caption", "features", "latents", "regressor"]
+DATA_OUTPUTS = ["demo_posts", "ingest", "caption", "sentiment", "features", "latents", "regressor"]
 SPLITS = ("tuning", "held_out")
 _INTERPOLATION = re.compile(r"\$\{\s*([^}]+?)\s*\}")
 
