@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import ValidationInfo
+from pydantic import AfterValidator, Field, ValidationInfo
 
 from ec_lora_t.hub import check_reference
 
@@ -21,3 +22,8 @@ def check_local_reference(value: str, info: ValidationInfo) -> str:
     except FileNotFoundError as error:  # pydantic reports ValueErrors only
         raise ValueError(str(error)) from None
     return value
+
+
+# A model in params (`model.pretrained`, `caption.model`, `sentiment.model`): a hub id or a local
+# folder in diffusers/transformers layout; checked for spelling and, if local, existence.
+ModelReference = Annotated[str, Field(min_length=1), AfterValidator(check_local_reference)]

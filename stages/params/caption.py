@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from stages._common import Int, Section
-from stages.params._paths import check_local_reference
+from stages.params._paths import ModelReference
 
 
 class CaptionParams(Section):
@@ -16,18 +16,11 @@ class CaptionParams(Section):
     # What a post without usable text gets under source post_text: its generic caption
     # "(<style> style) (<season>)", nothing (left out and reported), or a BLIP caption.
     missing_text: Literal["generic", "skip", "blip"] = "generic"
-    model: str | None = None  # BLIP: hub id or local folder; needed by source or missing_text blip
+    model: ModelReference | None = None  # BLIP: hub id or local folder; needed by source or missing_text blip
     style_tag: Annotated[str, Field(min_length=1, pattern=r"\S")]
     hemisphere: Literal["north", "south"] = "north"
     batch_size: Annotated[Int, Field(ge=1)]
     max_new_tokens: Annotated[Int, Field(ge=1)]
-
-    @field_validator("model")
-    @classmethod
-    def _local_folder_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value:
-            check_local_reference(value, info)
-        return value
 
     @model_validator(mode="after")
     def _blip_needs_a_model(self) -> CaptionParams:
