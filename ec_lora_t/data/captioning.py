@@ -11,7 +11,6 @@ images, and an interrupted run keeps every finished batch.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any, Callable, Protocol, Sequence
 import pandas as pd
 import pyarrow as pa
 from PIL import Image
-from ec_lora_t.data.content_keys import file_sha256, model_files_key
+from ec_lora_t.data.content_keys import ContentCache, file_sha256, model_files_key
 from ec_lora_t.data.fields import clean_text
 from ec_lora_t.data.images import DEFAULT_MAX_IMAGE_PIXELS, load_rgb_image
 from ec_lora_t.data.schemas import CAPTIONS_SCHEMA
@@ -119,39 +118,10 @@ def model_cache_key(name_or_path: str | Path, max_new_tokens: int) -> str:
     return model_files_key(name_or_path, max_new_tokens=int(max_new_tokens))
 
 
-class CaptionCache:
-    """Captions by image SHA-256 for one model key, in ``<cache_dir>/blip-<key>.jsonl``.
+class CaptionCache(ContentCache):
+    """Captions by image SHA-256 for one model key, in ``<cache_dir>/blip-<key>.jsonl``."""
 
-    Append-only: each finished batch adds lines, so a crash loses at most one batch; a
-    last line cut short by a crash is ignored when reading.
-    """
-
-    def __init__(self, cache_dir: str | Path, model_key: str):
-        self.path = Path(cache_dir) / f"blip-{model_key}.jsonl"
-        self._captions: dict[str, str] = {}
-        if self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    entry = json.loads(line)
-                    self._captions[entry["sha256"]] = entry["caption"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue
-
-    def __len__(self) -> int:
-        return len(self._captions)
-
-    def __contains__(self, sha256: str) -> bool:
-        return sha256 in self._captions
-
-    def get(self, sha256: str) -> str | None:
-        return self._captions.get(sha256)
-
-    def add(self, captions: dict[str, str]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as stream:
-            for sha256, caption in captions.items():
-                stream.write(json.dumps({"sha256": sha256, "caption": caption}) + "\n")
-        self._captions.update(captions)
+    prefix, field = "blip", "caption"
 
 
 def caption_images(

@@ -56,3 +56,47 @@ def source_sha256(*modules: Any) -> str:
     for module in modules:
         digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()[:16]
+
+
+class ContentCache:
+    """Values by content SHA-256 within one namespace (`model_key`), in
+    ``<cache_dir>/<prefix>-<model_key>.jsonl``: the caption cache and the sentiment cache.
+
+    Append-only: each finished batch adds lines, so a crash loses at most one batch; a last
+    line cut short by a crash is ignored when reading. Subclasses name the file's `prefix`, the
+    JSON `field` holding the value and how it is read back (`convert`).
+    """
+
+    prefix: str
+    field: str
+
+    def __init__(self, cache_dir: str | Path, model_key: str):
+        self.path = Path(cache_dir) / f"{self.prefix}-{model_key}.jsonl"
+        self._values: dict[str, Any] = {}
+        if self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    entry = json.loads(line)
+                    self._values[entry["sha256"]] = self.convert(entry[self.field])
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                    continue
+
+    @staticmethod
+    def convert(value: Any) -> Any:
+        return value
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __contains__(self, sha256: str) -> bool:
+        return sha256 in self._values
+
+    def get(self, sha256: str) -> Any:
+        return self._values[sha256]
+
+    def add(self, values: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as stream:
+            for sha256, value in values.items():
+                stream.write(json.dumps({"sha256": sha256, self.field: value}) + "\n")
+        self._values.update(values)

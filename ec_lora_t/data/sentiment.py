@@ -14,7 +14,6 @@ texts gets no sentiment row (the features stage then reports it, never counts it
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from ec_lora_t.data.content_keys import model_files_key, text_sha256
+from ec_lora_t.data.content_keys import ContentCache, model_files_key, text_sha256
 from ec_lora_t.data.schemas import SIGNALS_SCHEMA
 from ec_lora_t.hub import resolve_pretrained
 from ec_lora_t.progress import progress_bar
@@ -97,35 +96,11 @@ def sentiment_cache_key(name_or_path: str | Path, max_length: int) -> str:
     return model_files_key(name_or_path, max_length=int(max_length))
 
 
-class SentimentCache:
-    """Scores by comment text SHA-256 for one model key, in ``<cache_dir>/sentiment-<key>.jsonl``.
+class SentimentCache(ContentCache):
+    """Scores by comment text SHA-256 for one model key, in ``<cache_dir>/sentiment-<key>.jsonl``."""
 
-    Append-only, one finished batch at a time; a last line cut short by a crash is ignored.
-    """
-
-    def __init__(self, cache_dir: str | Path, model_key: str):
-        self.path = Path(cache_dir) / f"sentiment-{model_key}.jsonl"
-        self._scores: dict[str, float] = {}
-        if self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    entry = json.loads(line)
-                    self._scores[entry["sha256"]] = float(entry["score"])
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                    continue
-
-    def __contains__(self, sha256: str) -> bool:
-        return sha256 in self._scores
-
-    def get(self, sha256: str) -> float:
-        return self._scores[sha256]
-
-    def add(self, scores: dict[str, float]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as stream:
-            for sha256, score in scores.items():
-                stream.write(json.dumps({"sha256": sha256, "score": score}) + "\n")
-        self._scores.update(scores)
+    prefix, field = "sentiment", "score"
+    convert = staticmethod(float)
 
 
 @dataclass
