@@ -61,19 +61,23 @@ class SliderPage:
         vector_text = f"engagement {float(engagement):.2f}, time {float(time):.2f}" if mode_name == "ec_lora" else "no vector"
         return shown, f"{mode} · {vector_text} · seed {int(seed)} · {image.width}x{image.height} px, shown x{scale}"
 
-    def vector(self, likes: float, comments: float, date: str) -> tuple[float, float, str]:
-        """Slider positions for raw likes, comments and a date, with how they were computed."""
+    def vector(self, likes: float, comments: float, date: str, signals: str = "") -> tuple[float, float, str]:
+        """Slider positions for raw likes, comments (or other `signals`, "saves=40, reach=3000",
+        for an engagement of other signals) and a date, with how they were computed."""
         if self.normalizer is None:
             raise ValueError("no normalisation statistics were given (--stats); use the sliders")
+        from ec_lora_t.data.normalizer import parse_signal_values
+
         date = (date or "").strip() or None
+        raw = {"signals": parse_signal_values(signals)} if (signals or "").strip() else {"likes": likes, "comments": comments}
+        query = self.normalizer.query(date=date, **raw)
         # Rounded to the sliders' step, so the slider shows what the description says.
-        engagement, time = (round(float(v), 2) for v in self.normalizer.vector(likes=likes, comments=comments, date=date))
-        raw = self.normalizer.vector(likes=likes, comments=comments, date=date, clip=False)
-        clipped = [name for name, value in zip(("engagement", "time"), raw) if not 0.0 <= float(value) <= 1.0]
+        engagement, time = (round(float(v), 2) for v in query.vector)
+        clipped = [name for name, value in zip(("engagement", "time"), query.unclipped) if not 0.0 <= float(value) <= 1.0]
         note = f" (outside the training range: {', '.join(clipped)} clipped to [0, 1])" if clipped else ""
-        total = likes + self.normalizer.comment_weight * comments
+        given = ", ".join(f"{name} {value:g}" for name, value in query.signals)
         return engagement, time, (
-            f"{likes:g} likes + {self.normalizer.comment_weight:g} x {comments:g} comments = {total:g} "
+            f"{self.normalizer.formula} ({given}) = {query.total_engagement:g} "
             f"-> engagement {engagement:.2f}; {date or 'latest training post'} -> time {time:.2f}{note}"
         )
 
@@ -110,6 +114,9 @@ def build_app(page: SliderPage, steps: int = 20, guidance_scale: float = 5.0):
                         likes = gr.Number(value=1000, label="Likes", minimum=0)
                         comments = gr.Number(value=30, label="Comments", minimum=0)
                         date = gr.Textbox(label="Date (ISO, e.g. 2025-06-01; empty: latest post)", value="")
+                    other_signals = gr.Textbox(
+                        label="Or other signals (name=value, ..., e.g. saves=40, reach=3000), for an engagement of "
+                              + (page.normalizer.formula if page.normalizer is not None else "other signals"), value="")
                     to_sliders = gr.Button("Set the sliders from these", interactive=page.normalizer is not None)
                     conversion = gr.Markdown()
                 with gr.Row():
@@ -130,7 +137,7 @@ def build_app(page: SliderPage, steps: int = 20, guidance_scale: float = 5.0):
         # Letting go of a slider generates again (about a second per image on a CPU for the demo).
         for slider in (engagement, time):
             slider.release(page.generate, inputs, [image, description], api_name=False)
-        to_sliders.click(page.vector, [likes, comments, date], [engagement, time, conversion], api_name="vector")
+        to_sliders.click(page.vector, [likes, comments, date, other_signals], [engagement, time, conversion], api_name="vector")
     return app
 
 

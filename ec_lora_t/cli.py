@@ -56,6 +56,19 @@ def _number(minimum: float, maximum: float | None = None, above: bool = False) -
     return check
 
 
+def _signal_values(values: list[str]) -> list[str]:
+    """Parse-time check of `--signals` ("name=value,name=value" each), a usage error before anything
+    is loaded."""
+    from ec_lora_t.data.normalizer import parse_signal_values
+
+    for value in values:
+        try:
+            parse_signal_values(value)
+        except ValueError as error:
+            raise typer.BadParameter(str(error)) from None
+    return values
+
+
 @app.callback()
 def _options(
     debug: Annotated[bool, typer.Option("--debug", help="On an error, show the traceback, not one line.")] = False,
@@ -179,14 +192,19 @@ def _pair(name_a: str, values_a: list, name_b: str, values_b: list, context: typ
 
 
 def _check_vector_options(context: typer.Context, engagement: list, time: list, likes: list, comments: list,
-                          date: list) -> None:
+                          date: list, signals: list | None = None) -> None:
     """Options that do not go together are a usage error (exit status 2), never a silent default.
 
     The context makes `main` add "see `ec-lora-t generate --help`" to the line."""
-    normalised, raw = engagement or time, likes or comments or date
+    normalised, raw = engagement or time, likes or comments or date or signals
     if normalised and raw:
         raise _USAGE_ERROR("give either --engagement with --time, or --likes (with --comments and --date), not both",
                            context)
+    if signals:
+        if likes or comments:
+            raise _USAGE_ERROR("give likes and comments inside --signals (likes=..,comments=..), not beside it", context)
+        _pair("--signals", signals, "--date", date or [None], context)
+        return
     if engagement and not time:
         # Both are needed: a time the user did not choose (the feed's middle) would be drawn silently.
         raise _USAGE_ERROR("--engagement needs --time (one, or one per --engagement; 0 = the first post, "
@@ -203,7 +221,7 @@ def _check_vector_options(context: typer.Context, engagement: list, time: list, 
 
 
 def _vectors(engagement: list[float], time: list[float], likes: list[int], comments: list[int], date: list[str],
-             stats: Path | None) -> tuple[list[tuple[float, float]], list[dict] | None]:
+             stats: Path | None, signals: list[str] = ()) -> tuple[list[tuple[float, float]], list[dict] | None]:
     """The (normalized_engagement, normalized_time) rows asked for, and for raw values what they came from.
 
     Raw values outside the training range are clipped into [0, 1] with a warning on stderr;
@@ -214,9 +232,15 @@ def _vectors(engagement: list[float], time: list[float], likes: list[int], comme
     from ec_lora_t.data.features import EngagementTimeNormalizer
 
     normalizer = EngagementTimeNormalizer.from_json(stats or _in_repository(DEFAULT_STATS, "--stats"))
-    rows = _pair("--likes", likes, "--comments", comments or [0])
-    dates = [d for _, d in _pair("--likes", likes, "--date", date or [None])]
-    queries = [normalizer.query(likes=l, comments=c, date=d) for (l, c), d in zip(rows, dates)]
+    if signals:
+        from ec_lora_t.data.normalizer import parse_signal_values
+
+        dates = [d for _, d in _pair("--signals", signals, "--date", date or [None])]
+        queries = [normalizer.query(date=d, signals=parse_signal_values(text)) for text, d in zip(signals, dates)]
+    else:
+        rows = _pair("--likes", likes, "--comments", comments or [0])
+        dates = [d for _, d in _pair("--likes", likes, "--date", date or [None])]
+        queries = [normalizer.query(likes=l, comments=c, date=d) for (l, c), d in zip(rows, dates)]
     for query in queries:
         for warning in query.warnings:
             typer.echo(f"warning: {warning}", err=True)
@@ -236,6 +260,10 @@ def generate(
     comments: Annotated[list[int], typer.Option(help="Raw comments: one, or one per --likes.",
                                                 callback=_number(0))] = [],
     date: Annotated[list[str], typer.Option(help="Post date (ISO, e.g. 2025-06-01): one, or one per --likes.")] = [],
+    signals: Annotated[list[str], typer.Option(
+        help="Raw signals of one post, for an engagement of other signals than likes and comments "
+             "(features.signals, features.per), e.g. saves=40,reach=3000; repeat for several.",
+        callback=_signal_values)] = [],
     seed: Annotated[list[int], typer.Option(help="Sampling seed; repeat for several.", callback=_number(0))] = [42],
     out: Annotated[Path, typer.Option(help="Folder for the PNGs.")] = Path("generated"),
     adapter: Annotated[Path | None, typer.Option(help=f"Trained adapter folder (default: {DEFAULT_ADAPTER} in the "
@@ -255,8 +283,8 @@ def generate(
     mode: Annotated[str, typer.Option(help="ec_lora | plain_lora (ECM off) | base (no adapter).")] = "ec_lora",
 ) -> None:
     """Generate images for every prompt x vector x seed, in one batch; the vector goes into the PNG metadata."""
-    _check_vector_options(context, engagement, time, likes, comments, date)
-    vectors, raw = _run(_vectors, engagement, time, likes, comments, date, stats)
+    _check_vector_options(context, engagement, time, likes, comments, date, signals)
+    vectors, raw = _run(_vectors, engagement, time, likes, comments, date, stats, signals)
     # diffusers takes seconds to import: only after the checks above
     from ec_lora_t.generation import VectorSampling
     from ec_lora_t.generation import generate as generate_pngs

@@ -1,4 +1,5 @@
-"""Stage `demo_data`: write the synthetic demo creator's posts (the embedded default's data)."""
+"""Stage `demo_data`: write the synthetic demo creator's posts and their insights export (the embedded
+default's data)."""
 
 import shutil
 from pathlib import Path
@@ -17,7 +18,8 @@ def main(argv: list[str] | None = None) -> None:
     if out.exists():
         shutil.rmtree(out)
     summary = write_demo_posts(out, num_posts=params.num_posts, image_size=params.image_size, seed=params.seed,
-                               audience=params.audience)
+                               audience=params.audience, saves_audience=params.saves_audience,
+                               shares_audience=params.shares_audience)
     write_metrics(args.metrics, summary)
 
 

@@ -4,7 +4,8 @@ beside the retrieval baseline (the ceiling the data allows).
 The algorithm is `ec_lora_t.evaluation.evaluate.evaluate_adapter`: every image is encoded by the
 base model's VAE in fp32 and scored by the saved latent regressor; on the demo feed
 (`evaluate.ground_truth: auto` finds the demo world's manifest in `ingest.posts_dir`) it is also
-scored with the audience's hidden function, the creator's drift (time sweep) and prompt
+scored with the hidden function of the signal it trained on (`features.signals`: the likers'
+audience, the savers', ...; each signal's own in `details.json`), the creator's drift (time sweep) and prompt
 adherence. This stage reads the params, loads the models, and writes the images, the scored
 table, the sweep plot CSV, labelled figures of both sweeps, every detail in `details.json`, a
 one-page `report.md`, and the headline numbers in metrics/evaluate.json (keys documented in
@@ -20,8 +21,8 @@ from pathlib import Path
 import pandas as pd
 from dvclive import Live
 
-from ec_lora_t.demo.demo_data import read_demo_manifest
-from ec_lora_t.demo.ground_truth import DemoGroundTruth
+from ec_lora_t.demo.demo_data import DEMO_INSIGHTS, DEMO_MANIFEST, read_demo_manifest
+from ec_lora_t.demo.ground_truth import DemoGroundTruth, signal_audience_weights, signal_audiences_of
 from ec_lora_t.evaluation.evaluate import (
     TRAINING_COLUMNS,
     Evaluation,
@@ -44,17 +45,34 @@ PLOT_COLUMNS = [
 ]
 
 
-def resolve_ground_truth(setting: str | bool, posts_dir: str) -> tuple[DemoGroundTruth | None, dict]:
+def resolve_ground_truth(setting: str | bool, posts_dir: str, features: dict,
+                         insights: str | None) -> tuple[DemoGroundTruth | None, dict]:
     """The demo world's ground truth when it applies, else None, and where it came from (for the
-    report). `auto`: when the posts are the demo feed; True: required (an error elsewhere); False: never."""
+    report). `auto`: when the posts are the demo feed and the world knows the engagement's hidden
+    function (`features.signals`, `features.per`); True: required (an error elsewhere); False: never."""
     manifest = None if setting is False else read_demo_manifest(posts_dir)
     if manifest is None and setting is True:
         raise SystemExit(f"evaluate.ground_truth is true but {posts_dir} is not the demo feed (no demo_world.json)")
     if manifest is None:
         reason = f"{posts_dir} is not the demo feed" if setting == "auto" else "evaluate.ground_truth is false"
         return None, {"used": False, "reason": reason}
-    source = {"used": True, "audience": manifest["audience"], "manifest": str(Path(posts_dir) / "demo_world.json")}
-    return DemoGroundTruth(manifest["audience"]), source
+    feeds_insights = insights is not None and Path(insights).resolve() == (
+        Path(posts_dir) / manifest.get("insights", DEMO_INSIGHTS)).resolve()
+    try:
+        weights = signal_audience_weights(manifest, features["signals"], features["per"], feeds_insights)
+    except ValueError as error:
+        if setting is True:
+            raise SystemExit(f"evaluate.ground_truth is true but {error}") from error
+        return None, {"used": False, "reason": str(error)}
+    audiences = signal_audiences_of(manifest)
+    # Every counted signal of the feed is scored by its own function too; comments follow the
+    # likers, so they add nothing beside likes.
+    shown = {name: audience for name, audience in audiences.items() if name != "comments"}
+    if len(set(shown.values())) < 2:
+        shown = {}  # one function: the headline already says it
+    source = {"used": True, "audience": manifest["audience"], "engagement_follows": weights,
+              "signal_audiences": audiences, "manifest": str(Path(posts_dir) / DEMO_MANIFEST)}
+    return DemoGroundTruth(next(iter(weights)) if len(weights) == 1 else weights, shown), source
 
 
 def evaluation_settings(params: EvaluateParams, resolution: int) -> EvaluationSettings:
@@ -125,7 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     # 1. Params: the section, the model, and the ground truth the posts folder allows.
     params = load_section(EvaluateParams, "evaluate", args.params)
     model_params = load_params("model", args.params)
-    ground_truth, source = resolve_ground_truth(params.ground_truth, load_params("ingest", args.params)["posts_dir"])
+    ingest = load_params("ingest", args.params)
+    ground_truth, source = resolve_ground_truth(params.ground_truth, ingest["posts_dir"],
+                                                load_params("features", args.params), ingest["insights"])
     settings = evaluation_settings(params, int(model_params["resolution"]))
 
     # 2. The models: the pipeline with the adapter, the fp32 scoring VAE, the regressor.

@@ -90,11 +90,15 @@ def test_the_sliders_steer_the_image(running_app):
 
 def test_raw_likes_and_dates_set_the_sliders(running_app):
     client, _ = running_app
-    engagement, time_value, description = client.predict(2600, 0, "2025-07-02", api_name="/vector")
+    engagement, time_value, description = client.predict(2600, 0, "2025-07-02", "", api_name="/vector")
     assert engagement == 0.5 and time_value == 0.5  # rounded to the sliders' step
     assert "-> engagement 0.50" in description and "clipped" not in description
-    engagement, _, description = client.predict(9000, 0, "", api_name="/vector")
+    assert description.startswith("likes + 3 x comments (likes 2600, comments 0) = 2600")
+    engagement, _, description = client.predict(9000, 0, "", "", api_name="/vector")
     assert engagement == 1.0 and "engagement clipped" in description
+    # Signals typed by name take the place of the likes and comments boxes.
+    engagement, _, description = client.predict(9000, 0, "2025-07-02", "likes=1100, comments=500", api_name="/vector")
+    assert engagement == 0.5 and "(likes 1100, comments 500) = 2600" in description
 
 
 # --- the page in a real browser ---------------------------------------------------------------

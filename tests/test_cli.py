@@ -65,6 +65,28 @@ def test_generate_converts_raw_likes_and_dates(tiny_sd_dir, adapter_dir, tmp_pat
     assert float(metadata["normalized_time"]) == pytest.approx(182 / 364, abs=1e-2)
 
 
+def test_generate_converts_other_signals_given_by_name(tiny_sd_dir, adapter_dir, tmp_path):
+    """An engagement of saves per reach: `--signals saves=..,reach=..` gives the vector; likes
+    alone would not (the normaliser names what is missing); the PNG records the raw signals."""
+    import pandas as pd
+
+    normalizer = EngagementTimeNormalizer.fit_signals(
+        {"saves": [10, 50], "reach": [1000, 1000]}, pd.to_datetime(["2025-01-01", "2025-12-31"], utc=True),
+        {"saves": 1.0}, per="reach", normalization="minmax")
+    stats = tmp_path / "normalization.json"
+    normalizer.to_json(stats)
+    common = ["--steps", "1", "--adapter", str(adapter_dir), "--pretrained", str(tiny_sd_dir), "--stats", str(stats)]
+    out = tmp_path / "images"
+    result = runner.invoke(app, ["generate", "--prompt", "a man", "--signals", "saves=15,reach=500", "--date",
+                                 "2025-07-02", "--out", str(out), *common])
+    assert result.exit_code == 0, result.output
+    metadata = read_png_metadata(next(out.glob("*.png")))
+    assert float(metadata["normalized_engagement"]) == pytest.approx(0.5, abs=1e-3)  # 15 / 500 = 0.03, mid of [0.01, 0.05]
+    assert float(metadata["raw_saves"]) == 15 and float(metadata["raw_reach"]) == 500 and "raw_likes" not in metadata
+    result = runner.invoke(app, ["generate", "--prompt", "a man", "--likes", "100", "--out", str(out), *common])
+    assert result.exit_code == 1 and "the engagement is saves / reach: give saves, reach too" in result.output
+
+
 def test_generate_rejects_mismatched_vectors(tiny_sd_dir, adapter_dir, tmp_path):
     args = ["generate", "--prompt", "a man", "--engagement", "0.1", "--engagement", "0.9", "--time", "0.1",
             "--time", "0.2", "--time", "0.3", "--adapter", str(adapter_dir), "--pretrained", str(tiny_sd_dir)]
@@ -123,6 +145,13 @@ def test_pretrain_base_smoke_on_cpu(tmp_path):
         (["--engagement", "0.5", "--time", "0.5", "--likes", "100"], "not both", 2),
         (["--engagement", "0.5", "--time", "0.5", "--date", "2025-01-01"], "not both", 2),
         (["--comments", "3"], "--comments and --date need --likes", 2),
+        (["--signals", "saves"], "Invalid value for '--signals': 'saves' is not name=number", 2),
+        (["--signals", "saves=-3"], "'saves=-3' is not name=number", 2),
+        (["--signals", "saves=1,saves=2"], "saves is given twice", 2),
+        (["--signals", "saves=1", "--likes", "3"], "give likes and comments inside --signals", 2),
+        (["--signals", "saves=1", "--engagement", "0.5", "--time", "0.5"], "not both", 2),
+        (["--signals", "likes=1", "--signals", "likes=2", "--date", "2025-01-01", "--date", "2025-01-02",
+          "--date", "2025-01-03"], "give one --date or one per --signals (2 --signals, 3 --date)", 2),
         (["--likes", "1", "--likes", "2", "--date", "2025-01-01", "--date", "2025-01-02", "--date", "2025-01-03"],
          "give one --date or one per --likes (2 --likes, 3 --date)", 2),
     ],

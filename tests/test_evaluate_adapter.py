@@ -55,6 +55,8 @@ SETTINGS = EvaluationSettings(
 class BrightnessTruth:
     """A known world: an image's appeal is its brightness; its style profile, its mean red."""
 
+    signal_columns = {}  # one engagement signal: nothing to report per signal
+
     def scores(self, images, prompts):
         brightness = [np.asarray(image, dtype=np.float64).mean() / 255 for image in images]
         return pd.DataFrame({"ground_truth_score": brightness, "time_ground_truth": brightness,
@@ -131,6 +133,30 @@ def test_a_ground_truth_object_scores_every_image_and_the_style(models, training
     assert set(evaluation.style_profiles) == {"creator", "ec_lora", "plain_lora", "base"}
     assert report["verdict"]["style_shift"] == (report["style"]["ec_lora"]["mean"] < report["style"]["base"]["mean"])
     assert list(evaluation.figures) == ["Engagement sweep", "Time sweep"]
+
+
+class TwoSignalTruth(BrightnessTruth):
+    """Likes follow brightness, saves follow darkness: the report must tell them apart."""
+
+    signal_columns = {"likes": "appeal_bright", "saves": "appeal_dark"}
+
+    def scores(self, images, prompts):
+        table = super().scores(images, prompts)
+        return table.assign(appeal_bright=table["ground_truth_score"], appeal_dark=1 - table["ground_truth_score"])
+
+
+def test_each_signals_own_function_is_scored_and_reported(models, training_table, tmp_path):
+    pipeline, vae, regressor = models
+    evaluation = evaluate_adapter(pipeline, vae, regressor, training_table, SETTINGS, images_dir=tmp_path / "images",
+                                  ground_truth=TwoSignalTruth())
+    assert {"appeal_bright", "appeal_dark"} <= set(evaluation.scored.columns)
+    by_signal = evaluation.report["ground_truth_by_signal"]
+    assert set(by_signal) == {"likes", "saves"} and set(by_signal["likes"]) >= {"ec_lora", "base", "retrieval"}
+    engagement = evaluation.report["engagement_sweep"]
+    for mode in ("ec_lora", "retrieval"):
+        assert by_signal["likes"][mode] == pytest.approx(engagement[mode]["ground_truth"]["spearman"])
+        assert by_signal["saves"][mode] == pytest.approx(-by_signal["likes"][mode])
+    assert by_signal["likes"]["retrieval"] > 0.5  # the training images' brightness rises with engagement here
 
 
 def test_a_training_table_without_the_needed_columns_is_refused(models, training_table, tmp_path):

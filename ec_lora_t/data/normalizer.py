@@ -33,6 +33,7 @@ user's raw numbers into the vector::
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -46,6 +47,7 @@ from ec_lora_t.data.signals import (
     DEFAULT_COMMENT_WEIGHT,
     DEFAULT_SIGNAL_WEIGHTS,
     DENOMINATORS,
+    SIGNED_SIGNALS,
     describe_engagement,
     weighted_engagement,
 )
@@ -75,12 +77,33 @@ def _to_utc_seconds(dates: Any) -> np.ndarray:
     return np.array([parse_timestamp(date, "date").timestamp() for date in dates], dtype=np.float64)
 
 
+def parse_signal_values(text: str) -> dict[str, float]:
+    """A query's raw signals as typed: "saves=40, reach=3000" -> {"saves": 40.0, "reach": 3000.0}.
+
+    Counts must be finite and non-negative (a sentiment may be negative); a name given twice,
+    or a pair that is not name=number, is a ValueError naming it.
+    """
+    signals: dict[str, float] = {}
+    for pair in text.split(","):
+        name, equals, number = (part.strip() for part in pair.partition("="))
+        try:
+            value = float(number)
+        except ValueError:
+            value = math.nan
+        if not equals or not name or not math.isfinite(value) or (value < 0 and name not in SIGNED_SIGNALS):
+            raise ValueError(f"{pair.strip()!r} is not name=number (e.g. saves=40,reach=3000; counts >= 0)")
+        if name in signals:
+            raise ValueError(f"{name} is given twice in {text!r}")
+        signals[name] = value
+    return signals
+
+
 @dataclass(frozen=True)
 class VectorQuery:
     """Raw numbers turned into the `engagement_time` vector (`EngagementTimeNormalizer.query`)."""
 
-    likes: float
-    comments: float
+    likes: float | None  # None: the query gave other signals only
+    comments: float | None
     date: str  # ISO 8601, UTC
     total_engagement: float
     unclipped: tuple[float, float]  # the normalised values before clipping (rank saturates anyway)
@@ -91,8 +114,9 @@ class VectorQuery:
     def metadata(self) -> dict[str, Any]:
         """What a generated PNG records about the vector's origin, raw and clipped."""
         extra = {f"raw_{name}": value for name, value in self.signals if name not in ("likes", "comments")}
+        counts = {} if self.likes is None else {"raw_likes": self.likes, "raw_comments": self.comments}
         return {
-            "raw_likes": self.likes, "raw_comments": self.comments, **extra, "raw_date": self.date,
+            **counts, **extra, "raw_date": self.date,
             "raw_total_engagement": self.total_engagement, "unclipped_engagement_time": list(self.unclipped),
             "clipped": bool(self.warnings),
         }
@@ -268,8 +292,11 @@ class EngagementTimeNormalizer:
 
     def _query_signals(self, likes: float | None, comments: float | None, signals: Mapping[str, float] | None) -> dict[str, float]:
         """The raw signals of one query: `signals`, with `likes`/`comments` given apart (0 when
-        the engagement does not read them); a signal the engagement needs must be given."""
-        values = {"likes": 0.0 if likes is None else float(likes), "comments": 0.0 if comments is None else float(comments)}
+        the engagement does not read them; left out when only `signals` are given); a signal the
+        engagement needs must be given."""
+        values = {}
+        if likes is not None or signals is None:
+            values = {"likes": 0.0 if likes is None else float(likes), "comments": 0.0 if comments is None else float(comments)}
         values.update({name: float(value) for name, value in (signals or {}).items()})
         missing = [name for name in self.signals_needed() if name not in values]
         if missing:
@@ -329,7 +356,7 @@ class EngagementTimeNormalizer:
                 f"normalized_time {unclipped[1]:.3g} clipped to {min(max(float(unclipped[1]), 0.0), 1.0):g}"
             )
         return VectorQuery(
-            likes=values["likes"], comments=values["comments"], date=moment.isoformat(), total_engagement=total,
+            likes=values.get("likes"), comments=values.get("comments"), date=moment.isoformat(), total_engagement=total,
             unclipped=(float(unclipped[0]), float(unclipped[1])),
             vector=(min(max(float(unclipped[0]), 0.0), 1.0), min(max(float(unclipped[1]), 0.0), 1.0)),
             warnings=tuple(warnings),

@@ -14,7 +14,7 @@ The method never imports the demo world: the ground truth comes in as an object 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,6 +29,7 @@ from ec_lora_t.data.images import load_rgb_image, resize_and_crop
 from ec_lora_t.evaluation.ceiling import PROMPT_AWARE_RETRIEVAL, add_prompt_aware_shares, prompt_aware_ceiling
 from ec_lora_t.evaluation.figures import sweep_figure
 from ec_lora_t.evaluation.regressor import LatentRegressor
+from ec_lora_t.evaluation.stats import spearman
 from ec_lora_t.evaluation.sweep import (
     MODES_WITHOUT_VECTOR,
     RETRIEVAL,
@@ -69,8 +70,14 @@ class GroundTruth(Protocol):
     """What a world whose rules are known can say about an image (the demo world's
     `ec_lora_t.demo.ground_truth.DemoGroundTruth`)."""
 
+    @property
+    def signal_columns(self) -> Mapping[str, str]:
+        """Each engagement signal the world knows -> the column of `scores` holding its hidden
+        function (reported as `ground_truth_by_signal`); empty when it knows only one."""
+
     def scores(self, images: Sequence[Image.Image], prompts: Sequence[str | None]) -> pd.DataFrame:
-        """One row per image, the `GROUND_TRUTH_COLUMNS`; a prompt of None is a training image."""
+        """One row per image, the `GROUND_TRUTH_COLUMNS` and the `signal_columns`; a prompt of
+        None is a training image."""
 
     def style_profile(self, images: Sequence[Image.Image]) -> dict[str, Any]:
         """A JSON-able profile of the images' style."""
@@ -147,7 +154,9 @@ def score_mode(
         latent_means(scoring_vae, images, settings.resolution, batch_size=settings.batch_size)
     )
     if ground_truth is not None:
-        table[GROUND_TRUTH_COLUMNS] = ground_truth.scores(images, list(table["prompt"])).to_numpy()
+        scores = ground_truth.scores(images, list(table["prompt"]))
+        for column in scores.columns:  # GROUND_TRUTH_COLUMNS, then any signal's own function
+            table[column] = scores[column].to_numpy()
     else:
         table[GROUND_TRUTH_COLUMNS] = np.nan
     return table
@@ -226,6 +235,18 @@ def style_profiles(
     return profiles, {mode: ground_truth.style_distance(profiles[mode], profiles["creator"]) for mode in MODES}
 
 
+def spearman_by_signal(scored: pd.DataFrame, signal_columns: Mapping[str, str]) -> dict[str, dict[str, float]]:
+    """Per engagement signal, each mode's Spearman of the engagement target with that signal's
+    hidden function: which audience's taste the images follow as the target rises (the headline
+    scores the function of the engagement trained on)."""
+    rows = scored[scored["sweep"] == "engagement"]
+    return {
+        signal: {mode: spearman(mode_rows["target_engagement"].to_numpy(), mode_rows[column].to_numpy())
+                 for mode, mode_rows in rows.groupby("mode", sort=False)}
+        for signal, column in signal_columns.items()
+    }
+
+
 def evaluate_adapter(
     pipeline: ECLoRAPipeline,
     scoring_vae: AutoencoderKL,
@@ -283,6 +304,8 @@ def evaluate_adapter(
         add_prompt_aware_shares(report, prompt_aware_ceiling(scored, permutations=settings.permutations))
     profiles = None
     if ground_truth is not None:
+        if ground_truth.signal_columns:
+            report["ground_truth_by_signal"] = spearman_by_signal(scored, ground_truth.signal_columns)
         creator = [training_images[index] for index in range(len(training_table))]
         profiles, report["style"] = style_profiles(ground_truth, creator, images)
         report["verdict"]["style_shift"] = report["style"]["ec_lora"]["mean"] < report["style"]["base"]["mean"]
