@@ -21,7 +21,8 @@ from ec_lora_t.training.config import TrainingConfig
 from stages._common import Float, Int, Section
 
 # ECLoRAConfig field -> params key (the others keep their name).
-LORA_PREFIXED = {"rank": "lora_rank", "alpha": "lora_alpha"}
+LORA_PREFIXED = {"rank": "lora_rank", "alpha": "lora_alpha", "text_encoder_rank": "text_encoder_lora_rank",
+                 "text_encoder_alpha": "text_encoder_lora_alpha"}
 
 
 def params_type(annotation: Any) -> Any:
