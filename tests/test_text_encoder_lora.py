@@ -30,6 +30,7 @@ def micro_text_encoder() -> CLIPTextModel:
     return CLIPTextModel(CLIPTextConfig(
         hidden_size=MICRO_TEXT_WIDTH, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
         vocab_size=VOCABULARY, max_position_embeddings=77,
+        bos_token_id=VOCABULARY - 2, eos_token_id=VOCABULARY - 1, pad_token_id=VOCABULARY - 1,
     )).eval()
 
 
