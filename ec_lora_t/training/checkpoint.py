@@ -5,7 +5,8 @@ the run's fingerprint (`run_fingerprint`: base UNet weights and config, adapter 
 its layer names, latent cache, training config, precision, process count, training code):
 
     <root>/<fingerprint[:16]>/run.json          the full fingerprint, what it covers, when last used
-    <root>/<fingerprint[:16]>/epoch-NNNN/       adapter (LoRA, ECM, config), optimizer tensors
+    <root>/<fingerprint[:16]>/epoch-NNNN/       adapter (LoRA, ECM, config, text-encoder LoRA when it
+                                                has one), optimizer tensors
                                                 (`training_state.safetensors`), the rest as JSON
                                                 (`training_state.json`); nothing is pickled
 
