@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from ec_lora_t.adapter.conditioning import AVERAGE_POST, MODES, engagement_conditioning, unet_rows
-from ec_lora_t.adapter.model import ECLoRAAdapter, load_adapter
+from ec_lora_t.adapter.model import ECLoRAAdapter, load_adapter, load_text_encoder_lora
 from ec_lora_t.models import quiet_loading
 
 # diffusers' pipeline module imports CLIP's and SigLIP's image processors (for IP-Adapter), and
@@ -103,13 +103,16 @@ class ECLoRAStableDiffusionPipeline(StableDiffusionPipeline):
         return self.ec_lora
 
     def load_ec_lora(self, adapter_dir: str | Path) -> ECLoRAAdapter:
-        """Inject the adapter saved in `adapter_dir` into this pipeline's UNet (once); the ECM stays fp32."""
+        """Inject the adapter saved in `adapter_dir` into this pipeline's UNet (once), and its
+        text-encoder LoRA, when it has one, into the text encoder; the ECM stays fp32."""
         if self.ec_lora is not None:
             raise RuntimeError(f"an EC-LoRA adapter is already loaded (from {self.ec_lora_dir})")
-        adapter_dir, device = Path(adapter_dir), self.unet.device
+        adapter_dir, device, text_device = Path(adapter_dir), self.unet.device, self.text_encoder.device
         adapter = load_adapter(adapter_dir, self.unet)
-        # The new LoRA matrices (fp32 whatever the pipeline's dtype) and the ECM go to the UNet's device.
+        adapter.text_encoder_lora = load_text_encoder_lora(adapter_dir, adapter.config, self.text_encoder)
+        # The new LoRA matrices (fp32 whatever the pipeline's dtype) and the ECM go to their model's device.
         self.unet.to(device)
+        self.text_encoder.to(text_device)
         adapter.ecm.to(device).eval()
         self.ec_lora, self.ec_lora_dir = adapter, adapter_dir
         return adapter
@@ -213,11 +216,14 @@ class ECLoRAStableDiffusionPipeline(StableDiffusionPipeline):
         device = self._execution_device
         vectors = self._vectors(mode, engagement, time, batch_size, num_images_per_prompt, device)
 
-        # 2. Encode the prompts and lay out the UNet rows (text, vector, anchor).
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt,
-            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-        )
+        # 2. Encode the prompts (mode "base": without the text encoder's LoRA) and lay out the UNet
+        #    rows (text, vector, anchor).
+        text_lora = self.ec_lora.text_encoder_lora if self.ec_lora is not None else None
+        with text_lora.disabled() if mode == "base" and text_lora is not None else nullcontext():
+            prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+                prompt, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt,
+                prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            )
         rows = unet_rows(
             self.ec_lora.ecm if self.ec_lora is not None else None, mode, prompt_embeds, vectors,
             negative_prompt_embeds=negative_prompt_embeds if self.do_classifier_free_guidance else None,

@@ -161,9 +161,11 @@ def main(argv: list[str] | None = None) -> None:
     lora_config, training = configs_from_params(load_section(TrainParams, "train", args.params))
     pretrained = load_section(ModelParams, "model", args.params).pretrained
     cache = load_latent_cache(args.latents)
-    # Only the UNet and the noise schedule are needed: latents and text are cached.
+    # The UNet and the noise schedule: latents and text embeddings are cached. A text-encoder
+    # LoRA also needs the text encoder, which then encodes the cached token ids every step.
     components = load_components(pretrained)
     unet, noise_scheduler = components.unet, components.noise_scheduler
+    text_encoder = components.text_encoder if lora_config.text_encoder_rank else None
     del components
 
     accelerator = make_accelerator(training)
@@ -177,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             result = train_ec_lora(
                 accelerator, unet, noise_scheduler, cache, lora_config, training, args.checkpoints,
-                adapter_dir=args.out, on_step=monitor, log=tqdm.write,
+                adapter_dir=args.out, on_step=monitor, log=tqdm.write, text_encoder=text_encoder,
             )
         except NonFiniteLossError as error:
             raise SystemExit(f"stage train stopped: {error}") from error

@@ -8,6 +8,7 @@ The method in one subpackage, split like peft's `tuners/lora/{config,layer,model
     model.py          injection, the ECLoRAAdapter (layers in ECM order + ECM), save and load
     conditioning.py   the UNet batch's rows (unet_rows) and their scales for the calls inside a block
     export.py         bake one vector into a plain LoRA file (diffusers/PEFT or kohya keys)
+    text_encoder.py   the text encoder's optional static LoRA (train.text_encoder_lora_rank)
 """
 
 import importlib
@@ -19,9 +20,10 @@ _MODULES = {
                      "row_conditioning", "unet_rows"),
     "config": ("ECLoRAConfig",),
     "ecm": ("EngagementConditioningModule",),
-    "layer": ("ECLoRALinear", "VectorTimeEmbedding"),
+    "layer": ("ECLoRALinear", "LoRALinear", "VectorTimeEmbedding"),
     "model": ("ECLoRAAdapter", "add_ec_lora", "build_ecm", "inject_ec_lora", "inject_vector_embedding", "load_adapter",
-              "load_adapter_weights", "load_ecm", "save_adapter"),
+              "load_adapter_weights", "load_ecm", "load_text_encoder_lora", "save_adapter"),
+    "text_encoder": ("TextEncoderLoRA", "inject_text_encoder_lora"),
 }
 _MODULE_OF = {name: module for module, names in _MODULES.items() for name in names}
 __all__ = list(_MODULE_OF)

@@ -4,6 +4,8 @@ An adapter on disk is a folder with three files:
     ec_lora.safetensors   LoRA matrices, keys `<module name>.lora_A.weight` / `.lora_B.weight`
     ecm.safetensors       ECM weights (`ec_lora_t.adapter.ecm.EngagementConditioningModule`)
     adapter_config.json   `ECLoRAConfig` plus the ordered layer names (the ECM output order)
+and, when `text_encoder_rank` > 0, a fourth:
+    text_encoder_lora.safetensors   the text encoder's static LoRA, keys `<module name>.lora_A.weight` / ...
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ ADAPTER_WEIGHTS_NAME = "ec_lora.safetensors"
 ECM_WEIGHTS_NAME = "ecm.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_FORMAT = "ec-lora-t/1"
+TEXT_ENCODER_WEIGHTS_NAME = "text_encoder_lora.safetensors"
 
 # The report's targets (3.1.3): attention projections and the feed-forward layers of every
 # transformer block in the UNet.
@@ -46,6 +49,13 @@ class ECLoRAConfig:
     # Also feed the vector to the UNet's timestep embedding: an ECM head makes a per-row offset
     # (`ec_lora_t.adapter.layer.VectorTimeEmbedding`). False is the report's method.
     vector_embedding: bool = False
+    # A static LoRA (no ECM scale: the vector modulates only the UNet) on the CLIP text
+    # encoder's attention projections (q_proj, k_proj, v_proj, out_proj), trained with the
+    # UNet's. 0: off, the text embeddings come from the latent cache (the report's setup).
+    text_encoder_rank: Annotated[int, Ge(0)] = 0
+    # Its static scale is text_encoder_alpha / text_encoder_rank; None: alpha = rank, scale 1,
+    # what diffusers' DreamBooth LoRA script gives its text encoder.
+    text_encoder_alpha: Annotated[float, Gt(0)] | None = None
     # Filled by `inject_vector_embedding`: the width of the timestep embedding the offset is added to.
     time_embedding_dim: int = 0
     # Filled by `inject_ec_lora`: the injected module names in ECM output order.
@@ -61,6 +71,11 @@ class ECLoRAConfig:
     @property
     def static_scale(self) -> float:
         return self.alpha / self.rank
+
+    @property
+    def text_encoder_scale(self) -> float:
+        alpha = self.text_encoder_rank if self.text_encoder_alpha is None else self.text_encoder_alpha
+        return alpha / self.text_encoder_rank
 
     @property
     def scales_per_layer(self) -> int:

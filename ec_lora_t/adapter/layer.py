@@ -18,6 +18,32 @@ import torch
 from torch import nn
 
 
+def low_rank_pair(base_layer: nn.Linear, rank: int) -> tuple[nn.Linear, nn.Linear]:
+    """A (rank, in) and B (out, rank) for `base_layer`: fp32 on its device, B zero."""
+    device = base_layer.weight.device
+    lora_a = nn.Linear(base_layer.in_features, rank, bias=False, device=device, dtype=torch.float32)
+    lora_b = nn.Linear(rank, base_layer.out_features, bias=False, device=device, dtype=torch.float32)
+    # Initialise A the same way as the default for nn.Linear and B to zero, so that
+    # step 0 reproduces the base model (LoRA paper; peft tuners/lora/layer.py).
+    nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))
+    nn.init.zeros_(lora_b.weight)
+    return lora_a, lora_b
+
+
+def copy_lora_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy `state` into the tensors of `expected` (a LoRA state dict of live weights); the keys
+    and shapes must match exactly, else an error naming `source`."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{source}: missing LoRA keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    with torch.no_grad():
+        for key, target in expected.items():
+            if state[key].shape != target.shape:
+                raise ValueError(f"{source}: {key} has shape {tuple(state[key].shape)}, expected {tuple(target.shape)}")
+            target.copy_(state[key])
+
+
 class ECLoRALinear(nn.Module):
     """A frozen `nn.Linear` plus a low-rank update scaled per sample by the ECM.
 
@@ -34,13 +60,7 @@ class ECLoRALinear(nn.Module):
         self.rank = rank
         self.static_scale = alpha / rank
         self.ecm_index = ecm_index
-        device = base_layer.weight.device
-        self.lora_A = nn.Linear(base_layer.in_features, rank, bias=False, device=device, dtype=torch.float32)
-        self.lora_B = nn.Linear(rank, base_layer.out_features, bias=False, device=device, dtype=torch.float32)
-        # Initialise A the same way as the default for nn.Linear and B to zero, so that
-        # step 0 reproduces the base model (LoRA paper; peft tuners/lora/layer.py).
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+        self.lora_A, self.lora_B = low_rank_pair(base_layer, rank)
         # Per-block state, set and cleared only by `engagement_conditioning`: a float (the same
         # scale for every row of any batch: 1.0 for plain LoRA, 0.0 for the base model) or a
         # tensor with this layer's ECM scale for each row of the UNet batch, (rows,), or
@@ -112,3 +132,32 @@ class VectorTimeEmbedding(nn.Module):
                 f"of {embedding.shape[0]}"
             )
         return embedding + self.offset.to(embedding.dtype)
+
+
+class LoRALinear(nn.Module):
+    """A frozen `nn.Linear` plus a static low-rank update: y = W x + (alpha / r) B A x.
+
+    The text encoder's LoRA (`train.text_encoder_lora_rank`): the vector modulates only the
+    UNet, so this layer has no dynamic scale and runs without a conditioning block. `enabled`
+    False gives exactly the base layer (the pipeline's "base" mode).
+    """
+
+    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"LoRA wraps nn.Linear layers, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.rank = rank
+        self.static_scale = alpha / rank
+        self.lora_A, self.lora_B = low_rank_pair(base_layer, rank)
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, tokens, in_features)
+        result = self.base_layer(x)
+        if not self.enabled:
+            return result
+        lora_input = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.weight.dtype)
+        return result + (self.lora_B(self.lora_A(lora_input)) * self.static_scale).to(result.dtype)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, static_scale={self.static_scale:g}"

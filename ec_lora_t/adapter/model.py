@@ -23,10 +23,12 @@ from ec_lora_t.adapter.config import (
     ADAPTER_FORMAT,
     ADAPTER_WEIGHTS_NAME,
     ECM_WEIGHTS_NAME,
+    TEXT_ENCODER_WEIGHTS_NAME,
     ECLoRAConfig,
 )
 from ec_lora_t.adapter.ecm import EngagementConditioningModule
-from ec_lora_t.adapter.layer import ECLoRALinear, VectorTimeEmbedding
+from ec_lora_t.adapter.layer import ECLoRALinear, VectorTimeEmbedding, copy_lora_state
+from ec_lora_t.adapter.text_encoder import TextEncoderLoRA, inject_text_encoder_lora
 
 
 def _is_target(module_name: str, target_modules: tuple[str, ...]) -> bool:
@@ -117,6 +119,9 @@ class ECLoRAAdapter:
     ecm: EngagementConditioningModule
     # The wrapped timestep embedding when `config.vector_embedding`, else None.
     time_embedding: VectorTimeEmbedding | None = None
+    # The text encoder's static LoRA when `config.text_encoder_rank` > 0 and a text encoder was
+    # given (training, the pipeline), else None.
+    text_encoder_lora: TextEncoderLoRA | None = None
 
     def __post_init__(self) -> None:
         if len(self.layers) != len(self.config.layer_names):
@@ -128,7 +133,10 @@ class ECLoRAAdapter:
         self.conditioning_active = False
 
     def lora_parameters(self) -> list[nn.Parameter]:
-        return [p for layer in self.layers for p in (layer.lora_A.weight, layer.lora_B.weight)]
+        """The UNet's LoRA matrices, then the text encoder's (when it has a LoRA): what the
+        optimizer's LoRA group trains."""
+        unet = [p for layer in self.layers for p in (layer.lora_A.weight, layer.lora_B.weight)]
+        return unet + (self.text_encoder_lora.parameters() if self.text_encoder_lora is not None else [])
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         """LoRA matrices only, keys `<module name>.lora_A.weight` (r, in) and `.lora_B.weight` (out, r)."""
@@ -140,18 +148,7 @@ class ECLoRAAdapter:
 
     def load_lora_state_dict(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
         """Copy LoRA matrices into the adapter's layers; every key must match exactly."""
-        expected = self.lora_state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ValueError(f"{source}: missing LoRA keys {missing[:5]}, unexpected keys {unexpected[:5]}")
-        with torch.no_grad():
-            for key, target in expected.items():
-                if state[key].shape != target.shape:
-                    raise ValueError(
-                        f"{source}: {key} has shape {tuple(state[key].shape)}, expected {tuple(target.shape)}"
-                    )
-                target.copy_(state[key])
+        copy_lora_state(self.lora_state_dict(), state, source)
 
 
 def add_ec_lora(model: nn.Module, config: ECLoRAConfig, device: torch.device | str | None = None) -> ECLoRAAdapter:
@@ -188,6 +185,9 @@ def save_adapter(adapter_dir: str | Path, adapter: ECLoRAAdapter, ecm: Engagemen
     save_safetensors(lora_state, adapter_dir / ADAPTER_WEIGHTS_NAME, metadata={"format": ADAPTER_FORMAT})
     ecm_state = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in ecm.state_dict().items()}
     save_safetensors(ecm_state, adapter_dir / ECM_WEIGHTS_NAME, metadata={"format": ADAPTER_FORMAT})
+    if adapter.text_encoder_lora is not None:
+        text_state = {k: v.to(torch.float32).contiguous().cpu() for k, v in adapter.text_encoder_lora.state_dict().items()}
+        save_safetensors(text_state, adapter_dir / TEXT_ENCODER_WEIGHTS_NAME, metadata={"format": ADAPTER_FORMAT})
     (adapter_dir / ADAPTER_CONFIG_NAME).write_text(json.dumps(adapter.config.to_dict(), indent=2) + "\n")
     return adapter_dir
 
@@ -223,15 +223,17 @@ def load_adapter_weights(
     """
     adapter_dir = Path(adapter_dir)
     config = load_adapter_config(adapter_dir)
-    states = []
-    for name in (ADAPTER_WEIGHTS_NAME, ECM_WEIGHTS_NAME):
-        state = _read_tensors(_require_file(adapter_dir / name))
-        bad = [key for key, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
-        if bad:
-            raise ValueError(f"{adapter_dir / name}: non-finite weights in {bad[:3]}; retrain the adapter")
-        states.append(state)
-    lora_state, ecm_state = states
+    lora_state = _read_finite(_require_file(adapter_dir / ADAPTER_WEIGHTS_NAME))
+    ecm_state = _read_finite(_require_file(adapter_dir / ECM_WEIGHTS_NAME))
     return config, lora_state, ecm_state
+
+
+def _read_finite(path: Path) -> dict[str, torch.Tensor]:
+    state = _read_tensors(path)
+    bad = [key for key, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise ValueError(f"{path}: non-finite weights in {bad[:3]}; retrain the adapter")
+    return state
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -250,6 +252,24 @@ def load_ecm(config: ECLoRAConfig, ecm_state: dict[str, torch.Tensor], source: s
     except RuntimeError as error:
         raise ValueError(f"{source}: ECM weights do not fit the config ({error})") from error
     return ecm
+
+
+def load_text_encoder_weights(adapter_dir: str | Path, config: ECLoRAConfig) -> dict[str, torch.Tensor] | None:
+    """The text encoder's LoRA state of a saved adapter; None when it has none (text_encoder_rank 0)."""
+    if config.text_encoder_rank == 0:
+        return None
+    return _read_finite(_require_file(Path(adapter_dir) / TEXT_ENCODER_WEIGHTS_NAME))
+
+
+def load_text_encoder_lora(adapter_dir: str | Path, config: ECLoRAConfig, text_encoder: nn.Module) -> TextEncoderLoRA | None:
+    """Inject the saved adapter's text-encoder LoRA into `text_encoder` (None, and the encoder
+    untouched, when the adapter has none)."""
+    state = load_text_encoder_weights(adapter_dir, config)
+    if state is None:
+        return None
+    text_encoder_lora = inject_text_encoder_lora(text_encoder, config)
+    text_encoder_lora.load_state_dict(state, source=str(Path(adapter_dir) / TEXT_ENCODER_WEIGHTS_NAME))
+    return text_encoder_lora
 
 
 def load_adapter(adapter_dir: str | Path, model: nn.Module) -> ECLoRAAdapter:

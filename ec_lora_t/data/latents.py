@@ -143,7 +143,8 @@ def encode_feed(
     """Yield the training tensors of the feed, `batch_size` rows at a time, in input order.
 
     Each batch: `latent_mean`, `latent_std` (B, 4, h, w), `text_embeddings`,
-    `generic_text_embeddings` (B, 77, D), `engagement_time` (B, 2). Only images whose
+    `generic_text_embeddings` (B, 77, D), `input_ids`, `generic_input_ids` (B, 77) int64 (the
+    captions' token ids, for a text-encoder LoRA), `engagement_time` (B, 2). Only images whose
     content hash and captions whose text are not in the caches are decoded and encoded; at
     most one batch of decoded images is in memory. `stats` (when given) counts what was
     encoded and what came from the caches. `generic_captions` are the "(style) (season)"
@@ -171,9 +172,19 @@ def encode_feed(
                 "generic_text_embeddings": text_cache.get_many([text_sha256(t) for t in generic], ["hidden_states"])[
                     "hidden_states"
                 ],
+                "input_ids": caption_token_ids(components.tokenizer, full),
+                "generic_input_ids": caption_token_ids(components.tokenizer, generic),
                 "engagement_time": torch.from_numpy(engagement_time[rows].copy()),
             }
             bar.update(len(shas))
+
+
+def caption_token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
+    """(N, 77) int64 CLIP token ids, padded and cut as `ec_lora_t.encoders.encode_prompts` does:
+    the text encoder maps them to the cached `text_embeddings` (tests/test_text_encoder_lora.py)."""
+    return tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(torch.int64)
 
 
 def _encode_missing_images(

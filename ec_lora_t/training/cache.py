@@ -2,7 +2,9 @@
 
 The latents stage has already run the VAE and the text encoder once per image (report 3.6.3,
 4.6.2), so training reads tensors, not images: `latent_mean`, `latent_std`, `text_embeddings`,
-`engagement_time` and, for caption dropout, `generic_text_embeddings`.
+`engagement_time` and, for caption dropout, `generic_text_embeddings`. For a text-encoder LoRA
+(`train.text_encoder_lora_rank`), whose embeddings change as it trains, it also stores the
+captions' token ids, `input_ids` and `generic_input_ids`, which training encodes every step.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from ec_lora_t.data.latent_shards import load_shard_tensors
 
 CACHE_TENSORS = ("latent_mean", "latent_std", "text_embeddings", "engagement_time")
 # Written by the latents stage since caption dropout; older caches train without it.
-OPTIONAL_CACHE_TENSORS = ("generic_text_embeddings",)
+OPTIONAL_CACHE_TENSORS = ("generic_text_embeddings", "input_ids", "generic_input_ids")
+TOKEN_ID_TENSORS = ("input_ids", "generic_input_ids")  # int64; the others are float
 
 
 @dataclass
@@ -34,6 +37,8 @@ class LatentCache:
     text_embeddings: torch.Tensor  # (N, 77, D)
     engagement_time: torch.Tensor  # (N, 2) [normalized_engagement, normalized_time]
     generic_text_embeddings: torch.Tensor | None = None  # (N, 77, D) style tag + season only
+    input_ids: torch.Tensor | None = None  # (N, 77) int64, the full captions' CLIP token ids
+    generic_input_ids: torch.Tensor | None = None  # (N, 77) int64, the generic captions'
 
     def tensor_names(self) -> tuple[str, ...]:
         return CACHE_TENSORS + tuple(name for name in OPTIONAL_CACHE_TENSORS if getattr(self, name) is not None)
@@ -78,8 +83,11 @@ def validate_latent_cache(cache: LatentCache, source: str = "latent cache") -> L
             f"{source}: generic_text_embeddings {tuple(generic.shape)} differs from "
             f"text_embeddings {tuple(cache.text_embeddings.shape)}"
         )
+    _check_token_ids(cache, source)
     for name in cache.tensor_names():
         tensor = getattr(cache, name)
+        if name in TOKEN_ID_TENSORS:
+            continue
         if not tensor.is_floating_point():
             raise ValueError(f"{source}: {name} must be a float tensor, got {tensor.dtype}")
         bad_rows = (~torch.isfinite(tensor.reshape(num_images, -1))).any(dim=1).nonzero().flatten()
@@ -88,6 +96,18 @@ def validate_latent_cache(cache: LatentCache, source: str = "latent cache") -> L
     if (cache.latent_std < 0).any():
         raise ValueError(f"{source}: latent_std has negative values")
     return cache
+
+
+def _check_token_ids(cache: LatentCache, source: str) -> None:
+    for name in TOKEN_ID_TENSORS:
+        ids = getattr(cache, name)
+        if ids is None:
+            continue
+        if ids.dtype != torch.int64 or ids.shape != (len(cache), cache.text_embeddings.shape[1]):
+            raise ValueError(f"{source}: {name} must be int64 ({len(cache)}, {cache.text_embeddings.shape[1]}) token "
+                             f"ids, got {ids.dtype} {tuple(ids.shape)}")
+        if (ids < 0).any():
+            raise ValueError(f"{source}: {name} has negative token ids")
 
 
 def check_cache_fits_unet(cache: LatentCache, unet) -> None:
@@ -215,6 +235,7 @@ class ResidentBatches:
         text_dtype: torch.dtype = torch.float32,
         process_index: int = 0,
         num_processes: int = 1,
+        token_ids: bool = False,
     ) -> None:
         self.sampler, self.batch_size = sampler, batch_size
         self.process_index, self.num_processes = process_index, num_processes
@@ -222,10 +243,13 @@ class ResidentBatches:
         self.latent_std = cache.latent_std.to(device)
         self.engagement_time = cache.engagement_time.to(device)
         self.text = {}
-        for name in ("text_embeddings", "generic_text_embeddings"):
+        # The cached embeddings, or with `token_ids` (a text-encoder LoRA encodes every step) the ids.
+        names = TOKEN_ID_TENSORS if token_ids else ("text_embeddings", "generic_text_embeddings")
+        for name in names:
             if getattr(cache, name) is not None:
                 table, index = _deduplicated(getattr(cache, name))
-                self.text[name] = (table.to(device, text_dtype), index.to(device))
+                dtype = table.dtype if token_ids else text_dtype
+                self.text[name] = (table.to(device, dtype), index.to(device))
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)

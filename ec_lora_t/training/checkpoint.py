@@ -5,7 +5,8 @@ the run's fingerprint (`run_fingerprint`: base UNet weights and config, adapter 
 its layer names, latent cache, training config, precision, process count, training code):
 
     <root>/<fingerprint[:16]>/run.json          the full fingerprint, what it covers, when last used
-    <root>/<fingerprint[:16]>/epoch-NNNN/       adapter (LoRA, ECM, config), optimizer tensors
+    <root>/<fingerprint[:16]>/epoch-NNNN/       adapter (LoRA, ECM, config, text-encoder LoRA when it
+                                                has one), optimizer tensors
                                                 (`training_state.safetensors`), the rest as JSON
                                                 (`training_state.json`); nothing is pickled
 
@@ -44,6 +45,7 @@ from ec_lora_t.adapter.config import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
     ECM_WEIGHTS_NAME,
+    TEXT_ENCODER_WEIGHTS_NAME,
     ECLoRAConfig,
 )
 from ec_lora_t.adapter.ecm import EngagementConditioningModule
@@ -285,6 +287,7 @@ class LoadedCheckpoint:
     lora_state: dict[str, torch.Tensor]
     ecm_state: dict[str, torch.Tensor]
     optimizer_tensors: dict[str, torch.Tensor]
+    text_encoder_state: dict[str, torch.Tensor] | None = None  # the text encoder's LoRA, when it has one
 
     @property
     def epoch(self) -> int:
@@ -321,10 +324,13 @@ def load_checkpoint(checkpoint: str | Path, fingerprint: str) -> LoadedCheckpoin
         ecm_state=_read_tensors(checkpoint / ECM_WEIGHTS_NAME),
         optimizer_tensors=_read_tensors(checkpoint / TRAINING_STATE_TENSORS),
     )
+    if (checkpoint / TEXT_ENCODER_WEIGHTS_NAME).exists():
+        loaded.text_encoder_state = _read_tensors(checkpoint / TEXT_ENCODER_WEIGHTS_NAME)
     if adapter_config.get("layer_names") is None:
         raise CheckpointError(f"{checkpoint}: {ADAPTER_CONFIG_NAME} has no layer_names")
     for file_name, tensors in ((ADAPTER_WEIGHTS_NAME, loaded.lora_state), (ECM_WEIGHTS_NAME, loaded.ecm_state),
-                               (TRAINING_STATE_TENSORS, loaded.optimizer_tensors)):
+                               (TRAINING_STATE_TENSORS, loaded.optimizer_tensors),
+                               (TEXT_ENCODER_WEIGHTS_NAME, loaded.text_encoder_state or {})):
         bad = [name for name, tensor in tensors.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
         if bad:
             raise CheckpointError(f"{checkpoint / file_name}: non-finite values in {bad[:3]}")
@@ -350,6 +356,9 @@ def restore_checkpoint(
     """Put a loaded checkpoint's weights and optimizer state back in place; (epoch, global step, losses)."""
     saved = loaded.state
     adapter.load_lora_state_dict(loaded.lora_state, source=str(loaded.path))
+    if adapter.text_encoder_lora is not None:
+        # The fingerprint covers the adapter config: a checkpoint of this run has the file.
+        adapter.text_encoder_lora.load_state_dict(loaded.text_encoder_state or {}, source=str(loaded.path))
     ecm.load_state_dict(loaded.ecm_state)
     optimizer.load_state_dict(_optimizer_state_from_files(loaded.optimizer_tensors, saved["optimizer_param_groups"]))
     lr_scheduler.load_state_dict(saved["lr_scheduler"])

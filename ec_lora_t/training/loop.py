@@ -71,6 +71,7 @@ from ec_lora_t.training.precision import (
     peak_memory_mb,
     resolve_mixed_precision,
 )
+from ec_lora_t.training.text_encoder import add_text_encoder_lora
 from ec_lora_t.training.throughput import Throughput
 
 
@@ -112,6 +113,7 @@ class TrainingRun:
     adapter: ECLoRAAdapter  # the unwrapped layers and ECM: saved, restored, counted
     unet: nn.Module  # as prepared by accelerate: what runs
     ecm: nn.Module  # as prepared by accelerate: what runs
+    text_encoder: nn.Module | None  # as prepared, when its LoRA trains; None: cached embeddings
     noise_scheduler: Any
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any
@@ -166,8 +168,10 @@ def setup_training(
     lora_config: ECLoRAConfig,
     training: TrainingConfig,
     log: Callable[[str], None] = print,
+    text_encoder: nn.Module | None = None,
 ) -> TrainingRun:
-    """Freeze and cast the UNet, add the adapter, build optimizer, schedule and data; `prepare` them."""
+    """Freeze and cast the UNet (and the text encoder, for its LoRA), add the adapters, build
+    optimizer, schedule and data; `prepare` them."""
     validate_latent_cache(cache)
     check_cache_fits_unet(cache, unet)
     if training.caption_dropout > 0 and cache.generic_text_embeddings is None:
@@ -186,6 +190,8 @@ def setup_training(
     if mixed_precision != "no":
         unet.to(COMPUTE_DTYPES[mixed_precision])
     adapter = add_ec_lora(unet, lora_config, accelerator.device)
+    text_encoder = add_text_encoder_lora(adapter, text_encoder, cache, training.caption_dropout, accelerator.device,
+                                         COMPUTE_DTYPES[mixed_precision])
     if training.gradient_checkpointing:
         unet.enable_gradient_checkpointing()  # diffusers checkpoints non-reentrantly: ECM grads flow
     # 3. AdamW over the trainable parameters only; the ECM may get its own learning rate.
@@ -208,7 +214,7 @@ def setup_training(
     batches = ResidentBatches(
         cache, sampler, training.batch_size, accelerator.device,
         text_dtype=COMPUTE_DTYPES[mixed_precision], process_index=accelerator.process_index,
-        num_processes=accelerator.num_processes,
+        num_processes=accelerator.num_processes, token_ids=text_encoder is not None,
     )
     steps_per_epoch = math.ceil(len(batches) / training.gradient_accumulation_steps)
     total_steps = training.epochs * steps_per_epoch
@@ -221,11 +227,13 @@ def setup_training(
     prepared_unet, prepared_ecm, optimizer, lr_scheduler = accelerator.prepare(
         unet, adapter.ecm, optimizer, lr_scheduler
     )
+    text_encoder = accelerator.prepare(text_encoder) if text_encoder is not None else None
     fingerprint, covers = run_fingerprint(
         cache, lora_config, training, mixed_precision, base_model, accelerator.num_processes
     )
     return TrainingRun(
         accelerator=accelerator, training=training, adapter=adapter, unet=prepared_unet, ecm=prepared_ecm,
+        text_encoder=text_encoder,
         noise_scheduler=noise_scheduler, optimizer=optimizer, lr_scheduler=lr_scheduler, batches=batches,
         fingerprint=fingerprint, fingerprint_covers=covers, num_images=len(cache),
         log=log if accelerator.is_main_process else _quiet,
@@ -365,10 +373,12 @@ def train_epoch(run: TrainingRun, epoch: int, on_step: Callable[..., None] | Non
             if not ends_window:
                 no_sync.enter_context(accelerator.no_sync(run.unet))
                 no_sync.enter_context(accelerator.no_sync(run.ecm))
+                if run.text_encoder is not None:
+                    no_sync.enter_context(accelerator.no_sync(run.text_encoder))
             loss = diffusion_training_step(
                 accelerator, run.unet, run.adapter, run.ecm, run.noise_scheduler, batch, generator,
                 mode=training.conditioning, caption_dropout=training.caption_dropout,
-                vector_dropout=training.vector_dropout, snr_gamma=training.snr_gamma,
+                vector_dropout=training.vector_dropout, snr_gamma=training.snr_gamma, text_encoder=run.text_encoder,
             )
         if sync_every == 1:
             # Checked before the update: a non-finite loss never reaches the weights.
@@ -457,6 +467,7 @@ def train_ec_lora(
     adapter_dir: str | Path | None = None,
     on_step: Callable[..., None] | None = None,
     log: Callable[[str], None] = print,
+    text_encoder: nn.Module | None = None,
 ) -> TrainingResult:
     """Train EC-LoRA layers + ECM on `unet` (modified in place) from cached latents.
 
@@ -466,9 +477,11 @@ def train_ec_lora(
     every optimizer step (progress display and live logging; tests use it to interrupt):
     `epoch` is 0-based, `learning_rate` the LoRA group's as the schedule set it after the step
     (what diffusers' training scripts log), `images_seen` counts every process's images since
-    the run started (resumed epochs included).
+    the run started (resumed epochs included). `text_encoder` (the base model's, modified in
+    place) is needed when `lora_config.text_encoder_rank` > 0: its LoRA trains with the UNet's.
     """
-    run = setup_training(accelerator, unet, noise_scheduler, cache, lora_config, training, log=log)
+    run = setup_training(accelerator, unet, noise_scheduler, cache, lora_config, training, log=log,
+                         text_encoder=text_encoder)
     resume_training(run, checkpoints_dir)
     if accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(accelerator.device)

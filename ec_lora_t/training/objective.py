@@ -66,6 +66,24 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> t
     raise ValueError(f"min-SNR weights: unsupported scheduler prediction_type {prediction_type!r}")
 
 
+def caption_embeddings(
+    batch: dict[str, torch.Tensor], dropped: torch.Tensor | None, text_encoder: nn.Module | None
+) -> torch.Tensor:
+    """(B, 77, D) text embeddings of the batch's captions; rows where `dropped` (B,) bool is set
+    take the generic caption (caption dropout).
+
+    Without `text_encoder`, the cached embeddings. With it (a text-encoder LoRA, which changes
+    them as it trains), the cached token ids encoded now, with gradients to its LoRA.
+    """
+    if text_encoder is None:
+        text = batch["text_embeddings"]
+        return text if dropped is None else torch.where(dropped[:, None, None], batch["generic_text_embeddings"], text)
+    ids = batch["input_ids"]
+    if dropped is not None:
+        ids = torch.where(dropped[:, None], batch["generic_input_ids"], ids)
+    return text_encoder(ids, return_dict=False)[0]  # the last hidden state, as encode_prompts gives it
+
+
 def diffusion_training_step(
     accelerator: Accelerator,
     unet: nn.Module,
@@ -78,23 +96,25 @@ def diffusion_training_step(
     caption_dropout: float = 0.0,
     vector_dropout: float = 0.0,
     snr_gamma: float | None = None,
+    text_encoder: nn.Module | None = None,
 ) -> torch.Tensor:
     """Forward and backward of one micro-batch; returns the detached loss.
 
     `unet` and `ecm` are what the caller runs (prepared by accelerate, possibly wrapped for
-    distributed training); `adapter` holds the unwrapped layers. The backward pass runs
+    distributed training), and so is `text_encoder` (given only when it has a LoRA to train);
+    `adapter` holds the unwrapped layers. The backward pass runs
     inside the conditioning block because gradient checkpointing re-runs layers during backward.
     """
     compute_dtype = next(p for p in unet.parameters() if not p.requires_grad).dtype
     # 1.-3. Latents from the cached posterior, noise and timesteps.
     noisy = noisy_latents(batch["latent_mean"], batch["latent_std"], noise_scheduler, generator)
-    # 4. Cached text embeddings; with caption dropout some samples get their generic caption.
-    text_embeddings = batch["text_embeddings"]
+    # 4. Text embeddings (cached, or encoded now through the text encoder's LoRA); with caption
+    #    dropout some samples get their generic caption.
+    dropped = None
     if caption_dropout > 0.0:
         dropped = torch.rand(noisy.timesteps.shape[0], generator=generator, device=noisy.timesteps.device)
-        text_embeddings = torch.where(
-            (dropped < caption_dropout)[:, None, None], batch["generic_text_embeddings"], text_embeddings
-        )
+        dropped = dropped < caption_dropout
+    text_embeddings = caption_embeddings(batch, dropped, text_encoder)
     # 5. One row per sample (`unet_rows`, the layout sampling also uses): the ECM's scales (and
     #    time-embedding offsets) for its vector, or constants (plain LoRA); with vector dropout
     #    some samples get the null vector (every scale 1, no offset).

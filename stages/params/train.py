@@ -2,7 +2,7 @@
 
 Built, not declared: the keys, types, ranges and defaults are the fields of the library's
 `ec_lora_t.adapter.config.ECLoRAConfig` (the adapter; `rank` and `alpha` take a `lora_` prefix
-here) and `ec_lora_t.training.config.TrainingConfig` (the run), whose comments document them.
+here, `text_encoder_rank` and `text_encoder_alpha` become `text_encoder_lora_rank` / `_alpha`) and `ec_lora_t.training.config.TrainingConfig` (the run), whose comments document them.
 The one key of the stage's own is `launcher`. A key left out of params.yaml takes the library's
 default; a value the library refuses is refused here, before any stage runs.
 """
@@ -21,7 +21,8 @@ from ec_lora_t.training.config import TrainingConfig
 from stages._common import Float, Int, Section
 
 # ECLoRAConfig field -> params key (the others keep their name).
-LORA_PREFIXED = {"rank": "lora_rank", "alpha": "lora_alpha"}
+LORA_PREFIXED = {"rank": "lora_rank", "alpha": "lora_alpha", "text_encoder_rank": "text_encoder_lora_rank",
+                 "text_encoder_alpha": "text_encoder_lora_alpha"}
 
 
 def params_type(annotation: Any) -> Any:
