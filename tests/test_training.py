@@ -148,6 +148,31 @@ def test_resumed_run_ends_like_an_uninterrupted_one(cache_path, tmp_path, straig
     assert torch.count_nonzero(ecm[max(k for k in ecm if k.endswith("weight"))]) > 0
 
 
+def test_ema_saves_the_average_and_leaves_training_alone(cache_path, tmp_path, straight_run):
+    """train.ema_decay: the same losses (the average never feeds back), an adapter that is not
+    the last step's; with a decay near 0 the average is the last step's weights."""
+    straight, straight_adapter, _ = straight_run
+    averaged = run_training(cache_path, tmp_path / "ckpt", tmp_path / "ema", ema_decay=0.9)
+    assert averaged.losses == straight.losses and averaged.grad_norms == straight.grad_norms
+    last, ema = load_file(straight_adapter / ADAPTER_WEIGHTS_NAME), load_file(tmp_path / "ema" / ADAPTER_WEIGHTS_NAME)
+    assert max((last[key] - ema[key]).abs().max().item() for key in last) > 1e-4
+    ecm_last, ecm_ema = load_file(straight_adapter / ECM_WEIGHTS_NAME), load_file(tmp_path / "ema" / ECM_WEIGHTS_NAME)
+    assert any(not torch.equal(ecm_last[key], ecm_ema[key]) for key in ecm_last)
+    run_training(cache_path, tmp_path / "ckpt", tmp_path / "ema0", ema_decay=1e-9)
+    near_last = load_file(tmp_path / "ema0" / ADAPTER_WEIGHTS_NAME)
+    for key in last:
+        torch.testing.assert_close(near_last[key], last[key], rtol=0, atol=1e-6)
+
+
+def test_a_resumed_ema_run_ends_like_an_uninterrupted_one(cache_path, tmp_path):
+    """The checkpoint keeps the moving average: resuming averages exactly as an unbroken run."""
+    run_training(cache_path, tmp_path / "straight", tmp_path / "straight_adapter", ema_decay=0.9)
+    run_dir = interrupted_run(cache_path, tmp_path / "ckpt", step_to_crash=5, ema_decay=0.9)
+    assert (list_checkpoints(run_dir)[-1] / "ema.safetensors").is_file()
+    run_training(cache_path, tmp_path / "ckpt", tmp_path / "resumed", ema_decay=0.9)
+    assert_same_adapter(tmp_path / "straight_adapter", tmp_path / "resumed")
+
+
 def test_another_run_keeps_and_never_resumes_this_runs_checkpoints(cache_path, tmp_path, straight_run):
     """Train A (interrupted), run experiment B to the end, go back to A: A resumes its own epoch."""
     _, straight_adapter, _ = straight_run

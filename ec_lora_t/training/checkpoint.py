@@ -50,6 +50,7 @@ from ec_lora_t.adapter.config import (
 )
 from ec_lora_t.adapter.ecm import EngagementConditioningModule
 from ec_lora_t.adapter.model import ECLoRAAdapter, save_adapter, save_safetensors
+from ec_lora_t.training.ema import EMA_WEIGHTS_NAME
 from ec_lora_t.training.cache import LatentCache
 from ec_lora_t.training.config import TrainingConfig
 
@@ -251,8 +252,10 @@ def save_checkpoint(
     accelerator: Accelerator,
     state: dict[str, Any],
     total_limit: int | None,
+    ema_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write checkpoint `epoch-NNNN` atomically and keep only the newest `total_limit` of this run."""
+    """Write checkpoint `epoch-NNNN` atomically and keep only the newest `total_limit` of this run
+    (with `ema_tensors`, the weights' moving average, as `ema.safetensors`)."""
     final = run_dir / f"epoch-{epoch:04d}"
     partial = run_dir / f".epoch-{epoch:04d}.partial"
     if partial.exists():
@@ -260,6 +263,8 @@ def save_checkpoint(
     save_adapter(partial, adapter, ecm)
     optimizer_tensors, param_groups = _optimizer_state_to_files(optimizer)
     save_safetensors(optimizer_tensors, partial / TRAINING_STATE_TENSORS)
+    if ema_tensors is not None:
+        save_safetensors(ema_tensors, partial / EMA_WEIGHTS_NAME)
     scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
     state = {
         **state,
@@ -288,6 +293,7 @@ class LoadedCheckpoint:
     ecm_state: dict[str, torch.Tensor]
     optimizer_tensors: dict[str, torch.Tensor]
     text_encoder_state: dict[str, torch.Tensor] | None = None  # the text encoder's LoRA, when it has one
+    ema_state: dict[str, torch.Tensor] | None = None  # the weights' moving average, when the run keeps one
 
     @property
     def epoch(self) -> int:
@@ -326,11 +332,14 @@ def load_checkpoint(checkpoint: str | Path, fingerprint: str) -> LoadedCheckpoin
     )
     if (checkpoint / TEXT_ENCODER_WEIGHTS_NAME).exists():
         loaded.text_encoder_state = _read_tensors(checkpoint / TEXT_ENCODER_WEIGHTS_NAME)
+    if (checkpoint / EMA_WEIGHTS_NAME).exists():
+        loaded.ema_state = _read_tensors(checkpoint / EMA_WEIGHTS_NAME)
     if adapter_config.get("layer_names") is None:
         raise CheckpointError(f"{checkpoint}: {ADAPTER_CONFIG_NAME} has no layer_names")
     for file_name, tensors in ((ADAPTER_WEIGHTS_NAME, loaded.lora_state), (ECM_WEIGHTS_NAME, loaded.ecm_state),
                                (TRAINING_STATE_TENSORS, loaded.optimizer_tensors),
-                               (TEXT_ENCODER_WEIGHTS_NAME, loaded.text_encoder_state or {})):
+                               (TEXT_ENCODER_WEIGHTS_NAME, loaded.text_encoder_state or {}),
+                               (EMA_WEIGHTS_NAME, loaded.ema_state or {})):
         bad = [name for name, tensor in tensors.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
         if bad:
             raise CheckpointError(f"{checkpoint / file_name}: non-finite values in {bad[:3]}")

@@ -72,6 +72,10 @@ class TrainingConfig:
     # "ec_lora": the method; "plain_lora": the same LoRA trained without the vector (every
     # scale 1, the ECM untouched), the baseline an ablation or a speed comparison needs.
     conditioning: Literal["ec_lora", "plain_lora"] = "ec_lora"
+    # Save (and sample with) an exponential moving average of the trainable weights, diffusers'
+    # EMAModel with this maximal decay (about 1 / (1 - decay) last steps averaged); None: the
+    # last step's weights. A candidate against seed-dependent control (ec_lora_t.training.ema).
+    ema_decay: Annotated[float, Gt(0), Lt(1)] | None = None
 
     def __post_init__(self) -> None:
         check_constraints(self)  # the ranges in the annotations above

@@ -65,6 +65,8 @@ from ec_lora_t.training.checkpoint import (
     unet_fingerprint,
 )
 from ec_lora_t.training.config import TrainingConfig
+from ec_lora_t.training.ema import averaged_weights, ema_state_tensors, load_ema_state_tensors, make_ema
+from ec_lora_t.training.guards import NonFiniteLossError, check_finite_weights, non_finite_error
 from ec_lora_t.training.objective import diffusion_training_step
 from ec_lora_t.training.precision import (
     COMPUTE_DTYPES,
@@ -73,10 +75,6 @@ from ec_lora_t.training.precision import (
 )
 from ec_lora_t.training.text_encoder import add_text_encoder_lora
 from ec_lora_t.training.throughput import Throughput
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss, the gradient norm or the weights became NaN or infinite; training stops before using them."""
 
 
 @dataclass
@@ -128,8 +126,14 @@ class TrainingRun:
     losses: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
     throughput: Throughput = field(default_factory=Throughput)  # this process's run, steady state
+    ema: Any = None  # diffusers EMAModel of the trainable weights (train.ema_decay), saved for sampling
     # Throughput over all epochs of the run, resumed ones included (the checkpoint carries them).
     timing: dict[str, float] = field(default_factory=lambda: {"train_seconds": 0.0, "images_seen": 0})
+
+
+def trainable_parameters(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
+    """What trains: the optimizer's parameters (UNet LoRA, ECM, text-encoder LoRA), in group order."""
+    return [parameter for group in optimizer.param_groups for parameter in group["params"]]
 
 
 def make_accelerator(training: TrainingConfig) -> Accelerator:
@@ -206,6 +210,7 @@ def setup_training(
         eps=training.adam_epsilon,
         weight_decay=training.weight_decay,
     )
+    ema = make_ema(trainable_parameters(optimizer), training.ema_decay)
     if training.shuffle_vectors:
         cache = shuffled_vectors(cache, training.seed)
     weights = engagement_balance_weights(cache.engagement_time[:, 0], training.engagement_balance)
@@ -236,7 +241,7 @@ def setup_training(
         text_encoder=text_encoder,
         noise_scheduler=noise_scheduler, optimizer=optimizer, lr_scheduler=lr_scheduler, batches=batches,
         fingerprint=fingerprint, fingerprint_covers=covers, num_images=len(cache),
-        log=log if accelerator.is_main_process else _quiet,
+        log=log if accelerator.is_main_process else _quiet, ema=ema,
     )
 
 
@@ -268,34 +273,13 @@ def resume_training(run: TrainingRun, checkpoints_dir: str | Path) -> None:
     run.start_epoch, run.global_step, run.losses = restore_checkpoint(
         loaded, run.adapter, accelerator.unwrap_model(run.ecm), run.optimizer, run.lr_scheduler, accelerator
     )
+    if run.ema is not None:  # the fingerprint covers ema_decay: a checkpoint of this run has the file
+        load_ema_state_tensors(run.ema, loaded.ema_state or {}, str(loaded.path))
     run.grad_norms = list(loaded.state.get("grad_norms", []))
     run.timing = {key: loaded.state["timing"][key] for key in run.timing}
     run.throughput.first_step = run.global_step + 1
     run.log(f"resumed from {loaded.path} (epoch {run.start_epoch} of {run.training.epochs} done, "
             f"step {run.global_step})")
-
-
-def _non_finite(what: str, values: torch.Tensor, step: int, epoch: int, batch_index: int) -> NonFiniteLossError:
-    """The same message on every process: `values` holds one entry per process."""
-    values = values.detach().float().cpu().flatten()
-    if values.numel() == 1:
-        found = f"{what} is {values.item()}"
-    else:
-        bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
-        found = f"{what} is non-finite on process(es) {bad} of {values.numel()} ({values.tolist()})"
-    return NonFiniteLossError(
-        f"{found} at optimizer step {step} (epoch {epoch + 1}, batch {batch_index + 1}); stopped before the "
-        "update. Lower learning_rate or max_grad_norm, or use mixed_precision bf16 or no instead of fp16"
-    )
-
-
-def _check_finite_weights(run: TrainingRun, when: str) -> None:
-    ecm = run.accelerator.unwrap_model(run.ecm)
-    named = [(f"LoRA layer {k}", p) for k, p in enumerate(run.adapter.lora_parameters())]
-    named += [(f"ECM {name}", p) for name, p in ecm.named_parameters()]
-    bad = [name for name, parameter in named if not torch.isfinite(parameter).all()]
-    if bad:
-        raise NonFiniteLossError(f"adapter weights became non-finite {when} ({bad[:3]}); nothing was saved")
 
 
 # On a GPU the host reads the step losses and gradient norms every this many optimizer steps,
@@ -329,9 +313,9 @@ def _flush(run: TrainingRun, pending: list[_PendingStep], on_step: Callable[...,
     losses = losses.float().cpu()
     for column, item in enumerate(pending):
         if not torch.isfinite(losses[:, column]).all():
-            raise _non_finite("loss", losses[:, column], item.step, item.epoch, item.batch_index)
+            raise non_finite_error("loss", losses[:, column], item.step, item.epoch, item.batch_index)
         if accelerator.scaler is None and not torch.isfinite(norms[column]):
-            raise _non_finite("the gradient norm", norms[column].reshape(1), item.step, item.epoch, item.batch_index)
+            raise non_finite_error("the gradient norm", norms[column].reshape(1), item.step, item.epoch, item.batch_index)
     window_rate = run.throughput.read(pending[-1].step, pending[-1].images_seen)
     step_losses = losses.mean(dim=0).tolist()
     for item, loss, norm in zip(pending, step_losses, norms.tolist()):
@@ -356,7 +340,7 @@ def train_epoch(run: TrainingRun, epoch: int, on_step: Callable[..., None] | Non
     generator = torch.Generator(device=accelerator.device).manual_seed(
         epoch_seed(training.seed, epoch, stream=1 + accelerator.process_index)
     )
-    trainable = run.adapter.lora_parameters() + list(run.ecm.parameters())
+    trainable = trainable_parameters(run.optimizer)
     max_norm = math.inf if training.max_grad_norm is None else training.max_grad_norm  # inf: measure only
     sync_every = GPU_SYNC_EVERY if accelerator.device.type == "cuda" else 1
     window_losses: list[torch.Tensor] = []
@@ -384,7 +368,7 @@ def train_epoch(run: TrainingRun, epoch: int, on_step: Callable[..., None] | Non
             # Checked before the update: a non-finite loss never reaches the weights.
             process_losses = accelerator.gather(loss.reshape(1))
             if not torch.isfinite(process_losses).all():
-                raise _non_finite("loss", process_losses, run.global_step + 1, epoch, batch_index)
+                raise non_finite_error("loss", process_losses, run.global_step + 1, epoch, batch_index)
         window_losses.append(loss)
         run.timing["images_seen"] += batch["latent_mean"].shape[0] * accelerator.num_processes
         if not ends_window:
@@ -393,8 +377,10 @@ def train_epoch(run: TrainingRun, epoch: int, on_step: Callable[..., None] | Non
         grad_norm = accelerator.clip_grad_norm_(trainable, max_norm)
         # With fp16 the grad scaler skips steps with overflowing gradients itself.
         if sync_every == 1 and accelerator.scaler is None and not torch.isfinite(grad_norm):
-            raise _non_finite("the gradient norm", grad_norm.reshape(1), run.global_step + 1, epoch, batch_index)
+            raise non_finite_error("the gradient norm", grad_norm.reshape(1), run.global_step + 1, epoch, batch_index)
         run.optimizer.step()
+        if run.ema is not None:
+            run.ema.step(trainable)
         run.lr_scheduler.step()
         run.optimizer.zero_grad()
         run.global_step += 1
@@ -411,14 +397,14 @@ def train_epoch(run: TrainingRun, epoch: int, on_step: Callable[..., None] | Non
     accelerator.wait_for_everyone()
     run.timing["train_seconds"] += time.perf_counter() - epoch_started
     run.throughput.pause()  # checks and saving are not training; the next epoch resumes the clock
-    _check_finite_weights(run, f"in epoch {epoch + 1}")
+    check_finite_weights(run.adapter, accelerator.unwrap_model(run.ecm), f"in epoch {epoch + 1}")
     if accelerator.is_main_process and run.run_dir is not None:
         checkpoint = save_checkpoint(
             run.run_dir, epoch + 1, run.adapter, accelerator.unwrap_model(run.ecm), run.optimizer,
             run.lr_scheduler, accelerator,
             {"fingerprint": run.fingerprint, "epoch": epoch + 1, "global_step": run.global_step, "losses": run.losses,
              "grad_norms": run.grad_norms, "timing": run.timing},
-            training.checkpoints_total_limit,
+            training.checkpoints_total_limit, ema_tensors=None if run.ema is None else ema_state_tensors(run.ema),
         )
         run.log(f"epoch {epoch + 1}/{training.epochs}: step {run.global_step}, loss {run.losses[-1]:.5f}, "
                 f"gradient norm {run.grad_norms[-1]:.4g} -> {checkpoint}")
@@ -429,9 +415,11 @@ def finish_training(run: TrainingRun, adapter_dir: str | Path | None = None) -> 
     accelerator = run.accelerator
     accelerator.wait_for_everyone()
     ecm = accelerator.unwrap_model(run.ecm)
-    _check_finite_weights(run, "by the end of training")
-    if adapter_dir is not None and accelerator.is_main_process:
-        save_adapter(adapter_dir, run.adapter, ecm)
+    # The saved adapter holds the weights' moving average when train.ema_decay is set.
+    with averaged_weights(run.ema, trainable_parameters(run.optimizer)):
+        check_finite_weights(run.adapter, ecm, "by the end of training")
+        if adapter_dir is not None and accelerator.is_main_process:
+            save_adapter(adapter_dir, run.adapter, ecm)
     if run.run_dir is not None and accelerator.is_main_process:
         # Checkpoints are resume state: a finished run is trained again from scratch, never resumed.
         close_run(run.run_dir)
