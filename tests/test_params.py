@@ -246,3 +246,24 @@ def test_a_hub_id_that_cannot_be_loaded_stops_the_params_check(tmp_path, monkeyp
     assert check(params_with(tmp_path, caption__model="someone/not-cached"))
     with pytest.raises(ParamsError, match="caption.model 'someone/not-cached' is a hub id"):
         check(params_with(tmp_path, caption__model="someone/not-cached", caption__missing_text="blip"))
+
+
+def test_the_readmes_override_replaces_the_signals_mapping(tmp_path):
+    """DVC's `-S` merges a mapping into the one in params.yaml (`features.signals={likes: 1}`
+    leaves comments in, `{saves: 1}` is refused), so the README replaces it with `~` and `+`:
+    check both, with the very function `dvc exp run -S` applies."""
+    import re
+    import shutil
+
+    from dvc.utils.hydra import apply_overrides
+
+    readme = (REPO / "README.md").read_text()
+    overrides = re.findall(r"-S '([^']*features\.signals[^']*)'", readme)
+    assert overrides == ["~features.signals", "+features.signals={saves: 1}"], overrides
+    params = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", params)
+    apply_overrides(params, overrides)
+    assert yaml.safe_load(params.read_text())["features"]["signals"] == {"saves": 1}
+    shutil.copy(REPO / "params.yaml", params)
+    apply_overrides(params, ["features.signals={likes: 1}"])
+    assert yaml.safe_load(params.read_text())["features"]["signals"] == {"likes": 1, "comments": 3}  # merged
