@@ -274,7 +274,9 @@ def test_evaluate_stage_end_to_end_on_the_tiny_model(tiny_sd_dir, adapter_dir, t
     ).save(tmp_path / "regressor")
     params = {
         "model": {"pretrained": str(tiny_sd_dir), "resolution": 32},
-        "ingest": {"posts_dir": str(tmp_path / "posts")},
+        "ingest": {"posts_dir": str(tmp_path / "posts"), "insights": None},
+        # the engagement's signals decide which hidden function is the ground truth
+        "features": {"signals": {"likes": 1, "comments": 3}, "per": None},
         "evaluate": {
             "prompts": ["a man in a red jacket on a city street", "a woman in a blue coat on a beach"],
             "seeds": [1, 2],
@@ -362,8 +364,14 @@ def test_evaluate_stage_end_to_end_on_the_tiny_model(tiny_sd_dir, adapter_dir, t
     assert {"spearman", "p_value", "slope", "range_ratio", "by_target", "ground_truth", "share_of_ceiling"} <= ec_lora_metrics.keys()
     assert details["engagement_sweep"]["base"]["p_value"] == 1.0
     assert set(details["adherence"]["ec_lora"]) == {"target_000", "target_050", "target_100"}
-    assert details["ground_truth_source"] == {"used": True, "audience": "caps",
-                                               "manifest": str(tmp_path / "posts" / "demo_world.json")}
+    assert details["ground_truth_source"] == {
+        "used": True, "audience": "caps", "engagement_follows": {"caps": 1.0},
+        "signal_audiences": {"likes": "caps", "comments": "caps", "saves": "caps", "shares": "beach"},
+        "manifest": str(tmp_path / "posts" / "demo_world.json")}
+    # Every signal of the feed is scored by its own function: the likers' is the headline's.
+    by_signal = details["ground_truth_by_signal"]
+    assert set(by_signal) == {"likes", "saves", "shares"}
+    assert by_signal["likes"]["ec_lora"] == pytest.approx(ec_lora_metrics["ground_truth"]["spearman"], abs=1e-3)
     assert set(details["verdict"]) == {"controls_engagement", "controls_ground_truth", "controls_time", "keeps_prompt",
                                        "style_shift"}
     assert details["num_images"] == 28

@@ -258,7 +258,7 @@ def test_the_readmes_override_replaces_the_signals_mapping(tmp_path):
     from dvc.utils.hydra import apply_overrides
 
     readme = (REPO / "README.md").read_text()
-    overrides = re.findall(r"-S '([^']*features\.signals[^']*)'", readme)
+    overrides = list(dict.fromkeys(re.findall(r"-S '([^']*features\.signals[^']*)'", readme)))
     assert overrides == ["~features.signals", "+features.signals={saves: 1}"], overrides
     params = tmp_path / "params.yaml"
     shutil.copy(REPO / "params.yaml", params)
