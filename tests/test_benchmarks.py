@@ -140,3 +140,20 @@ def test_research_summary_reads_both_ceilings_from_the_details():
     assert summary["ground_truth"] == truth | {"ceiling": 0.8, "prompt_aware_ceiling": 2 / 3}
     assert summary["regressor"] == {"spearman": 0.5, "ceiling": 0.7, "prompt_aware_ceiling": 0.6}
     assert "time" not in summary and "adherence" not in summary
+
+
+@pytest.mark.parametrize("grid_path", sorted((control_research.REPO / "benchmarks" / "grids").glob("*.json")),
+                         ids=lambda path: path.name)
+def test_every_committed_grid_gives_valid_params(grid_path, tmp_path):
+    """A grid planned for a GPU session must not fail there on a misspelt key: each run's params
+    (the repository's, the grid's base, recipe and sampling variant) pass validate_params."""
+    from stages.validate_params import validate_params
+
+    grid = json.loads(grid_path.read_text())
+    (tmp_path / "models").symlink_to(control_research.REPO / "models")
+    for job in control_research.plan_jobs(grid, "all", tmp_path)[:: len(grid["seeds"])]:
+        for name, sample in grid["sample"].items():
+            params = control_research.merged_params([grid.get("base", {}), {"demo_data": {"audience": job["audience"]}},
+                                                     job["recipe_params"], sample])
+            (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+            validate_params(tmp_path / "params.yaml", ("data/demo_posts",))
