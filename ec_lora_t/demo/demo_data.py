@@ -21,7 +21,8 @@ driven by its own audience (`DEMO_SIGNAL_RATES`; saves by default follow `caps`,
     reach        = followers(t) * 0.45 * LogNormal(0, 0.1)      (the follower trend, no picture)
 
 so the signal an engagement is computed from (`features.signals`) decides what the model
-learns, and the evaluation scores it with that signal's function (`signal_ground_truth`). So engagement depends
+learns, and the evaluation scores it with that signal's function
+(`ec_lora_t.demo.ground_truth.signal_audience_weights`). So engagement depends
 on what is visible (for the default audience: vivid outfits, bright pictures), on a
 follower-growth trend in time, and on noise. The creator has a personal style (caps and
 jackets) that drifts over time, from parks and studios to city streets and from coats to
