@@ -52,7 +52,7 @@ from ec_lora_t.demo.tiny_model import SHIPPED_CLIP_TOKENIZER  # noqa: E402
 from ec_lora_t.generation import VectorSampling, generate_images, load_pipeline  # noqa: E402
 from ec_lora_t.training.cache import LatentCache  # noqa: E402
 from ec_lora_t.training.config import TrainingConfig  # noqa: E402
-from ec_lora_t.training.loop import make_accelerator, train_ec_lora  # noqa: E402
+from ec_lora_t.training.loop import compiles_unet, make_accelerator, train_ec_lora  # noqa: E402
 from ec_lora_t.training.objective import noisy_latents  # noqa: E402
 from ec_lora_t.training.precision import COMPUTE_DTYPES  # noqa: E402
 from stages.params.train import TrainParams, configs_from_params  # noqa: E402
@@ -333,8 +333,8 @@ def main(argv: list[str] | None = None) -> dict:
     lora_config, training = configs_from_params(TrainParams.model_validate(train_params))
     if args.compile != "params":
         training = TrainingConfig(**{**training.__dict__, "compile": {"true": True, "false": False}.get(args.compile, args.compile)})
-    # The isolated steps and the anchor compile when the loop does (make_accelerator's rule).
-    compile_steps = training.compile is True or (training.compile == "auto" and device.type == "cuda")
+    # The isolated steps and the anchor compile when the loop does.
+    compile_steps = compiles_unet(training, device.type)
     steps_per_epoch = 8
     cache = synthetic_cache(batch_size * steps_per_epoch, latent_size, unet_config["cross_attention_dim"])
     epochs = -(-(args.steps + args.warmup) // steps_per_epoch)

@@ -534,3 +534,23 @@ def test_resident_batches_give_every_process_the_same_number_of_steps(num_images
         assert len(steps) == len(batches) == -(-(-(-num_images // batch_size)) // num_processes)
         served += [int(v) for step in steps for v in step["latent_mean"].flatten()]
     assert set(served) == set(range(num_images))  # every image, each epoch
+
+
+def test_compiled_loop_compiles_the_unet_once_under_mixed_precision(tmp_path, monkeypatch):
+    """`train.compile` under bf16 autocast: one graph for the UNet, no recompile in steady state.
+    With accelerate's dynamo backend the ECM was compiled too; both ran through accelerate's one
+    autocast wrapper, so Dynamo recompiled it with dynamic shapes (issue 18). Dynamo's guards
+    decide recompiles, so its "eager" backend (no code generation) is enough to see them."""
+    from torch._dynamo.utils import counters
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: real_compile(model, **{**kwargs, "backend": "eager"}))
+    torch._dynamo.reset()
+    counters.clear()
+    cache = write_cache(tmp_path / "latents.safetensors", num_images=4)  # two full batches per epoch
+    result = run_training(cache, tmp_path / "checkpoints", compile=True, mixed_precision="bf16", epochs=6,
+                          gradient_accumulation_steps=1)
+    torch._dynamo.reset()
+    assert result.steps == 12
+    assert result.extra["graphs_compiled"] == 1
+    assert result.extra["graphs_compiled_after_warmup"] == 0

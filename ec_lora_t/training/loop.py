@@ -136,18 +136,24 @@ def trainable_parameters(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]
     return [parameter for group in optimizer.param_groups for parameter in group["params"]]
 
 
+def compiles_unet(training: TrainingConfig, device_type: str) -> bool:
+    """Whether a run of `training` on `device_type` compiles the UNet (`train.compile`)."""
+    return training.compile is True or (training.compile == "auto" and device_type == "cuda")
+
+
 def make_accelerator(training: TrainingConfig) -> Accelerator:
     """The Accelerator a run of `training` needs ('auto' precision resolved for this machine)."""
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    compile_unet = training.compile is True or (training.compile == "auto" and device_type == "cuda")
     return Accelerator(
         mixed_precision=resolve_mixed_precision(training.mixed_precision, device_type),
         gradient_accumulation_steps=training.gradient_accumulation_steps,
         # Without a GPU, processes started by torchrun or `accelerate launch` train together over gloo.
         cpu=device_type == "cpu",
-        # `prepare` compiles the UNet (the ECM is a tiny MLP outside it): the per-row scales reach
-        # the LoRA layers as tensors, so a new batch's vectors do not recompile.
-        dynamo_backend="inductor" if compile_unet else "no",
+        # No dynamo backend: accelerate would compile every prepared model, the ECM too, and under
+        # mixed precision both run through accelerate's one autocast wrapper, so Dynamo sees one
+        # function called two ways, recompiles it with dynamic shapes and stalls (issue 18).
+        # `setup_training` compiles the UNet alone.
+        dynamo_backend="no",
     )
 
 
@@ -209,6 +215,9 @@ def setup_training(
         betas=(training.adam_beta1, training.adam_beta2),
         eps=training.adam_epsilon,
         weight_decay=training.weight_decay,
+        # One fused kernel for all parameters on a GPU (each LoRA pair is two small tensors, so the
+        # per-tensor launches add up); the CPU keeps torch's default, and the demo its numbers.
+        fused=True if accelerator.device.type == "cuda" else None,
     )
     ema = make_ema(trainable_parameters(optimizer), training.ema_decay)
     if training.shuffle_vectors:
@@ -233,6 +242,10 @@ def setup_training(
         unet, adapter.ecm, optimizer, lr_scheduler
     )
     text_encoder = accelerator.prepare(text_encoder) if text_encoder is not None else None
+    if compiles_unet(training, accelerator.device.type):
+        # Static shapes: every batch is full-sized except an epoch's last, which compiles once
+        # more; the per-row scales reach the LoRA layers as tensors, so new vectors do not.
+        prepared_unet = torch.compile(prepared_unet, backend="inductor", dynamic=False)
     fingerprint, covers = run_fingerprint(
         cache, lora_config, training, mixed_precision, base_model, accelerator.num_processes
     )
