@@ -9,6 +9,7 @@ anchor measured the same way:
     compile            torch.compile of the UNet (default mode, static shapes)
     compile+cl         both
     cudnn_sdpa         eager with PyTorch's cuDNN attention backend only
+    compile+cl+cudnn   compile+cl with the cuDNN attention backend
 
 For compiled rows the warm-up (first steps, compilation included) is reported beside the
 steady rate, and the number of graphs Dynamo compiled during the timed steps (0 = no
@@ -52,6 +53,7 @@ OPTION_SETS = {
     "compile": {"compile": True},
     "compile+cl": {"compile": True, "channels_last": True},
     "cudnn_sdpa": {"sdpa": "cudnn"},
+    "compile+cl+cudnn": {"compile": True, "channels_last": True, "sdpa": "cudnn"},
 }
 
 
