@@ -28,7 +28,7 @@ from ec_lora_t.adapter.conditioning import AVERAGE_POST, MODES
 from ec_lora_t.adapter.ecm import ENGAGEMENT_TIME_DIM, check_engagement_time
 from ec_lora_t.hub import resolve_pretrained
 from ec_lora_t.models import diffusers_dtype, quiet_loading
-from ec_lora_t.pipeline import ECLoRAStableDiffusionPipeline, check_anchor, check_sampling_strength
+from ec_lora_t.pipeline import ECLoRAStableDiffusionPipeline, check_anchor, check_interval, check_sampling_strength
 
 # The pipeline with the adapter loaded (or none): what `load_pipeline` returns.
 ECLoRAPipeline = ECLoRAStableDiffusionPipeline
@@ -104,16 +104,20 @@ class VectorSampling:
     vector_scale γ: extrapolate the ECM's outputs away from the same anchor,
         s' = s(a) + γ (s(e, t) - s(a)) (anchor None: from the null vector, s' = 1 + γ (s - 1));
         γ = 1 is the ECM itself.
+    guidance_interval (start, end): vector guidance acts over this fraction of the denoising
+        steps only (0: the first, noisiest step; (0, 1): all); elsewhere w = 1 on two rows.
     """
 
     vector_guidance: float = 1.0
     vector_scale: float = 1.0
     guidance_anchor: tuple[float, float] | None = AVERAGE_POST
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
 
     def __post_init__(self) -> None:
         check_sampling_strength("vector_guidance", self.vector_guidance)
         check_sampling_strength("vector_scale", self.vector_scale)
         check_anchor(self.guidance_anchor)
+        check_interval(self.guidance_interval)
 
 
 @torch.no_grad()
@@ -164,7 +168,8 @@ def generate_images(
             engagement=[vector[0] for vector in batch_vectors] if batch_vectors else None,
             time=[vector[1] for vector in batch_vectors] if batch_vectors else None,
             height=height, width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-            vector_guidance_scale=sampling.vector_guidance, vector_scale=sampling.vector_scale,
+            vector_guidance_scale=sampling.vector_guidance, vector_guidance_interval=sampling.guidance_interval,
+            vector_scale=sampling.vector_scale,
             guidance_anchor=sampling.guidance_anchor, mode=mode,
             negative_prompt=[negative_prompt] * len(batch_prompts) if negative_prompt is not None else None,
             generator=[torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds[rows]],

@@ -22,7 +22,10 @@ the same formula at g = 1 needs two rows, [prompt + vector, prompt + anchor]:
     eps(c, a) + w (eps(c, v) - eps(c, a))
 
 The anchor a is the average post (0.5, 0.5) by default, or None: the null vector (every scale
-1, the plain LoRA that `train.vector_dropout` trains). A static LoRA exported at v
+1, the plain LoRA that `train.vector_dropout` trains). `vector_guidance_interval` (start, end)
+limits vector guidance to that fraction of the denoising steps (0: the first, noisiest step):
+outside it the anchor rows are not run and the prediction is diffusers' own guidance, at the
+cost of two rows instead of three (guidance in a limited interval, Kynkäänniemi et al. 2024). A static LoRA exported at v
 (`ec-lora-t export`) reproduces w = 1 only: vector guidance is a difference of two model
 calls at sampling time, which no fixed weight update can carry.
 """
@@ -37,7 +40,7 @@ from typing import Any
 
 import torch
 
-from ec_lora_t.adapter.conditioning import AVERAGE_POST, MODES, engagement_conditioning, unet_rows
+from ec_lora_t.adapter.conditioning import AVERAGE_POST, MODES, UNetRows, engagement_conditioning, unet_rows
 from ec_lora_t.adapter.model import ECLoRAAdapter, load_adapter, load_text_encoder_lora
 from ec_lora_t.models import quiet_loading
 
@@ -63,6 +66,14 @@ def check_anchor(anchor: Sequence[float] | None) -> tuple[float, float] | None:
     if len(anchor) != 2 or not all(0.0 <= float(v) <= 1.0 for v in anchor):
         raise ValueError(f"guidance_anchor must be an (engagement, time) pair in [0, 1] or None, got {anchor!r}")
     return (float(anchor[0]), float(anchor[1]))
+
+
+def check_interval(interval: Sequence[float]) -> tuple[float, float]:
+    """`vector_guidance_interval`: a (start, end) pair with 0 <= start < end <= 1."""
+    if len(interval) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in interval) \
+            or not 0.0 <= interval[0] < interval[1] <= 1.0:
+        raise ValueError(f"vector_guidance_interval must be (start, end) with 0 <= start < end <= 1, got {interval!r}")
+    return (float(interval[0]), float(interval[1]))
 
 
 def _per_prompt(name: str, value: float | Sequence[float], batch_size: int) -> list[float]:
@@ -136,20 +147,31 @@ class ECLoRAStableDiffusionPipeline(StableDiffusionPipeline):
         self.ec_lora.ecm.to(device)  # the ECM is not a pipeline component: `pipe.to()` does not move it
         return vectors.repeat_interleave(num_images_per_prompt, dim=0).to(device)
 
+    def _conditioning(self, rows: UNetRows):
+        return (engagement_conditioning(self.ec_lora, rows.scales, rows.offsets)
+                if self.ec_lora is not None else nullcontext())
+
     def _denoise(self, latents, rows, timesteps, vector_guidance_scale, extra_step_kwargs, callback_on_step_end,
-                 callback_on_step_end_tensor_inputs, negative_prompt_embeds):
-        """The denoising loop over `unet_rows`' groups, combined by `guided_prediction`."""
+                 callback_on_step_end_tensor_inputs, negative_prompt_embeds, vector_guidance_interval=(0.0, 1.0)):
+        """The denoising loop over `unet_rows`' groups, combined by `guided_prediction`; outside
+        `vector_guidance_interval` without the anchor group (vector guidance off)."""
         self._num_timesteps = len(timesteps)
-        conditioning = (engagement_conditioning(self.ec_lora, rows.scales, rows.offsets)
-                        if self.ec_lora is not None else nullcontext())
-        with conditioning, self.progress_bar(total=len(timesteps)) as progress_bar:
+        start, end = vector_guidance_interval
+        # The rows of the steps outside the interval: only when there are such steps and an anchor group.
+        unguided = (rows.without_last_group() if vector_guidance_scale != 1.0 and rows.groups > 1
+                    and (start > 0.0 or end < 1.0) else rows)
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                model_input = self.scheduler.scale_model_input(torch.cat([latents] * rows.groups), t)
-                prediction = self.unet(model_input, t, encoder_hidden_states=rows.text_embeddings,
-                                       return_dict=False)[0]
-                noise_pred = guided_prediction(prediction, rows.groups, self.guidance_scale, vector_guidance_scale)
+                step_rows, step_guidance = rows, vector_guidance_scale
+                if not start <= i / len(timesteps) < end:
+                    step_rows, step_guidance = unguided, 1.0
+                model_input = self.scheduler.scale_model_input(torch.cat([latents] * step_rows.groups), t)
+                with self._conditioning(step_rows):
+                    prediction = self.unet(model_input, t, encoder_hidden_states=step_rows.text_embeddings,
+                                           return_dict=False)[0]
+                noise_pred = guided_prediction(prediction, step_rows.groups, self.guidance_scale, step_guidance)
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     # diffusers' tensor inputs; only the latents are read back (the rows are fixed for the loop)
@@ -181,6 +203,7 @@ class ECLoRAStableDiffusionPipeline(StableDiffusionPipeline):
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
         vector_guidance_scale: float = 1.0,
+        vector_guidance_interval: Sequence[float] = (0.0, 1.0),
         vector_scale: float = 1.0,
         guidance_anchor: Sequence[float] | None = AVERAGE_POST,
         mode: str = "ec_lora",
@@ -198,8 +221,9 @@ class ECLoRAStableDiffusionPipeline(StableDiffusionPipeline):
     ):
         """Generate; `engagement` and `time` are one value, or one per prompt (normalised, in [0, 1]).
 
-        `vector_guidance_scale` w (>= 0; 1: none) and `vector_scale` γ (>= 0; 1: the ECM itself,
-        else s' = s(a) + γ (s(v) - s(a)) from the anchor a) act in mode "ec_lora" only. Returns a
+        `vector_guidance_scale` w (>= 0; 1: none), applied over `vector_guidance_interval` of the
+        steps, and `vector_scale` γ (>= 0; 1: the ECM itself, else s' = s(a) + γ (s(v) - s(a))
+        from the anchor a) act in mode "ec_lora" only. Returns a
         `StableDiffusionPipelineOutput` (or a tuple), as `StableDiffusionPipeline` does.
         """
         # 1. Check inputs (diffusers' checks, then ours) and default the size to the UNet's.
@@ -209,6 +233,7 @@ class ECLoRAStableDiffusionPipeline(StableDiffusionPipeline):
                           callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
         vector_guidance_scale = check_sampling_strength("vector_guidance_scale", vector_guidance_scale)
         vector_scale = check_sampling_strength("vector_scale", vector_scale)
+        vector_guidance_interval = check_interval(vector_guidance_interval)
         guidance_anchor = check_anchor(guidance_anchor)
         self._guidance_scale, self._guidance_rescale, self._clip_skip = guidance_scale, 0.0, None
         self._cross_attention_kwargs, self._interrupt = None, False
@@ -237,9 +262,10 @@ class ECLoRAStableDiffusionPipeline(StableDiffusionPipeline):
                                        width, prompt_embeds.dtype, device, generator, latents)
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
 
-        # 4. Denoise, with every row's adapter scales set for the whole loop.
+        # 4. Denoise, with every row's adapter scales set for each step's UNet call.
         latents = self._denoise(latents, rows, timesteps, vector_guidance_scale, extra_step_kwargs,
-                                callback_on_step_end, callback_on_step_end_tensor_inputs, negative_prompt_embeds)
+                                callback_on_step_end, callback_on_step_end_tensor_inputs, negative_prompt_embeds,
+                                vector_guidance_interval)
 
         # 5. Decode (no safety checker in this tool's pipelines; diffusers' runs when one is loaded).
         image, has_nsfw_concept = self._decode(latents, output_type, generator, device, prompt_embeds.dtype)

@@ -167,6 +167,32 @@ def test_diffusers_options_callbacks_output_types_and_checks(pipe):
         pipe(PROMPTS, engagement=[0.1, 0.2, 0.3], time=0.5)
 
 
+def test_vector_guidance_interval_runs_the_anchor_rows_only_inside_it(pipe):
+    """(0.5, 1): the first half of the steps run two rows per image (diffusers' guidance, w = 1),
+    the second half three; a step outside the interval is exactly the unguided step."""
+    rows_per_call = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: rows_per_call.append(args[0].shape[0]))
+    call = dict(engagement=[0.9, 0.1], time=0.5, guidance_scale=5.0, output_type="latent")
+    try:
+        pipe(PROMPTS, num_inference_steps=4, vector_guidance_scale=3.0, vector_guidance_interval=(0.5, 1.0),
+             generator=[torch.Generator().manual_seed(s) for s in SEEDS], **call)
+    finally:
+        hook.remove()
+    assert rows_per_call == [4, 4, 6, 6]
+
+    def one_step(**sampling):
+        return pipe(PROMPTS, num_inference_steps=1, generator=[torch.Generator().manual_seed(s) for s in SEEDS],
+                    **call, **sampling).images
+
+    unguided, guided = one_step(vector_guidance_scale=1.0), one_step(vector_guidance_scale=3.0)
+    assert torch.equal(one_step(vector_guidance_scale=3.0, vector_guidance_interval=(0.5, 1.0)), unguided)
+    assert torch.equal(one_step(vector_guidance_scale=3.0, vector_guidance_interval=(0.0, 0.5)), guided)
+    assert (guided - unguided).abs().max() > 1e-2
+    for interval in [(0.6, 0.4), (0.0, 1.5), (0.5,)]:
+        with pytest.raises(ValueError, match="vector_guidance_interval"):
+            VectorSampling(vector_guidance=3.0, guidance_interval=interval)
+
+
 def test_several_images_per_prompt_get_each_prompts_vector(pipe):
     """diffusers lays the UNet batch out as p0, p0, p1, p1: each of those rows must get its own
     prompt's vector (a layout per vector, v0, v1, v0, v1, would swap rows 1 and 2)."""

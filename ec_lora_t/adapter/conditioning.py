@@ -124,6 +124,18 @@ class UNetRows:
     offsets: torch.Tensor | None  # (groups * N, D) time-embedding offsets, or None
     groups: int
 
+    def without_last_group(self) -> UNetRows:
+        """The same batch less its last group (the anchor group of vector guidance)."""
+        if self.groups < 2:
+            raise ValueError("a UNet batch of one group has no group to leave out")
+        rows = self.text_embeddings.shape[0] // self.groups * (self.groups - 1)
+        return UNetRows(
+            self.text_embeddings[:rows],
+            self.scales if isinstance(self.scales, float) else self.scales[:rows],
+            None if self.offsets is None else self.offsets[:rows],
+            self.groups - 1,
+        )
+
 
 def unet_rows(
     ecm: EngagementConditioningModule | None,

@@ -34,6 +34,8 @@ class EvaluateParams(Section):
     vector_guidance: Annotated[Float, Field(ge=0)] = 1.0
     vector_guidance_anchor: Annotated[list[UnitFloat], Field(min_length=2, max_length=2)] | None = [0.5, 0.5]
     vector_scale: Annotated[Float, Field(ge=0)] = 1.0
+    # The fraction (start, end) of the denoising steps with vector guidance; (0, 1): all of them.
+    vector_guidance_interval: Annotated[list[UnitFloat], Field(min_length=2, max_length=2)] = [0.0, 1.0]
     batch_size: Annotated[Int, Field(ge=1)] = 16
     retrieval_k: Annotated[Int, Field(ge=1)] = 15  # the ceiling: k nearest training images per target
     permutations: Annotated[Int, Field(ge=1)]
@@ -46,4 +48,11 @@ class EvaluateParams(Section):
     def _time_sweep_has_two_targets(self) -> EvaluateParams:
         if len(self.time_targets) == 1:
             raise ValueError(f"time_targets {self.time_targets} must hold at least 2 targets, or none")
+        return self
+
+    @model_validator(mode="after")
+    def _interval_is_ordered(self) -> EvaluateParams:
+        start, end = self.vector_guidance_interval
+        if not start < end:
+            raise ValueError(f"vector_guidance_interval {self.vector_guidance_interval}: start must be below end")
         return self
