@@ -76,6 +76,14 @@ def _options(
     _debug["on"] = debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
+def _interval(interval: tuple[float, float]) -> tuple[float, float]:
+    """A parse-time check of --vector-guidance-interval: 0 <= START < END <= 1 (exit status 2)."""
+    start, end = interval
+    if not (math.isfinite(start) and math.isfinite(end) and 0.0 <= start < end <= 1.0):
+        raise typer.BadParameter(f"must be START END with 0 <= START < END <= 1, got {start:g} {end:g}")
+    return interval
+
+
 def _run(function: Callable[..., Result], *args: Any, **kwargs: Any) -> Result:
     """Call the command's library function; an error becomes one line on stderr and exit status 1."""
     try:
@@ -280,6 +288,10 @@ def generate(
              "evaluate stage's default).", callback=_number(0))] = 4.0,
     vector_scale: Annotated[float, typer.Option(help="Extrapolate the ECM's scales from mid engagement (1: none).",
                                                 callback=_number(0))] = 1.0,
+    vector_guidance_interval: Annotated[tuple[float, float], typer.Option(
+        help="Vector guidance over this fraction of the sampling steps only, START END (0: the first, "
+             "noisiest step); outside it two UNet rows per image instead of three.",
+        callback=_interval)] = (0.0, 1.0),
     mode: Annotated[str, typer.Option(help="ec_lora | plain_lora (ECM off) | base (no adapter).")] = "ec_lora",
 ) -> None:
     """Generate images for every prompt x vector x seed, in one batch; the vector goes into the PNG metadata."""
@@ -294,7 +306,8 @@ def generate(
         pretrained or str(_run(_in_repository, DEFAULT_PRETRAINED, "--pretrained")),
         adapter or _run(_in_repository, DEFAULT_ADAPTER, "--adapter"),
         prompt, vectors, seed, out, num_inference_steps=steps, guidance_scale=guidance_scale, mode=mode,
-        sampler=sampler, sampling=VectorSampling(vector_guidance, vector_scale), vector_metadata=raw,
+        sampler=sampler, sampling=VectorSampling(vector_guidance, vector_scale, guidance_interval=vector_guidance_interval),
+        vector_metadata=raw,
     )
     typer.echo("\n".join(str(path) for path in paths))
 

@@ -44,6 +44,22 @@ def test_generate_several_vectors_in_one_call(tiny_sd_dir, adapter_dir, tmp_path
     assert np.abs(low - high).max() > 0  # the vector changed the image
 
 
+def test_generate_passes_the_vector_guidance_interval_to_the_pipeline(tiny_sd_dir, adapter_dir, tmp_path):
+    """One step at 0 lies outside (0.5, 1): vector guidance 4 there draws what guidance 1 draws."""
+    def one_step(folder, *options):
+        args = ["generate", "--prompt", "a man in a red jacket", "--engagement", "0.9", "--time", "0.5",
+                "--seed", "42", "--steps", "1", "--out", str(tmp_path / folder), "--adapter", str(adapter_dir),
+                "--pretrained", str(tiny_sd_dir), *options]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        (png,) = (tmp_path / folder).glob("*.png")
+        return np.asarray(Image.open(png), dtype=np.int16)
+
+    unguided = one_step("w1", "--vector-guidance", "1")
+    assert np.array_equal(one_step("late", "--vector-guidance", "4", "--vector-guidance-interval", "0.5", "1"), unguided)
+    assert not np.array_equal(one_step("w4", "--vector-guidance", "4"), unguided)
+
+
 def test_generate_converts_raw_likes_and_dates(tiny_sd_dir, adapter_dir, tmp_path):
     import pandas as pd
 
@@ -136,6 +152,8 @@ def test_pretrain_base_smoke_on_cpu(tmp_path):
         (["--engagement", "0.5", "--time", "0.5", "--vector-guidance", "-1"],
          "Invalid value for '--vector-guidance': must be a finite number >= 0, got -1.0", 2),
         (["--engagement", "0.5", "--time", "0.5", "--vector-scale", "inf"], "Invalid value for '--vector-scale'", 2),
+        (["--engagement", "0.5", "--time", "0.5", "--vector-guidance-interval", "0.6", "0.4"],
+         "Invalid value for '--vector-guidance-interval': must be START END with 0 <= START < END <= 1, got 0.6 0.4", 2),
         (["--engagement", "0.5", "--time", "0.5", "--guidance-scale", "nan"], "Invalid value for '--guidance-scale'", 2),
         (["--engagement", "0.5", "--time", "0.5", "--seed", "-1"], "Invalid value for '--seed'", 2),
         (["--likes", "100", "--comments", "-1"], "Invalid value for '--comments'", 2),
