@@ -306,8 +306,8 @@ def generate(
         pretrained or str(_run(_in_repository, DEFAULT_PRETRAINED, "--pretrained")),
         adapter or _run(_in_repository, DEFAULT_ADAPTER, "--adapter"),
         prompt, vectors, seed, out, num_inference_steps=steps, guidance_scale=guidance_scale, mode=mode,
-        sampler=sampler, sampling=VectorSampling(vector_guidance, vector_scale, guidance_interval=vector_guidance_interval),
-        vector_metadata=raw,
+        sampler=sampler, vector_metadata=raw,
+        sampling=VectorSampling(vector_guidance, vector_scale, guidance_interval=vector_guidance_interval),
     )
     typer.echo("\n".join(str(path) for path in paths))
 

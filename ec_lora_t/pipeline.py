@@ -25,9 +25,9 @@ The anchor a is the average post (0.5, 0.5) by default, or None: the null vector
 1, the plain LoRA that `train.vector_dropout` trains). `vector_guidance_interval` (start, end)
 limits vector guidance to that fraction of the denoising steps (0: the first, noisiest step):
 outside it the anchor rows are not run and the prediction is diffusers' own guidance, at the
-cost of two rows instead of three (guidance in a limited interval, Kynkäänniemi et al. 2024). A static LoRA exported at v
-(`ec-lora-t export`) reproduces w = 1 only: vector guidance is a difference of two model
-calls at sampling time, which no fixed weight update can carry.
+cost of two rows instead of three (guidance in a limited interval, Kynkäänniemi et al. 2024).
+A static LoRA exported at v (`ec-lora-t export`) reproduces w = 1 only: vector guidance is a
+difference of two model calls at sampling time, which no fixed weight update can carry.
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ class ECLoRAStableDiffusionPipeline(StableDiffusionPipeline):
                 noise_pred = guided_prediction(prediction, step_rows.groups, self.guidance_scale, step_guidance)
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
                 if callback_on_step_end is not None:
-                    # diffusers' tensor inputs; only the latents are read back (the rows are fixed for the loop)
+                    # diffusers' tensor inputs; only the latents are read back (the rows are not changed by callbacks)
                     step_tensors = {"latents": latents, "prompt_embeds": rows.text_embeddings,
                                     "negative_prompt_embeds": negative_prompt_embeds}
                     callback_kwargs = {name: step_tensors[name] for name in callback_on_step_end_tensor_inputs}
