@@ -38,9 +38,9 @@ class TrainingConfig:
     gradient_accumulation_steps: Count = 1
     mixed_precision: MixedPrecision = "auto"
     gradient_checkpointing: bool = False
-    # Compile the UNet (not the ECM) with torch.compile (inductor, static shapes). On a GPU at
-    # SD1.5 shape the step runs about a third faster once compiled; the compilation costs one to
-    # two minutes at the start of the run (docs/benchmarks.md). "auto": on a CUDA GPU only
+    # Compile the UNet (not the ECM) with torch.compile (inductor, static shapes). On an H100 at
+    # SD1.5 shape the loop runs 1.57x faster once compiled; the compilation costs two to three
+    # minutes at the start of the run (docs/benchmarks.md). "auto": on a CUDA GPU only
     # (compiling the CPU-sized demo costs more than it saves).
     compile: Literal[False, True, "auto"] = False
     seed: Annotated[int, Ge(0)] = 42
