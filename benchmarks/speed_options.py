@@ -113,7 +113,7 @@ def training_step(unet_config, scheduler, batch, device, *, peft: bool = False, 
         trainable = adapter.lora_parameters() + list(adapter.ecm.parameters())
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=device.type == "cuda")
     # As the train stage's loop does: accelerate wraps the UNet's forward in bf16 autocast and,
-    # with a dynamo backend, compiles it (`train.compile`).
+    # with a dynamo backend, compiles it (only the UNet is prepared here, as the loop compiles it).
     AcceleratorState._reset_state(reset_partial_state=True)  # process-wide: else the first run's backend stays
     accelerator = Accelerator(mixed_precision="bf16" if device.type == "cuda" else "no", cpu=device.type == "cpu",
                               dynamo_backend="inductor" if compile else "no")

@@ -177,7 +177,8 @@ def measure_step(unet, step, batch_size: int, steps: int, warmup: int, device) -
 
 def step_accelerator(device, compile: bool):
     """As the train loop's: bf16 autocast on a GPU around the prepared UNet's forward and, with
-    `compile`, the UNet compiled by accelerate's dynamo backend."""
+    `compile`, the UNet compiled (by accelerate's dynamo backend here: only the UNet is prepared,
+    so it compiles what the loop's own `torch.compile` does)."""
     from accelerate import Accelerator
 
     fresh_accelerator_state()
