@@ -221,10 +221,9 @@ class ECLoRAStableDiffusionPipeline(StableDiffusionPipeline):
     ):
         """Generate; `engagement` and `time` are one value, or one per prompt (normalised, in [0, 1]).
 
-        `vector_guidance_scale` w (>= 0; 1: none), applied over `vector_guidance_interval` of the
-        steps, and `vector_scale` γ (>= 0; 1: the ECM itself, else s' = s(a) + γ (s(v) - s(a))
-        from the anchor a) act in mode "ec_lora" only. Returns a
-        `StableDiffusionPipelineOutput` (or a tuple), as `StableDiffusionPipeline` does.
+        `vector_guidance_scale` w (>= 0; 1: none; over `vector_guidance_interval` of the steps) and
+        `vector_scale` γ (>= 0; 1: the ECM itself, else s' = s(a) + γ (s(v) - s(a)) from the anchor
+        a) act in mode "ec_lora" only. Returns a `StableDiffusionPipelineOutput` (or a tuple).
         """
         # 1. Check inputs (diffusers' checks, then ours) and default the size to the UNet's.
         height = height or self.unet.config.sample_size * self.vae_scale_factor

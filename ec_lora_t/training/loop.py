@@ -141,6 +141,25 @@ def compiles_unet(training: TrainingConfig, device_type: str) -> bool:
     return training.compile is True or (training.compile == "auto" and device_type == "cuda")
 
 
+def make_optimizer(adapter: ECLoRAAdapter, training: TrainingConfig, device_type: str) -> torch.optim.AdamW:
+    """AdamW over the adapter's trainable parameters (its LoRA pairs, the text encoder's LoRA
+    included, then the ECM, which may have its own learning rate)."""
+    ecm_learning_rate = training.learning_rate if training.ecm_learning_rate is None else training.ecm_learning_rate
+    return torch.optim.AdamW(
+        [
+            {"params": adapter.lora_parameters(), "lr": training.learning_rate},
+            {"params": list(adapter.ecm.parameters()), "lr": ecm_learning_rate},
+        ],
+        lr=training.learning_rate,
+        betas=(training.adam_beta1, training.adam_beta2),
+        eps=training.adam_epsilon,
+        weight_decay=training.weight_decay,
+        # One fused kernel for all parameters on a GPU (each LoRA pair is two small tensors, so the
+        # per-tensor launches add up); the CPU keeps torch's default, and the demo its numbers.
+        fused=True if device_type == "cuda" else None,
+    )
+
+
 def make_accelerator(training: TrainingConfig) -> Accelerator:
     """The Accelerator a run of `training` needs ('auto' precision resolved for this machine)."""
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -204,21 +223,8 @@ def setup_training(
                                          COMPUTE_DTYPES[mixed_precision])
     if training.gradient_checkpointing:
         unet.enable_gradient_checkpointing()  # diffusers checkpoints non-reentrantly: ECM grads flow
-    # 3. AdamW over the trainable parameters only; the ECM may get its own learning rate.
-    ecm_learning_rate = training.learning_rate if training.ecm_learning_rate is None else training.ecm_learning_rate
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": adapter.lora_parameters(), "lr": training.learning_rate},
-            {"params": list(adapter.ecm.parameters()), "lr": ecm_learning_rate},
-        ],
-        lr=training.learning_rate,
-        betas=(training.adam_beta1, training.adam_beta2),
-        eps=training.adam_epsilon,
-        weight_decay=training.weight_decay,
-        # One fused kernel for all parameters on a GPU (each LoRA pair is two small tensors, so the
-        # per-tensor launches add up); the CPU keeps torch's default, and the demo its numbers.
-        fused=True if accelerator.device.type == "cuda" else None,
-    )
+    # 3. AdamW over the trainable parameters only.
+    optimizer = make_optimizer(adapter, training, accelerator.device.type)
     ema = make_ema(trainable_parameters(optimizer), training.ema_decay)
     if training.shuffle_vectors:
         cache = shuffled_vectors(cache, training.seed)
