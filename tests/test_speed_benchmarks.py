@@ -36,14 +36,22 @@ def test_train_throughput_reports_every_part_on_the_tiny_model(tmp_path):
     assert out.with_suffix(".md").read_text().startswith("| run |")
 
 
+def test_train_throughput_runs_one_loop_and_the_anchor_when_asked(tmp_path):
+    out = tmp_path / "speed.json"
+    run_script("train_throughput.py", "--tiny", "--steps", "2", "--warmup", "1", "--parts", "loop:ec_lora,anchor",
+               "--out", str(out))
+    assert set(json.loads(out.read_text())["results"]) == {"loop:ec_lora", "peft_anchor"}
+
+
 def test_speed_options_writes_a_row_per_option_and_part(tmp_path):
     out = tmp_path / "options.json"
     run_script("speed_options.py", "--tiny", "--steps", "1", "--warmup", "1", "--sample-steps", "2",
-               "--options", "eager,channels_last", "--out", str(out))
+               "--options", "eager,channels_last,cudnn_sdpa", "--out", str(out))
     results = json.loads(out.read_text())["results"]
-    assert set(results) == {f"{part}:{option}" for part in ("step", "peft", "sample")
-                            for option in ("eager", "channels_last")} | {
-        "sample:eager:vector_guidance", "sample:channels_last:vector_guidance"}
+    # cudnn_sdpa runs where cuDNN has no attention kernel (here: the CPU), on the next backend.
+    options = ("eager", "channels_last", "cudnn_sdpa")
+    assert set(results) == {f"{part}:{option}" for part in ("step", "peft", "sample") for option in options} | {
+        f"sample:{option}:vector_guidance" for option in options}
     for name, figures in results.items():
         assert figures["images_per_second"] > 0, name
         assert figures["graphs_compiled_in_timed_steps"] == 0, name  # eager: Dynamo compiles nothing
