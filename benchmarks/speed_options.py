@@ -40,8 +40,7 @@ import diffusers  # noqa: E402
 from diffusers import DDPMScheduler, UNet2DConditionModel  # noqa: E402
 
 from benchmarks.train_throughput import (  # noqa: E402
-    SD15_SCHEDULER_CONFIG, SD15_TEXT, SD15_UNET_CONFIG, SD15_VAE_CONFIG, TINY_TEXT, TINY_UNET_CONFIG, TINY_VAE_CONFIG,
-    build_pipeline_folder, peak_gb, reset_memory, synchronize, synthetic_cache,
+    SD15_SCHEDULER_CONFIG, benchmark_setup, build_pipeline_folder, peak_gb, reset_memory, synchronize, synthetic_cache,
 )
 from ec_lora_t.adapter import ECLoRAConfig, add_ec_lora  # noqa: E402
 from ec_lora_t.generation import VectorSampling, generate_images, load_pipeline  # noqa: E402
@@ -145,8 +144,12 @@ def training_step(unet_config, scheduler, batch, device, *, peft: bool = False, 
 
 
 def sampling_call(folder: Path, device, resolution: int, batch_size: int, steps: int, vector_guidance: float,
-                  channels_last: bool = False, compile: bool = False, sdpa: str | None = None) -> Callable[[], None]:
-    pipeline = load_pipeline(str(folder), folder / "adapter", device=device, sampler="dpmsolver++")
+                  channels_last: bool = False, compile: bool = False, sdpa: str | None = None,
+                  adapter: bool = True) -> Callable[[], None]:
+    """One sampling batch through the project's pipeline; without `adapter`, the same pipeline
+    with no adapter loaded (plain Stable Diffusion sampling: the anchor for the sampling rows)."""
+    pipeline = load_pipeline(str(folder), folder / "adapter" if adapter else None, device=device,
+                             sampler="dpmsolver++")
     if channels_last:
         pipeline.unet.to(memory_format=torch.channels_last)
         pipeline.vae.to(memory_format=torch.channels_last)
@@ -157,11 +160,12 @@ def sampling_call(folder: Path, device, resolution: int, batch_size: int, steps:
     vectors = torch.tensor([[index % 5 / 4, 0.5] for index in range(batch_size)])
     seeds = list(range(batch_size))
     call = dict(num_inference_steps=steps, guidance_scale=5.0, batch_size=batch_size, height=resolution,
-                width=resolution, sampling=VectorSampling(vector_guidance=vector_guidance))
+                width=resolution, sampling=VectorSampling(vector_guidance=vector_guidance),
+                mode="ec_lora" if adapter else "base")
 
     def sample() -> None:
         with sdpa_context(sdpa):
-            generate_images(pipeline, prompts, vectors, seeds, **call)
+            generate_images(pipeline, prompts, vectors if adapter else None, seeds, **call)
 
     return sample
 
@@ -178,14 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=None, help="JSON, rewritten after every row")
     args = parser.parse_args(argv)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    unet_config, vae_config, text = ((TINY_UNET_CONFIG, TINY_VAE_CONFIG, TINY_TEXT) if args.tiny
-                                     else (SD15_UNET_CONFIG, SD15_VAE_CONFIG, SD15_TEXT))
-    batch_size = args.batch_size or (2 if args.tiny else 32)
+    device, unet_config, vae_config, text, resolution, batch_size = benchmark_setup(args.tiny, args.batch_size)
     latent_size = unet_config["sample_size"]
-    resolution = latent_size * 2 ** (len(vae_config["block_out_channels"]) - 1)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
     scheduler = DDPMScheduler(**SD15_SCHEDULER_CONFIG)
     cache = synthetic_cache(batch_size, latent_size, unet_config["cross_attention_dim"])
     batch = {name: getattr(cache, name).to(device) for name in cache.tensor_names()}
@@ -214,13 +212,16 @@ def main(argv: list[str] | None = None) -> dict:
         sample_batch = min(batch_size, 16)
         with tempfile.TemporaryDirectory() as folder:
             sd = build_pipeline_folder(Path(folder) / "sd", unet_config, vae_config, text, device)
+            # Per option: EC-LoRA-T with text guidance (2 UNet rows per image), with vector
+            # guidance too (3 rows), and the anchor: the same pipeline without an adapter.
             for option in options:
-                for vector_guidance in (1.0, 3.0):
+                for vector_guidance, adapter, suffix in ((1.0, True, ""), (3.0, True, ":vector_guidance"),
+                                                         (1.0, False, ":no_adapter")):
                     reset_memory(device)
                     torch._dynamo.reset()
                     sample = sampling_call(sd, device, resolution, sample_batch, args.sample_steps, vector_guidance,
-                                           **OPTION_SETS[option])
-                    name = f"sample:{option}" + (":vector_guidance" if vector_guidance != 1.0 else "")
+                                           adapter=adapter, **OPTION_SETS[option])
+                    name = f"sample:{option}{suffix}"
                     record(name, timed(sample, 2, 1, device, sample_batch))
     return report
 

@@ -88,6 +88,23 @@ TINY_VAE_CONFIG = {**SD15_VAE_CONFIG, "block_out_channels": [32, 64], "down_bloc
 TINY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
 
 
+def model_shapes(tiny: bool) -> tuple[dict, dict, dict, int]:
+    """(UNet config, VAE config, text encoder sizes, pixel resolution): SD1.5's, or the narrow
+    smoke-check model's; the resolution is the UNet's latent size times the VAE's downsampling."""
+    unet_config, vae_config, text = ((TINY_UNET_CONFIG, TINY_VAE_CONFIG, TINY_TEXT) if tiny
+                                     else (SD15_UNET_CONFIG, SD15_VAE_CONFIG, SD15_TEXT))
+    return unet_config, vae_config, text, unet_config["sample_size"] * 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def benchmark_setup(tiny: bool, batch_size: int | None) -> tuple[torch.device, dict, dict, dict, int, int]:
+    """(device, UNet config, VAE config, text sizes, resolution, batch) of a benchmark run: CUDA
+    when there is one (TF32 matmuls allowed), the shapes of `model_shapes`, batch 32 (tiny: 2)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return (device, *model_shapes(tiny), batch_size or (2 if tiny else 32))
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -319,16 +336,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=None, help="JSON to write (a .md table beside it)")
     args = parser.parse_args(argv)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    unet_config = TINY_UNET_CONFIG if args.tiny else SD15_UNET_CONFIG
-    vae_config, text = (TINY_VAE_CONFIG, TINY_TEXT) if args.tiny else (SD15_VAE_CONFIG, SD15_TEXT)
-    batch_size = args.batch_size or (2 if args.tiny else 32)
-    latent_size, resolution = unet_config["sample_size"], unet_config["sample_size"] * 8
-    if args.tiny:
-        resolution = unet_config["sample_size"] * 2 ** (len(vae_config["block_out_channels"]) - 1)
+    device, unet_config, vae_config, text, resolution, batch_size = benchmark_setup(args.tiny, args.batch_size)
+    latent_size = unet_config["sample_size"]
     parts = set(args.parts.split(","))
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
 
     # params.yaml's train section, as the train stage reads it; batch and length set here.
     train_params = yaml.safe_load((REPO / "params.yaml").read_text())["train"]

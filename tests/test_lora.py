@@ -155,6 +155,40 @@ def test_save_load_round_trip(tmp_path):
     assert torch.equal(original, restored)
 
 
+def test_centered_ecm_input_reads_two_e_minus_one_and_survives_save_and_load(tmp_path):
+    torch.manual_seed(0)
+    unit = EngagementConditioningModule(num_layers=3, hidden_size=8)
+    centered = EngagementConditioningModule(num_layers=3, hidden_size=8, centered_input=True)
+    centered.load_state_dict(unit.state_dict())
+    nn.init.normal_(unit.mlp[-1].weight)
+    centered.mlp[-1].weight.data.copy_(unit.mlp[-1].weight)
+    vectors = torch.tensor([[0.0, 1.0], [0.25, 0.5], [1.0, 0.0]])
+    assert torch.allclose(centered(vectors), unit(2 * vectors - 1))
+    assert not torch.allclose(centered(vectors), unit(vectors))
+    assert torch.equal(centered(vectors[:1]), centered(vectors)[:1])  # row-wise, as the unit one
+
+    model, adapter = toy_with_adapter(ecm_input="centered")
+    assert adapter.ecm.centered_input
+    randomize_adapter(adapter)
+    save_adapter(tmp_path / "adapter", adapter)
+    loaded_model = make_toy()
+    loaded = load_adapter(tmp_path / "adapter", loaded_model)
+    assert loaded.config.ecm_input == "centered" and loaded.ecm.centered_input
+    sample, vectors = torch.randn(3, 5, WIDTH), torch.rand(3, 2)
+    with conditioned(adapter, vectors):
+        original = model(sample)
+    with conditioned(loaded, vectors):
+        assert torch.equal(loaded_model(sample), original)
+    # An adapter saved before the option existed has no key and reads the vector raw.
+    config_path = tmp_path / "adapter" / ADAPTER_CONFIG_NAME
+    config = json.loads(config_path.read_text())
+    del config["ecm_input"]
+    config_path.write_text(json.dumps(config))
+    assert not load_adapter(tmp_path / "adapter", make_toy()).ecm.centered_input
+    with pytest.raises(ValueError, match="ecm_input"):
+        ECLoRAConfig(ecm_input="standardised")
+
+
 def test_load_rejects_other_architecture_and_missing_files(tmp_path):
     model, adapter = toy_with_adapter()
     save_adapter(tmp_path / "adapter", adapter)

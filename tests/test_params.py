@@ -120,7 +120,7 @@ def _choices(schema, field: str) -> tuple:
 
 
 def test_the_schemas_allow_exactly_the_librarys_choices():
-    from ec_lora_t.adapter.config import ECM_GRANULARITIES
+    from ec_lora_t.adapter.config import ECM_GRANULARITIES, ECM_INPUTS
     from ec_lora_t.data.captioning import CAPTION_SOURCES, MISSING_TEXT_CHOICES
     from ec_lora_t.data.features import NORMALIZATIONS
     from ec_lora_t.data.ingest import FORMATS, VIDEO_MODES
@@ -130,6 +130,7 @@ def test_the_schemas_allow_exactly_the_librarys_choices():
 
     expected = {
         ("train", "ecm_granularity"): ECM_GRANULARITIES,
+        ("train", "ecm_input"): ECM_INPUTS,
         ("train", "mixed_precision"): MIXED_PRECISION_CHOICES,
         ("features", "normalization"): NORMALIZATIONS,
         ("caption", "source"): CAPTION_SOURCES,

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -51,10 +52,26 @@ def test_speed_options_writes_a_row_per_option_and_part(tmp_path):
     # cudnn_sdpa runs where cuDNN has no attention kernel (here: the CPU), on the next backend.
     options = ("eager", "channels_last", "cudnn_sdpa")
     assert set(results) == {f"{part}:{option}" for part in ("step", "peft", "sample") for option in options} | {
-        f"sample:{option}:vector_guidance" for option in options}
+        f"sample:{option}{suffix}" for option in options for suffix in (":vector_guidance", ":no_adapter")}
     for name, figures in results.items():
         assert figures["images_per_second"] > 0, name
         assert figures["graphs_compiled_in_timed_steps"] == 0, name  # eager: Dynamo compiles nothing
+
+
+def test_stage_speed_runs_the_real_train_stage_beside_the_benchmark_loop(tmp_path):
+    out = tmp_path / "stage.json"
+    # Long enough for both steady figures (the loop's clock starts after 10 steps).
+    run_script("stage_speed.py", "--tiny", "--posts", "12", "--epochs", "4", "--steps", "26", "--warmup", "2",
+               "--work", str(tmp_path / "work"), "--out", str(out))
+    report = json.loads(out.read_text())
+    # The stage trained on the demo world at the tiny model's resolution, through dvc.yaml's command.
+    assert report["resolution"] == 16 and report["stage"]["steps"] > 0
+    params = yaml.safe_load((tmp_path / "work/run/params.yaml").read_text())
+    assert params["model"] == {"pretrained": str(tmp_path / "work/sd"), "resolution": 16}
+    assert params["train"]["epochs"] == 4 and params["train"]["batch_size"] == 2
+    assert report["stage"]["steady_images_per_second"] > 0
+    assert report["benchmark_loop"]["loop_steady_images_per_second"] > 0
+    assert report["stage_over_benchmark"]["loop_clock"] > 0
 
 
 @pytest.mark.slow

@@ -28,6 +28,8 @@ TEXT_ENCODER_WEIGHTS_NAME = "text_encoder_lora.safetensors"
 DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
 EcmGranularity = Literal["layer", "rank"]
 ECM_GRANULARITIES = get_args(EcmGranularity)
+EcmInput = Literal["unit", "centered"]
+ECM_INPUTS = get_args(EcmInput)
 # Filled when the adapter is built, not chosen: every other field is a setting (params.yaml's
 # `train` section names them, stages/params/train.py).
 INJECTED_FIELDS = ("time_embedding_dim", "layer_names")
@@ -46,6 +48,9 @@ class ECLoRAConfig:
     ecm_depth: Annotated[int, Ge(1)] = 2
     # "layer": one ECM scale per layer (the report); "rank": one per layer and rank component.
     ecm_granularity: EcmGranularity = "layer"
+    # What the ECM's first layer reads: "unit", the vector as it is, in [0, 1] (the report's);
+    # "centered", 2 e - 1, in [-1, 1] (`ec_lora_t.adapter.ecm`). Older adapters have no key: unit.
+    ecm_input: EcmInput = "unit"
     # Also feed the vector to the UNet's timestep embedding: an ECM head makes a per-row offset
     # (`ec_lora_t.adapter.layer.VectorTimeEmbedding`). False is the report's method.
     vector_embedding: bool = False

@@ -103,6 +103,7 @@ def build_ecm(config: ECLoRAConfig, device: torch.device | str | None = None) ->
         num_layers=len(config.layer_names), hidden_size=config.ecm_hidden_size, depth=config.ecm_depth,
         scales_per_layer=config.scales_per_layer,
         embedding_dim=config.time_embedding_dim if config.vector_embedding else 0,
+        centered_input=config.ecm_input == "centered",
     ).to(device)
 
 

@@ -1,0 +1,121 @@
+"""Does the train stage run as fast as the benchmark says? The real stage beside the benchmark's loop.
+
+`benchmarks/train_throughput.py` times the train stage's loop on a synthetic latent cache. This
+script runs the stage itself the way `dvc repro` does, at SD1.5 shape, and puts the two steady
+figures side by side, in one process on one device:
+
+1. a random-weight SD1.5-shaped pipeline in diffusers layout (`build_pipeline_folder`), the
+   `model.pretrained` of the run;
+2. the data stages of the demo world at the model's resolution (`control_research.build_world`:
+   demo_data -> ingest -> caption -> features -> latents -> regressor, the commands of dvc.yaml);
+3. the train stage (`stages.train`, dvc.yaml's command) with params.yaml's recipe, the batch and
+   epochs given here; its `data/run_info/train.json` reports `steady_images_per_second`;
+4. the benchmark's loop (`train_throughput.measure_loop`) on a synthetic cache of the same
+   shapes, batch and recipe.
+
+    python benchmarks/stage_speed.py --out benchmarks/results/stage_speed_h100.json
+    python benchmarks/stage_speed.py --tiny --posts 12 --epochs 4 --steps 26 --warmup 2   # CPU smoke check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import diffusers  # noqa: E402
+from diffusers import DDPMScheduler  # noqa: E402
+
+from benchmarks.control_research import (  # noqa: E402
+    build_world, merged_params, run_stage, stage_command, write_params,
+)
+from benchmarks.train_throughput import (  # noqa: E402
+    SD15_SCHEDULER_CONFIG, benchmark_setup, build_pipeline_folder, measure_loop, synthetic_cache,
+)
+from ec_lora_t.training.config import TrainingConfig  # noqa: E402
+from stages.params.train import TrainParams, configs_from_params  # noqa: E402
+
+
+def run_train_stage(world: Path, folder: Path, params: dict, device_index: str | None) -> dict:
+    """The train stage in `folder` on `world`'s data, as control_research runs it; its run info."""
+    (folder / "data").mkdir(parents=True)
+    for shared in ("demo_posts", "ingest", "caption", "sentiment", "features", "latents", "regressor"):
+        (folder / "data" / shared).symlink_to(world / "data" / shared)
+    write_params(folder, params)
+    started = time.perf_counter()
+    run_stage(stage_command("train", params), folder, device_index)
+    info = json.loads((folder / "data/run_info/train.json").read_text())
+    return info | {"stage_seconds": time.perf_counter() - started,
+                   "steps": json.loads((folder / "metrics/train.json").read_text()).get("steps")}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 32 (2 with --tiny)")
+    parser.add_argument("--posts", type=int, default=200, help="demo_data.num_posts (200: 261 images)")
+    parser.add_argument("--epochs", type=int, default=12, help="the stage's epochs over the demo feed's images")
+    parser.add_argument("--steps", type=int, default=30, help="the benchmark loop's timed steps")
+    parser.add_argument("--warmup", type=int, default=8, help="the benchmark loop's untimed steps")
+    parser.add_argument("--compile", choices=("true", "false"), default="false", help="train.compile for both")
+    parser.add_argument("--tiny", action="store_true", help="a narrow model for a CPU smoke check")
+    parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON to write")
+    args = parser.parse_args(argv)
+
+    device, unet_config, vae_config, text, resolution, batch_size = benchmark_setup(args.tiny, args.batch_size)
+    latent_size = unet_config["sample_size"]
+    train = {"batch_size": batch_size, "epochs": args.epochs, "compile": args.compile == "true"}
+    report = {"model": "tiny" if args.tiny else "sd15", "resolution": resolution, "batch_size": batch_size,
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+              "torch": torch.__version__, "diffusers": diffusers.__version__, "date": time.strftime("%Y-%m-%d"),
+              "train_overrides": train}
+
+    with tempfile.TemporaryDirectory() as scratch:
+        work = args.work or Path(scratch)
+        work.mkdir(parents=True, exist_ok=True)
+        pretrained = build_pipeline_folder(work / "sd", unet_config, vae_config, text, device)
+        base = {"model": {"pretrained": str(pretrained), "resolution": resolution},
+                "demo_data": {"image_size": resolution, "num_posts": args.posts}}
+        started = time.perf_counter()
+        device_index = "0" if device.type == "cuda" else None
+        world = build_world(work, "vivid_bright", base, device_index)
+        report["data_stages_seconds"] = time.perf_counter() - started
+        params = merged_params([base, {"demo_data": {"audience": "vivid_bright"},
+                                       "ingest": {"posts_dir": str(world / "data" / "demo_posts")}, "train": train}])
+        report["stage"] = run_train_stage(world, work / "run", params, device_index)
+
+    # The benchmark's loop in this process, on a synthetic cache of the stage's shapes and recipe.
+    lora_config, training = configs_from_params(TrainParams.model_validate(params["train"]))
+    steps_per_epoch = 8
+    epochs = -(-(args.steps + args.warmup) // steps_per_epoch)
+    training = TrainingConfig(**{**training.__dict__, "epochs": epochs, "gradient_accumulation_steps": 1})
+    cache = synthetic_cache(batch_size * steps_per_epoch, latent_size, unet_config["cross_attention_dim"])
+    report["benchmark_loop"] = measure_loop(unet_config, DDPMScheduler(**SD15_SCHEDULER_CONFIG), cache, lora_config,
+                                            training, device, args.warmup)
+    # Both steady figures come from the loop's own clock (ec_lora_t.training.throughput: after its
+    # first 10 steps, checkpoint saving left out); None when a run is too short to have one.
+    stage_rate = report["stage"].get("steady_images_per_second")
+    loop_rate = report["benchmark_loop"].get("loop_steady_images_per_second")
+    report["stage_over_benchmark"] = {
+        "loop_clock": stage_rate / loop_rate if stage_rate and loop_rate else None,
+        "benchmark_clock": stage_rate / report["benchmark_loop"]["images_per_second"] if stage_rate else None,
+    }
+    text_report = json.dumps(report, indent=2, default=str)
+    print(text_report)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text_report + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
