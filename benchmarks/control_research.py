@@ -152,6 +152,14 @@ def build_world(work: Path, audience: str, base: dict, device: str | None, threa
     return world
 
 
+def link_world(folder: Path, world: Path) -> None:
+    """A new run folder sharing `world`'s data-stage outputs and the repository's models (symlinks)."""
+    (folder / "data").mkdir(parents=True)
+    for shared in DATA_OUTPUTS:
+        (folder / "data" / shared).symlink_to(world / "data" / shared)
+    (folder / "models").symlink_to(REPO / "models")
+
+
 def research_summary(details: dict) -> dict:
     """What the research tables compare, from the evaluate stage's details: EC-LoRA-T's ground
     truth and regressor scores against the ceiling(s), adherence against the base model, time."""
@@ -203,10 +211,7 @@ def run_training(job: dict, device: str | None, threads: int | None, emit) -> No
     try:
         if folder.exists():
             shutil.rmtree(folder)
-        (folder / "data").mkdir(parents=True)
-        for shared in DATA_OUTPUTS:
-            (folder / "data" / shared).symlink_to(job["world"] / "data" / shared)
-        (folder / "models").symlink_to(REPO / "models")
+        link_world(folder, job["world"])
         params = merged_params([job["base"], {"demo_data": {"audience": job["audience"]},
                                               "ingest": {"posts_dir": str(job["world"] / "data" / "demo_posts")},
                                               "train": {"seed": job["seed"]}}, job["recipe_params"]])

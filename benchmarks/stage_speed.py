@@ -36,10 +36,10 @@ import diffusers  # noqa: E402
 from diffusers import DDPMScheduler  # noqa: E402
 
 from benchmarks.control_research import (  # noqa: E402
-    build_world, merged_params, run_stage, stage_command, write_params,
+    build_world, link_world, merged_params, run_stage, stage_command, write_params,
 )
 from benchmarks.train_throughput import (  # noqa: E402
-    SD15_SCHEDULER_CONFIG, benchmark_setup, build_pipeline_folder, measure_loop, synthetic_cache,
+    SD15_SCHEDULER_CONFIG, benchmark_setup, build_pipeline_folder, measure_loop, synthetic_loop_data,
 )
 from ec_lora_t.training.config import TrainingConfig  # noqa: E402
 from stages.params.train import TrainParams, configs_from_params  # noqa: E402
@@ -47,9 +47,7 @@ from stages.params.train import TrainParams, configs_from_params  # noqa: E402
 
 def run_train_stage(world: Path, folder: Path, params: dict, device_index: str | None) -> dict:
     """The train stage in `folder` on `world`'s data, as control_research runs it; its run info."""
-    (folder / "data").mkdir(parents=True)
-    for shared in ("demo_posts", "ingest", "caption", "sentiment", "features", "latents", "regressor"):
-        (folder / "data" / shared).symlink_to(world / "data" / shared)
+    link_world(folder, world)
     write_params(folder, params)
     started = time.perf_counter()
     run_stage(stage_command("train", params), folder, device_index)
@@ -72,7 +70,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     device, unet_config, vae_config, text, resolution, batch_size = benchmark_setup(args.tiny, args.batch_size)
-    latent_size = unet_config["sample_size"]
     train = {"batch_size": batch_size, "epochs": args.epochs, "compile": args.compile == "true"}
     report = {"model": "tiny" if args.tiny else "sd15", "resolution": resolution, "batch_size": batch_size,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -95,10 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # The benchmark's loop in this process, on a synthetic cache of the stage's shapes and recipe.
     lora_config, training = configs_from_params(TrainParams.model_validate(params["train"]))
-    steps_per_epoch = 8
-    epochs = -(-(args.steps + args.warmup) // steps_per_epoch)
+    cache, epochs = synthetic_loop_data(batch_size, args.steps, args.warmup, unet_config)
     training = TrainingConfig(**{**training.__dict__, "epochs": epochs, "gradient_accumulation_steps": 1})
-    cache = synthetic_cache(batch_size * steps_per_epoch, latent_size, unet_config["cross_attention_dim"])
     report["benchmark_loop"] = measure_loop(unet_config, DDPMScheduler(**SD15_SCHEDULER_CONFIG), cache, lora_config,
                                             training, device, args.warmup)
     # Both steady figures come from the loop's own clock (ec_lora_t.training.throughput: after its

@@ -133,6 +133,16 @@ def synthetic_cache(num_images: int, latent_size: int, text_width: int, seed: in
     )
 
 
+# The synthetic cache holds this many batches: the loop checkpoints at every epoch's end.
+STEPS_PER_EPOCH = 8
+
+
+def synthetic_loop_data(batch_size: int, steps: int, warmup: int, unet_config: dict) -> tuple[LatentCache, int]:
+    """A synthetic cache of `STEPS_PER_EPOCH` batches, and the epochs that give `warmup` + `steps` steps."""
+    cache = synthetic_cache(batch_size * STEPS_PER_EPOCH, unet_config["sample_size"], unet_config["cross_attention_dim"])
+    return cache, -(-(steps + warmup) // STEPS_PER_EPOCH)
+
+
 class StepClock:
     """`on_step` callback: images/s between the end of step `warmup` and the last step, synchronised."""
 
@@ -347,9 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
         training = TrainingConfig(**{**training.__dict__, "compile": {"true": True, "false": False}.get(args.compile, args.compile)})
     # The isolated steps and the anchor compile when the loop does.
     compile_steps = compiles_unet(training, device.type)
-    steps_per_epoch = 8
-    cache = synthetic_cache(batch_size * steps_per_epoch, latent_size, unet_config["cross_attention_dim"])
-    epochs = -(-(args.steps + args.warmup) // steps_per_epoch)
+    cache, epochs = synthetic_loop_data(batch_size, args.steps, args.warmup, unet_config)
     scheduler = DDPMScheduler(**SD15_SCHEDULER_CONFIG)
     results: dict[str, dict] = {}
 
@@ -377,7 +385,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                            run(conditioning=conditioning), device, args.warmup)
             save(results)
     if "memory" in parts:
-        small = synthetic_cache(4 * steps_per_epoch, latent_size, unet_config["cross_attention_dim"])
+        small = synthetic_cache(4 * STEPS_PER_EPOCH, latent_size, unet_config["cross_attention_dim"])
         results["memory:batch4_checkpointing"] = measure_loop(
             unet_config, scheduler, small, lora_config,
             TrainingConfig(**{**run().__dict__, "batch_size": 4, "gradient_checkpointing": True}), device, args.warmup,
