@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -19,11 +20,12 @@ from ec_lora_t.adapter import (
     ECLoRAConfig,
     ECLoRALinear,
     EngagementConditioningModule,
+    add_ec_lora,
     inject_ec_lora,
     load_adapter,
     save_adapter,
 )
-from ec_lora_t.adapter.config import ADAPTER_CONFIG_NAME
+from ec_lora_t.adapter.config import ADAPTER_CONFIG_NAME, MIN_ECM_INPUT_STD, with_ecm_input_statistics
 
 
 def test_injection_wraps_targets_without_copying_base_weights():
@@ -155,38 +157,78 @@ def test_save_load_round_trip(tmp_path):
     assert torch.equal(original, restored)
 
 
-def test_centered_ecm_input_reads_two_e_minus_one_and_survives_save_and_load(tmp_path):
+def ecm_pair(**input_transform):
+    """A raw-input ECM and one with `input_transform`, same weights (output layer non-zero)."""
     torch.manual_seed(0)
     unit = EngagementConditioningModule(num_layers=3, hidden_size=8)
-    centered = EngagementConditioningModule(num_layers=3, hidden_size=8, centered_input=True)
-    centered.load_state_dict(unit.state_dict())
     nn.init.normal_(unit.mlp[-1].weight)
-    centered.mlp[-1].weight.data.copy_(unit.mlp[-1].weight)
-    vectors = torch.tensor([[0.0, 1.0], [0.25, 0.5], [1.0, 0.0]])
-    assert torch.allclose(centered(vectors), unit(2 * vectors - 1))
-    assert not torch.allclose(centered(vectors), unit(vectors))
-    assert torch.equal(centered(vectors[:1]), centered(vectors)[:1])  # row-wise, as the unit one
+    transformed = EngagementConditioningModule(num_layers=3, hidden_size=8, **input_transform)
+    transformed.load_state_dict(unit.state_dict())
+    return unit, transformed
 
-    model, adapter = toy_with_adapter(ecm_input="centered")
-    assert adapter.ecm.centered_input
+
+def assert_round_trip(tmp_path, model, adapter):
+    """Saved and loaded into a fresh model, the adapter gives the same outputs for random vectors."""
     randomize_adapter(adapter)
     save_adapter(tmp_path / "adapter", adapter)
     loaded_model = make_toy()
     loaded = load_adapter(tmp_path / "adapter", loaded_model)
-    assert loaded.config.ecm_input == "centered" and loaded.ecm.centered_input
     sample, vectors = torch.randn(3, 5, WIDTH), torch.rand(3, 2)
     with conditioned(adapter, vectors):
         original = model(sample)
     with conditioned(loaded, vectors):
         assert torch.equal(loaded_model(sample), original)
+    return loaded
+
+
+def test_centered_ecm_input_reads_two_e_minus_one_and_survives_save_and_load(tmp_path):
+    unit, centered = ecm_pair(input_shift=(0.5, 0.5), input_scale=(0.5, 0.5))
+    vectors = torch.tensor([[0.0, 1.0], [0.25, 0.5], [1.0, 0.0]])
+    assert torch.allclose(centered(vectors), unit(2 * vectors - 1))
+    assert not torch.allclose(centered(vectors), unit(vectors))
+    assert torch.allclose(centered(vectors[:1]), centered(vectors)[:1], atol=1e-6)  # row-wise, no batch coupling
+    assert set(centered.state_dict()) == set(unit.state_dict())  # the transform is not a weight
+
+    model, adapter = toy_with_adapter(ecm_input="centered")
+    assert adapter.ecm.input_shift.tolist() == [0.5, 0.5] and adapter.ecm.input_scale.tolist() == [0.5, 0.5]
+    loaded = assert_round_trip(tmp_path, model, adapter)
+    assert loaded.config.ecm_input == "centered" and loaded.ecm.input_scale.tolist() == [0.5, 0.5]
     # An adapter saved before the option existed has no key and reads the vector raw.
     config_path = tmp_path / "adapter" / ADAPTER_CONFIG_NAME
     config = json.loads(config_path.read_text())
-    del config["ecm_input"]
+    del config["ecm_input"], config["ecm_input_mean"], config["ecm_input_std"]
     config_path.write_text(json.dumps(config))
-    assert not load_adapter(tmp_path / "adapter", make_toy()).ecm.centered_input
+    old = load_adapter(tmp_path / "adapter", make_toy())
+    assert old.ecm.input_shift.tolist() == [0.0, 0.0] and old.ecm.input_scale.tolist() == [1.0, 1.0]
     with pytest.raises(ValueError, match="ecm_input"):
         ECLoRAConfig(ecm_input="standardised")
+    with pytest.raises(ValueError, match="input_scale positive"):
+        EngagementConditioningModule(num_layers=3, input_scale=(0.0, 1.0))
+
+
+def test_standardized_ecm_input_reads_z_scores_of_the_training_set_and_keeps_them(tmp_path):
+    training_vectors = torch.tensor([[0.0, 0.0], [0.5, 0.2], [1.0, 0.4], [0.5, 1.0]])
+    config = with_ecm_input_statistics(ECLoRAConfig(ecm_input="standardized"), training_vectors)
+    mean, std = training_vectors.mean(0), training_vectors.std(0, correction=0)
+    assert config.ecm_input_mean == pytest.approx(mean.tolist()) and config.ecm_input_std == pytest.approx(std.tolist())
+    unit, standardized = ecm_pair(input_shift=config.ecm_input_mean, input_scale=config.ecm_input_std)
+    vectors = torch.tensor([[0.0, 1.0], [0.25, 0.5], [1.0, 0.0]])
+    assert torch.allclose(standardized(vectors), unit((vectors - mean) / std), atol=1e-6)
+    # The other inputs take no statistics; without them standardized cannot build an ECM.
+    assert with_ecm_input_statistics(ECLoRAConfig(ecm_input="centered"), training_vectors).ecm_input_mean is None
+    with pytest.raises(ValueError, match="with_ecm_input_statistics"):
+        ECLoRAConfig(ecm_input="standardized").ecm_input_affine()
+    with pytest.raises(ValueError, match="ecm_input_std"):
+        ECLoRAConfig(ecm_input="standardized", ecm_input_mean=(0.5, 0.5), ecm_input_std=(float("nan"), 0.2))
+    # A feed whose posts nearly all share one value: the divisor stops at MIN_ECM_INPUT_STD.
+    narrow = with_ecm_input_statistics(ECLoRAConfig(ecm_input="standardized"), [[0.5, 0.0], [0.5, 1.0], [0.52, 0.5]])
+    assert narrow.ecm_input_affine()[1][0] == MIN_ECM_INPUT_STD and narrow.ecm_input_affine()[1][1] > MIN_ECM_INPUT_STD
+
+    model = make_toy()
+    adapter = add_ec_lora(model, replace(config, rank=4, alpha=8, ecm_hidden_size=16))
+    loaded = assert_round_trip(tmp_path, model, adapter)
+    assert loaded.config.ecm_input_mean == config.ecm_input_mean and loaded.config.ecm_input_std == config.ecm_input_std
+    assert torch.allclose(loaded.ecm.input_shift, mean) and torch.allclose(loaded.ecm.input_scale, std)
 
 
 def test_load_rejects_other_architecture_and_missing_files(tmp_path):

@@ -15,7 +15,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
 from ec_lora_t.adapter import ECLoRAConfig
-from ec_lora_t.adapter.config import ADAPTER_WEIGHTS_NAME, ECM_WEIGHTS_NAME
+from ec_lora_t.adapter.config import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, ECM_WEIGHTS_NAME
 from ec_lora_t.training.cache import load_latent_cache
 from ec_lora_t.training.checkpoint import list_checkpoints, list_runs
 from ec_lora_t.training.config import TrainingConfig
@@ -73,14 +73,14 @@ def fresh_accelerator(training: TrainingConfig):
     return make_accelerator(training)
 
 
-def run_training(cache_path, checkpoints, adapter_dir=None, on_step=None, unet=None, log=None, **overrides):
+def run_training(cache_path, checkpoints, adapter_dir=None, on_step=None, unet=None, log=None, lora=None, **overrides):
     training = TrainingConfig(**{**TRAINING, **overrides})
     return train_ec_lora(
         fresh_accelerator(training),
         unet if unet is not None else micro_unet(),
         DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
         load_latent_cache(cache_path),
-        ECLoRAConfig(**LORA),
+        ECLoRAConfig(**{**LORA, **(lora or {})}),
         training,
         checkpoints,
         adapter_dir=adapter_dir,
@@ -171,6 +171,22 @@ def test_a_resumed_ema_run_ends_like_an_uninterrupted_one(cache_path, tmp_path):
     assert (list_checkpoints(run_dir)[-1] / "ema.safetensors").is_file()
     run_training(cache_path, tmp_path / "ckpt", tmp_path / "resumed", ema_decay=0.9)
     assert_same_adapter(tmp_path / "straight_adapter", tmp_path / "resumed")
+
+
+def test_a_standardized_ecm_input_is_fitted_to_the_cache_saved_and_resumed(cache_path, tmp_path):
+    """train.ecm_input: standardized: the adapter keeps the cache's mean and std (population), and
+    a run that reads them resumes like any other."""
+    standardized = dict(ecm_input="standardized")
+    run_training(cache_path, tmp_path / "ckpt", tmp_path / "straight", lora=standardized)
+    saved = json.loads((tmp_path / "straight" / ADAPTER_CONFIG_NAME).read_text())
+    vectors = load_latent_cache(cache_path).engagement_time.double()
+    assert saved["ecm_input"] == "standardized"
+    assert saved["ecm_input_mean"] == pytest.approx(vectors.mean(0).tolist())
+    assert saved["ecm_input_std"] == pytest.approx(vectors.std(0, correction=0).tolist())
+    interrupted_run(cache_path, tmp_path / "ckpt2", lora=standardized)
+    resumed = run_training(cache_path, tmp_path / "ckpt2", tmp_path / "resumed", lora=standardized)
+    assert resumed.resumed_from_epoch == 1
+    assert_same_adapter(tmp_path / "straight", tmp_path / "resumed")
 
 
 def test_another_run_keeps_and_never_resumes_this_runs_checkpoints(cache_path, tmp_path, straight_run):

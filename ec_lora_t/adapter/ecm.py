@@ -20,14 +20,16 @@ give different hidden features, which is what the output layer learns to map to
 different scales once B is non-zero (the output weights receive gradient as soon as the
 LoRA update does).
 
-`centered_input` (our extension, `ECLoRAConfig.ecm_input: centered`) feeds the first layer
-2 e - 1 instead of e. In the demo feed engagement sits at 0.53 ± 0.21 and time at 0.52 ± 0.30.
-Read raw, every hidden unit's pre-activation is mostly a constant (its bias plus its weights
-times the mean vector), so the hidden features, and with them the output layer's gradients,
-differ little from one vector to the next: the scales' vector-dependent part is learned after
-their static part. Centred, the inputs are symmetric about 0 and twice as spread, and the
-differences between vectors are a larger share of every hidden feature (docs/research.md,
-round 6: steadier control over training seeds).
+`input_shift` and `input_scale` (our extension, `ECLoRAConfig.ecm_input`) feed the first layer
+(e - shift) / scale instead of e. In the demo feed engagement sits at 0.53 ± 0.21 and time at
+0.52 ± 0.30. Read raw (shift 0, scale 1, the report's), every hidden unit's pre-activation is
+mostly a constant (its bias plus its weights times the mean vector), so the hidden features, and
+with them the output layer's gradients, differ little from one vector to the next: the scales'
+vector-dependent part is learned after their static part. `centered` (shift 0.5, scale 0.5:
+2 e - 1) makes the inputs symmetric about 0 and twice as spread; `standardized` (the training
+set's mean and standard deviation) makes them z-scores, so the differences between vectors are a
+larger share of every hidden feature whatever the feed's spread (docs/research.md, rounds 6-7:
+steadier control over training seeds).
 
 `embedding_dim` > 0 (our extension, `ECLoRAConfig.vector_embedding`) adds a second head on the
 same hidden features: an offset added to the UNet's timestep embedding, which every ResNet
@@ -75,7 +77,7 @@ def check_engagement_time(vectors: Iterable[Iterable[float]]) -> list[tuple[floa
 class EngagementConditioningModule(nn.Module):
     def __init__(
         self, num_layers: int, hidden_size: int = 128, depth: int = 2, scales_per_layer: int = 1, embedding_dim: int = 0,
-        centered_input: bool = False,
+        input_shift: tuple[float, float] = (0.0, 0.0), input_scale: tuple[float, float] = (1.0, 1.0),
     ) -> None:
         super().__init__()
         if min(num_layers, hidden_size, depth, scales_per_layer) < 1:
@@ -85,7 +87,14 @@ class EngagementConditioningModule(nn.Module):
             )
         self.num_layers = num_layers
         self.scales_per_layer = scales_per_layer
-        self.centered_input = centered_input
+        if len(input_shift) != ENGAGEMENT_TIME_DIM or len(input_scale) != ENGAGEMENT_TIME_DIM:
+            raise ValueError(f"input_shift and input_scale need {ENGAGEMENT_TIME_DIM} values each, "
+                             f"got {input_shift}, {input_scale}")
+        if not all(math.isfinite(v) for v in (*input_shift, *input_scale)) or min(input_scale) <= 0:
+            raise ValueError(f"input_shift must be finite and input_scale positive, got {input_shift}, {input_scale}")
+        # Not persistent: they come from the adapter's config, so ecm.safetensors keeps its keys.
+        self.register_buffer("input_shift", torch.tensor(input_shift, dtype=torch.float32), persistent=False)
+        self.register_buffer("input_scale", torch.tensor(input_scale, dtype=torch.float32), persistent=False)
         blocks: list[nn.Module] = []
         in_features = ENGAGEMENT_TIME_DIM
         for _ in range(depth):
@@ -117,9 +126,7 @@ class EngagementConditioningModule(nn.Module):
         device = self.mlp[0].weight.device
         # The ECM stays fp32 even inside an autocast region (report 3.1.1).
         with torch.autocast(device_type=device.type, enabled=False):
-            inputs = engagement_time.to(device=device, dtype=torch.float32)
-            if self.centered_input:
-                inputs = 2.0 * inputs - 1.0
+            inputs = (engagement_time.to(device=device, dtype=torch.float32) - self.input_shift) / self.input_scale
             hidden = self.mlp[:-1](inputs)
             scales = self.mlp[-1](hidden)
             offsets = self.embedding(hidden) if self.embedding_dim > 0 else None

@@ -93,17 +93,18 @@ def inject_vector_embedding(model: nn.Module, config: ECLoRAConfig) -> VectorTim
 
 
 def build_ecm(config: ECLoRAConfig, device: torch.device | str | None = None) -> EngagementConditioningModule:
-    """An ECM with one output per injected layer (`config.layer_names` must be filled), and a
-    time-embedding head when `config.vector_embedding`."""
+    """An ECM with one output per injected layer (`config.layer_names` must be filled), its input
+    transform (`config.ecm_input`), and a time-embedding head when `config.vector_embedding`."""
     if not config.layer_names:
         raise ValueError("config.layer_names is empty: inject the EC-LoRA layers before building the ECM")
     if config.vector_embedding and not config.time_embedding_dim:
         raise ValueError("config.time_embedding_dim is 0: inject the vector embedding before building the ECM")
+    input_shift, input_scale = config.ecm_input_affine()
     return EngagementConditioningModule(
         num_layers=len(config.layer_names), hidden_size=config.ecm_hidden_size, depth=config.ecm_depth,
         scales_per_layer=config.scales_per_layer,
         embedding_dim=config.time_embedding_dim if config.vector_embedding else 0,
-        centered_input=config.ecm_input == "centered",
+        input_shift=input_shift, input_scale=input_scale,
     ).to(device)
 
 

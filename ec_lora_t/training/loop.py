@@ -41,7 +41,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from torch import nn
 
-from ec_lora_t.adapter.config import ECLoRAConfig
+from ec_lora_t.adapter.config import ECLoRAConfig, with_ecm_input_statistics
 from ec_lora_t.adapter.model import ECLoRAAdapter, add_ec_lora, save_adapter
 from ec_lora_t.training.cache import (
     EpochShuffleSampler,
@@ -218,6 +218,8 @@ def setup_training(
     unet.to(accelerator.device)
     if mixed_precision != "no":
         unet.to(COMPUTE_DTYPES[mixed_precision])
+    # A standardized ECM input reads the training set's statistics; the adapter's config keeps them.
+    lora_config = with_ecm_input_statistics(lora_config, cache.engagement_time)
     adapter = add_ec_lora(unet, lora_config, accelerator.device)
     text_encoder = add_text_encoder_lora(adapter, text_encoder, cache, training.caption_dropout, accelerator.device,
                                          COMPUTE_DTYPES[mixed_precision])
