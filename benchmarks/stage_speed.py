@@ -13,7 +13,8 @@ figures side by side, in one process on one device:
 4. the benchmark's loop (`train_throughput.measure_loop`) on a synthetic cache of the same
    shapes, batch and recipe.
 
-    python benchmarks/stage_speed.py --out benchmarks/results/stage_speed_h100.json
+    python benchmarks/stage_speed.py --work /tmp/ss --out benchmarks/results/stage_speed_h100.json
+    python benchmarks/stage_speed.py --work /tmp/ss --compile true --out benchmarks/results/stage_speed_compile_h100.json
     python benchmarks/stage_speed.py --tiny --posts 12 --epochs 4 --steps 26 --warmup 2   # CPU smoke check
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -88,7 +90,11 @@ def main(argv: list[str] | None = None) -> dict:
         report["data_stages_seconds"] = time.perf_counter() - started
         params = merged_params([base, {"demo_data": {"audience": "vivid_bright"},
                                        "ingest": {"posts_dir": str(world / "data" / "demo_posts")}, "train": train}])
-        report["stage"] = run_train_stage(world, work / "run", params, device_index)
+        # A fresh run folder per call: a second call on the same --work (the compiled run after the
+        # eager one) reuses the world and the pipeline folder but never an earlier run's outputs.
+        run_folder = work / f"run-compile-{args.compile}"
+        shutil.rmtree(run_folder, ignore_errors=True)
+        report["stage"] = run_train_stage(world, run_folder, params, device_index)
 
     # The benchmark's loop in this process, on a synthetic cache of the stage's shapes and recipe.
     lora_config, training = configs_from_params(TrainParams.model_validate(params["train"]))

@@ -66,12 +66,18 @@ def test_stage_speed_runs_the_real_train_stage_beside_the_benchmark_loop(tmp_pat
     report = json.loads(out.read_text())
     # The stage trained on the demo world at the tiny model's resolution, through dvc.yaml's command.
     assert report["resolution"] == 16 and report["stage"]["steps"] > 0
-    params = yaml.safe_load((tmp_path / "work/run/params.yaml").read_text())
+    params = yaml.safe_load((tmp_path / "work/run-compile-false/params.yaml").read_text())
     assert params["model"] == {"pretrained": str(tmp_path / "work/sd"), "resolution": 16}
     assert params["train"]["epochs"] == 4 and params["train"]["batch_size"] == 2
     assert report["stage"]["steady_images_per_second"] > 0
     assert report["benchmark_loop"]["loop_steady_images_per_second"] > 0
     assert report["stage_over_benchmark"]["loop_clock"] > 0
+    # A second call on the same --work (as the compiled run after the eager one) reuses the world
+    # and trains in a fresh run folder.
+    run_script("stage_speed.py", "--tiny", "--posts", "12", "--epochs", "1", "--steps", "2", "--warmup", "1",
+               "--work", str(tmp_path / "work"), "--out", str(out))
+    again = json.loads(out.read_text())
+    assert again["stage"]["steps"] > 0 and again["data_stages_seconds"] < report["data_stages_seconds"] / 2
 
 
 @pytest.mark.slow
