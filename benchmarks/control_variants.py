@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 # Run as a script from anywhere: the stages and benchmarks packages live one folder up.
 sys.path.insert(0, str(REPO))
 
-from benchmarks.control_research import DATA_OUTPUTS, run_stage, stage_command  # noqa: E402
+from benchmarks.control_research import link_world, run_stage, stage_command  # noqa: E402
 from stages._common import merge_params  # noqa: E402
 
 SWEEP_KEYS = ("spearman", "p_value", "slope", "range_ratio", "mean")
@@ -52,10 +52,7 @@ def summarise(workdir: Path) -> dict:
 
 def run_variant(name: str, overrides: dict, scratch: Path, out_dir: Path, data_root: Path = REPO) -> dict:
     workdir = scratch / name
-    (workdir / "data").mkdir(parents=True)
-    for shared in DATA_OUTPUTS:
-        (workdir / "data" / shared).symlink_to((data_root / "data" / shared).resolve())
-    (workdir / "models").symlink_to(REPO / "models")
+    link_world(workdir, data_root.resolve())
     params = merge_params(yaml.safe_load((data_root / "params.yaml").read_text()), overrides)
     # The feed the data stages read: ground truth applies when it is the demo world's.
     posts_dir = Path(params["ingest"]["posts_dir"])
