@@ -506,6 +506,46 @@ def test_min_snr_weights_downweight_the_clean_timesteps():
     assert weights[0] < 0.1 and weights[2] == pytest.approx(1.0)  # low noise: SNR >> 5; high noise: SNR < 5
 
 
+def test_stratified_timesteps_put_one_in_each_stratum_with_uniform_marginals():
+    from ec_lora_t.training.objective import draw_timesteps
+
+    draws = [draw_timesteps(16, 1000, "stratified", torch.Generator().manual_seed(seed), "cpu") for seed in range(400)]
+    for seed in range(20):  # exactly one per stratum of 1600 / 16 = 100 steps, in a shuffled order
+        timesteps = draw_timesteps(16, 1600, "stratified", torch.Generator().manual_seed(seed), "cpu")
+        assert timesteps.dtype == torch.int64
+        assert torch.equal(timesteps.sort().values // 100, torch.arange(16))
+    assert any(not torch.equal(t, t.sort().values) for t in draws[:20])
+    # The marginal is uniform: every tenth of the schedule gets a tenth of the draws (6,400 draws;
+    # a deliberately skewed draw, t ** 2, fails the same check).
+    counts = torch.bincount(torch.cat(draws) // 100, minlength=10).double() / (400 * 16)
+    assert torch.all((counts - 0.1).abs() < 0.01), counts
+    skewed = torch.bincount((torch.cat(draws).double() ** 2 / 1000).long() // 100, minlength=10).double() / 6400
+    assert not torch.all((skewed - 0.1).abs() < 0.01)
+    # uniform is the diffusers scripts' independent draw, stream for stream
+    generator = torch.Generator().manual_seed(3)
+    assert torch.equal(draw_timesteps(8, 1000, "uniform", generator, "cpu"),
+                       torch.randint(0, 1000, (8,), generator=torch.Generator().manual_seed(3)))
+    with pytest.raises(ValueError, match="timestep sampling must be one of"):
+        draw_timesteps(8, 1000, "sobol", generator, "cpu")
+
+
+def test_the_training_step_uses_the_timestep_sampling_it_is_given():
+    from ec_lora_t.adapter import add_ec_lora
+    from ec_lora_t.training.objective import diffusion_training_step
+
+    unet = micro_unet()
+    adapter = add_ec_lora(unet, ECLoRAConfig(**LORA))
+    accelerator = fresh_accelerator(TrainingConfig(mixed_precision="no"))
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+
+    def loss(sampling):
+        return diffusion_training_step(accelerator, unet, adapter, adapter.ecm, scheduler, step_batch(),
+                                       torch.Generator().manual_seed(7), timestep_sampling=sampling).item()
+
+    assert loss("stratified") == loss("stratified") != pytest.approx(loss("uniform"))
+    assert loss("uniform") == loss("uniform")
+
+
 def test_engagement_balance_and_shuffled_vectors(cache_path):
     from ec_lora_t.training.cache import (
         EpochShuffleSampler,

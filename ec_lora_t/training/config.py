@@ -11,6 +11,8 @@ from ec_lora_t.constraints import check_constraints
 
 MixedPrecision = Literal["auto", "no", "fp16", "bf16"]  # auto: bf16 on a GPU, no on a CPU
 MIXED_PRECISION_CHOICES = get_args(MixedPrecision)
+TimestepSampling = Literal["uniform", "stratified"]  # ec_lora_t.training.objective.draw_timesteps
+TIMESTEP_SAMPLING_CHOICES = get_args(TimestepSampling)
 Positive = Annotated[float, Gt(0)]
 Fraction = Annotated[float, Ge(0), Lt(1)]  # [0, 1)
 Probability = Annotated[float, Ge(0), Le(1)]  # [0, 1]
@@ -63,6 +65,10 @@ class TrainingConfig:
     # gives the noisy steps, where global attributes (light, colour) are decided, their share.
     # None: plain mean squared error (the report's loss).
     snr_gamma: Positive | None = None
+    # How each batch's training timesteps are drawn (`ec_lora_t.training.objective.draw_timesteps`):
+    # "uniform", independently (the diffusers scripts); "stratified", one per equal stratum of
+    # the schedule: the same expected loss with less noise from batch to batch.
+    timestep_sampling: TimestepSampling = "uniform"
     # Engagement-balanced sampling: draw images with weight density(engagement) ** -power
     # (`ec_lora_t.training.cache.engagement_balance_weights`); 0 is uniform shuffling.
     engagement_balance: Probability = 0.0

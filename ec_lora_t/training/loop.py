@@ -384,6 +384,7 @@ def train_epoch(run: TrainingRun, epoch: int, on_step: Callable[..., None] | Non
                 accelerator, run.unet, run.adapter, run.ecm, run.noise_scheduler, batch, generator,
                 mode=training.conditioning, caption_dropout=training.caption_dropout,
                 vector_dropout=training.vector_dropout, snr_gamma=training.snr_gamma, text_encoder=run.text_encoder,
+                timestep_sampling=training.timestep_sampling,
             )
         if sync_every == 1:
             # Checked before the update: a non-finite loss never reaches the weights.

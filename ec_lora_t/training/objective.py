@@ -2,7 +2,8 @@
 
 The report encodes every image at every step; here the VAE's posterior is cached, so a step
 samples `latents = mean + std * noise` (what `latent_dist.sample()` would do), adds noise at
-a uniformly drawn timestep, and regresses the UNet's prediction onto the scheduler's target.
+a uniformly drawn timestep (or one per stratum of the schedule, `draw_timesteps`), and regresses
+the UNet's prediction onto the scheduler's target.
 The embedded base model's pretraining (`ec_lora_t.demo.pretrain`) uses the same functions.
 """
 
@@ -19,6 +20,7 @@ from diffusers.training_utils import compute_snr
 
 from ec_lora_t.adapter.conditioning import engagement_conditioning, unet_rows
 from ec_lora_t.adapter.model import ECLoRAAdapter
+from ec_lora_t.training.config import TIMESTEP_SAMPLING_CHOICES
 
 
 @dataclass
@@ -28,17 +30,38 @@ class NoisyLatents:
     target: torch.Tensor  # (B, C, h, w) fp32: the noise (epsilon) or the velocity (v_prediction)
 
 
+def draw_timesteps(batch_size: int, num_train_timesteps: int, sampling: str, generator: torch.Generator,
+                   device: torch.device | str) -> torch.Tensor:
+    """(batch_size,) int64 training timesteps in [0, num_train_timesteps).
+
+    "uniform": each drawn independently (the diffusers training scripts). "stratified": the
+    schedule cut into `batch_size` equal strata and one timestep drawn in each, with a shared
+    uniform offset (the low-discrepancy sampler of Kingma et al. 2021, Variational Diffusion
+    Models), in random order over the batch. Every timestep still has the same marginal
+    probability, so the expected loss is unchanged; what goes is the batch-to-batch noise of a
+    batch that happens to draw mostly clean or mostly noisy steps.
+    """
+    if sampling == "uniform":
+        return torch.randint(0, num_train_timesteps, (batch_size,), generator=generator, device=device)
+    if sampling != "stratified":
+        raise ValueError(f"timestep sampling must be one of {TIMESTEP_SAMPLING_CHOICES}, got {sampling!r}")
+    offset = torch.rand((), generator=generator, device=device)
+    positions = (torch.arange(batch_size, device=device) + offset) / batch_size  # one per stratum, in [0, 1)
+    timesteps = (positions * num_train_timesteps).long().clamp_(max=num_train_timesteps - 1)
+    return timesteps[torch.randperm(batch_size, generator=generator, device=device)]
+
+
 def noisy_latents(
-    latent_mean: torch.Tensor, latent_std: torch.Tensor, noise_scheduler, generator: torch.Generator
+    latent_mean: torch.Tensor, latent_std: torch.Tensor, noise_scheduler, generator: torch.Generator,
+    timestep_sampling: str = "uniform",
 ) -> NoisyLatents:
-    """1. Sample latents from the cached VAE posterior; 2. draw noise and 3. one uniform timestep
-    per sample; noise the latents and give the scheduler's prediction target."""
+    """1. Sample latents from the cached VAE posterior; 2. draw noise and 3. one timestep per
+    sample (`draw_timesteps`); noise the latents and give the scheduler's prediction target."""
     device = latent_mean.device
     latents = latent_mean + latent_std * torch.randn(latent_mean.shape, generator=generator, device=device)
     noise = torch.randn(latents.shape, generator=generator, device=device)
-    timesteps = torch.randint(
-        0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=device
-    )
+    timesteps = draw_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, timestep_sampling,
+                               generator, device)
     prediction_type = noise_scheduler.config.prediction_type
     if prediction_type == "epsilon":
         target = noise
@@ -97,6 +120,7 @@ def diffusion_training_step(
     vector_dropout: float = 0.0,
     snr_gamma: float | None = None,
     text_encoder: nn.Module | None = None,
+    timestep_sampling: str = "uniform",
 ) -> torch.Tensor:
     """Forward and backward of one micro-batch; returns the detached loss.
 
@@ -107,7 +131,7 @@ def diffusion_training_step(
     """
     compute_dtype = next(p for p in unet.parameters() if not p.requires_grad).dtype
     # 1.-3. Latents from the cached posterior, noise and timesteps.
-    noisy = noisy_latents(batch["latent_mean"], batch["latent_std"], noise_scheduler, generator)
+    noisy = noisy_latents(batch["latent_mean"], batch["latent_std"], noise_scheduler, generator, timestep_sampling)
     # 4. Text embeddings (cached, or encoded now through the text encoder's LoRA); with caption
     #    dropout some samples get their generic caption.
     dropped = None
