@@ -14,6 +14,9 @@ anchor measured the same way:
 For compiled rows the warm-up (first steps, compilation included) is reported beside the
 steady rate, and the number of graphs Dynamo compiled during the timed steps (0 = no
 recompiles in steady state). Steady state: after `--warmup` steps, synchronised at both ends.
+Sampling rows (SAMPLING_ROWS): a batch at five vectors and a batch at one (whose scales the
+pipeline folds into the weights), with text guidance and with vector guidance, the one-vector
+batch unfolded too, and the pipeline without an adapter.
 
     python benchmarks/speed_options.py --out benchmarks/results/speed_options_h200.json
     python benchmarks/speed_options.py --tiny --steps 2 --warmup 1 --sample-steps 2   # CPU smoke check
@@ -143,13 +146,31 @@ def training_step(unet_config, scheduler, batch, device, *, peft: bool = False, 
     return step
 
 
+# Sampling rows: (vector guidance, adapter loaded, vectors, max_folded_runs, name suffix).
+# "mixed": five engagement values across the batch (a sweep's batch; more runs of rows than the
+# pipeline folds, so the per-row low-rank path); "one": every image at one vector (a `generate`
+# call; folded into the weights once per call, `ECLoRAStableDiffusionPipeline.max_folded_runs`).
+SAMPLING_ROWS = (
+    (1.0, True, "mixed", None, ""),
+    (3.0, True, "mixed", None, ":vector_guidance"),
+    (1.0, True, "one", None, ":one_vector"),
+    (3.0, True, "one", None, ":one_vector:vector_guidance"),
+    (1.0, True, "one", 0, ":one_vector:unfolded"),
+    (1.0, False, "mixed", None, ":no_adapter"),
+)
+
+
 def sampling_call(folder: Path, device, resolution: int, batch_size: int, steps: int, vector_guidance: float,
                   channels_last: bool = False, compile: bool = False, sdpa: str | None = None,
-                  adapter: bool = True) -> Callable[[], None]:
+                  adapter: bool = True, vectors: str = "mixed",
+                  max_folded_runs: int | None = None) -> Callable[[], None]:
     """One sampling batch through the project's pipeline; without `adapter`, the same pipeline
-    with no adapter loaded (plain Stable Diffusion sampling: the anchor for the sampling rows)."""
+    with no adapter loaded (plain Stable Diffusion sampling: the anchor for the sampling rows).
+    `vectors`: "mixed" or "one" (SAMPLING_ROWS); `max_folded_runs`: None keeps the pipeline's."""
     pipeline = load_pipeline(str(folder), folder / "adapter" if adapter else None, device=device,
                              sampler="dpmsolver++")
+    if max_folded_runs is not None:
+        pipeline.max_folded_runs = max_folded_runs
     if channels_last:
         pipeline.unet.to(memory_format=torch.channels_last)
         pipeline.vae.to(memory_format=torch.channels_last)
@@ -157,7 +178,7 @@ def sampling_call(folder: Path, device, resolution: int, batch_size: int, steps:
         pipeline.unet.compile()
         pipeline.vae.decoder.compile()
     prompts = [f"a photo of a person in a city, take {index}" for index in range(batch_size)]
-    vectors = torch.tensor([[index % 5 / 4, 0.5] for index in range(batch_size)])
+    vectors = torch.tensor([[index % 5 / 4 if vectors == "mixed" else 0.75, 0.5] for index in range(batch_size)])
     seeds = list(range(batch_size))
     call = dict(num_inference_steps=steps, guidance_scale=5.0, batch_size=batch_size, height=resolution,
                 width=resolution, sampling=VectorSampling(vector_guidance=vector_guidance),
@@ -213,14 +234,15 @@ def main(argv: list[str] | None = None) -> dict:
         with tempfile.TemporaryDirectory() as folder:
             sd = build_pipeline_folder(Path(folder) / "sd", unet_config, vae_config, text, device)
             # Per option: EC-LoRA-T with text guidance (2 UNet rows per image), with vector
-            # guidance too (3 rows), and the anchor: the same pipeline without an adapter.
+            # guidance too (3 rows), at mixed vectors and at one, and the anchor: the same
+            # pipeline without an adapter.
             for option in options:
-                for vector_guidance, adapter, suffix in ((1.0, True, ""), (3.0, True, ":vector_guidance"),
-                                                         (1.0, False, ":no_adapter")):
+                for vector_guidance, adapter, vectors, max_folded_runs, suffix in SAMPLING_ROWS:
                     reset_memory(device)
                     torch._dynamo.reset()
                     sample = sampling_call(sd, device, resolution, sample_batch, args.sample_steps, vector_guidance,
-                                           adapter=adapter, **OPTION_SETS[option])
+                                           adapter=adapter, vectors=vectors, max_folded_runs=max_folded_runs,
+                                           **OPTION_SETS[option])
                     name = f"sample:{option}{suffix}"
                     record(name, timed(sample, 2, 1, device, sample_batch))
     return report

@@ -40,7 +40,14 @@ from typing import Any
 
 import torch
 
-from ec_lora_t.adapter.conditioning import AVERAGE_POST, MODES, UNetRows, engagement_conditioning, unet_rows
+from ec_lora_t.adapter.conditioning import (
+    AVERAGE_POST,
+    MODES,
+    UNetRows,
+    engagement_conditioning,
+    fold_scales,
+    unet_rows,
+)
 from ec_lora_t.adapter.model import ECLoRAAdapter, load_adapter, load_text_encoder_lora
 from ec_lora_t.models import quiet_loading
 
@@ -108,6 +115,10 @@ class ECLoRAStableDiffusionPipeline(StableDiffusionPipeline):
 
     ec_lora: ECLoRAAdapter | None = None
     ec_lora_dir: Path | None = None
+    # Fold each run of rows' scales into the layers' weights once per call when the UNet batch
+    # has at most this many runs of rows that share a vector (`fold_scales`; 0: never). A batch
+    # at one vector has one run with text guidance and two with vector guidance (the anchor's).
+    max_folded_runs: int = 4
 
     @property
     def adapter(self) -> ECLoRAAdapter | None:
@@ -147,8 +158,11 @@ class ECLoRAStableDiffusionPipeline(StableDiffusionPipeline):
         self.ec_lora.ecm.to(device)  # the ECM is not a pipeline component: `pipe.to()` does not move it
         return vectors.repeat_interleave(num_images_per_prompt, dim=0).to(device)
 
-    def _conditioning(self, rows: UNetRows):
-        return (engagement_conditioning(self.ec_lora, rows.scales, rows.offsets)
+    def _folded(self, rows: UNetRows):
+        return fold_scales(self.ec_lora, rows.scales, self.max_folded_runs) if self.ec_lora is not None else None
+
+    def _conditioning(self, rows: UNetRows, folded=None):
+        return (engagement_conditioning(self.ec_lora, rows.scales, rows.offsets, folded)
                 if self.ec_lora is not None else nullcontext())
 
     def _denoise(self, latents, rows, timesteps, vector_guidance_scale, extra_step_kwargs, callback_on_step_end,
@@ -160,6 +174,9 @@ class ECLoRAStableDiffusionPipeline(StableDiffusionPipeline):
         # The rows of the steps outside the interval: only when there are such steps and an anchor group.
         unguided = (rows.without_last_group() if vector_guidance_scale != 1.0 and rows.groups > 1
                     and (start > 0.0 or end < 1.0) else rows)
+        # The scales are the same at every step: fold them into the weights once per call.
+        folded = {id(rows): self._folded(rows)}
+        folded.setdefault(id(unguided), self._folded(unguided))
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
@@ -168,7 +185,7 @@ class ECLoRAStableDiffusionPipeline(StableDiffusionPipeline):
                 if not start <= i / len(timesteps) < end:
                     step_rows, step_guidance = unguided, 1.0
                 model_input = self.scheduler.scale_model_input(torch.cat([latents] * step_rows.groups), t)
-                with self._conditioning(step_rows):
+                with self._conditioning(step_rows, folded[id(step_rows)]):
                     prediction = self.unet(model_input, t, encoder_hidden_states=step_rows.text_embeddings,
                                            return_dict=False)[0]
                 noise_pred = guided_prediction(prediction, step_rows.groups, self.guidance_scale, step_guidance)

@@ -25,6 +25,7 @@ from ec_lora_t.adapter import (
     load_adapter,
     save_adapter,
 )
+from ec_lora_t.adapter.conditioning import engagement_conditioning, fold_scales, row_conditioning, scale_runs
 from ec_lora_t.adapter.config import ADAPTER_CONFIG_NAME, MIN_ECM_INPUT_STD, with_ecm_input_statistics
 
 
@@ -270,3 +271,38 @@ def test_rank_granularity_starts_as_plain_lora_and_gates_each_component():
     with conditioned(adapter, vectors):
         gated = model(sample)
     torch.testing.assert_close(gated, reference(sample))
+
+
+@pytest.mark.parametrize("granularity", ["layer", "rank"])
+def test_folded_scales_equal_the_low_rank_path_per_run_of_rows(granularity):
+    """Sampling's folded path, W' = W + s (alpha / r) B A per run of rows sharing a vector, is the
+    per-row low-rank path's arithmetic (float64, so that only the order of the sums differs)."""
+    model, adapter = toy_with_adapter(ecm_granularity=granularity)
+    randomize_adapter(adapter)
+    model.double()
+    adapter.ecm.double()
+    # rows: two of one vector, one of another, two of the first again: three runs
+    vectors = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.2, 0.7], [0.9, 0.1], [0.9, 0.1]], dtype=torch.float64)
+    sample = torch.randn(5, 3, WIDTH, dtype=torch.float64)
+    scales, _ = row_conditioning(adapter.ecm, "ec_lora", vectors)
+    assert scale_runs(scales) == (0, 2, 3, 5)
+    with torch.no_grad():
+        with engagement_conditioning(adapter, scales):
+            low_rank = model(sample)
+        folded = fold_scales(adapter, scales, max_runs=3)
+        assert len(folded) == len(adapter.layers) and folded[0].bounds == (0, 2, 3, 5)
+        with engagement_conditioning(adapter, scales, folded=folded):
+            assert type(adapter.layers[0].dynamic_scale).__name__ == "FoldedWeights"
+            torch.testing.assert_close(model(sample), low_rank, atol=1e-12, rtol=1e-12)
+        # the weights folded at another vector give another output: the fold is not a no-op
+        other, _ = row_conditioning(adapter.ecm, "ec_lora", vectors[[2, 2, 0, 2, 2]])  # the two vectors swapped
+        with engagement_conditioning(adapter, scales, folded=fold_scales(adapter, other, max_runs=3)):
+            assert not torch.allclose(model(sample), low_rank, atol=1e-3)
+        with engagement_conditioning(adapter, scales, folded=folded), pytest.raises(RuntimeError, match="folded"):
+            model(sample[:4])  # a batch its runs do not fit
+    # more runs than allowed, constant scales, or folding switched off: no folded weights
+    assert fold_scales(adapter, scales, max_runs=2) is None
+    assert fold_scales(adapter, 1.0, max_runs=3) is None and fold_scales(adapter, scales, max_runs=0) is None
+    with pytest.raises(ValueError, match="folded weights for 1 layers"):
+        with engagement_conditioning(adapter, scales, folded=folded[:1]):
+            pass

@@ -52,7 +52,8 @@ def test_speed_options_writes_a_row_per_option_and_part(tmp_path):
     # cudnn_sdpa runs where cuDNN has no attention kernel (here: the CPU), on the next backend.
     options = ("eager", "channels_last", "cudnn_sdpa")
     assert set(results) == {f"{part}:{option}" for part in ("step", "peft", "sample") for option in options} | {
-        f"sample:{option}{suffix}" for option in options for suffix in (":vector_guidance", ":no_adapter")}
+        f"sample:{option}{suffix}" for option in options for suffix in (
+            ":vector_guidance", ":one_vector", ":one_vector:vector_guidance", ":one_vector:unfolded", ":no_adapter")}
     for name, figures in results.items():
         assert figures["images_per_second"] > 0, name
         assert figures["graphs_compiled_in_timed_steps"] == 0, name  # eager: Dynamo compiles nothing

@@ -17,10 +17,10 @@ import importlib
 # `ec_lora_t.adapter.config` (the params check, stages/params/train.py) does not import torch.
 _MODULES = {
     "conditioning": ("AVERAGE_POST", "MODES", "UNetRows", "ecm_outputs", "ecm_scales", "engagement_conditioning",
-                     "row_conditioning", "unet_rows"),
+                     "fold_scales", "row_conditioning", "scale_runs", "unet_rows"),
     "config": ("ECLoRAConfig",),
     "ecm": ("EngagementConditioningModule",),
-    "layer": ("ECLoRALinear", "LoRALinear", "VectorTimeEmbedding"),
+    "layer": ("ECLoRALinear", "FoldedWeights", "LoRALinear", "VectorTimeEmbedding"),
     "model": ("ECLoRAAdapter", "add_ec_lora", "build_ecm", "inject_ec_lora", "inject_vector_embedding", "load_adapter",
               "load_adapter_weights", "load_ecm", "load_text_encoder_lora", "save_adapter"),
     "text_encoder": ("TextEncoderLoRA", "inject_text_encoder_lora"),

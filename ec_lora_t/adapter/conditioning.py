@@ -16,7 +16,8 @@ from the batch size: a layer called with a batch that its scales do not fit rais
 
 On entry the (rows, K, ...) scales are split once into one tensor per layer (`unbind`, views,
 so gradients reach the ECM); on exit, also when the block raises, every layer's scale is
-cleared. The scales stay set until exit, not just for one call, because gradient
+cleared. For sampling, `fold_scales` folds the scales into each layer's weight once per run of
+rows that share a vector, and the block hands the layers those weights instead. The scales stay set until exit, not just for one call, because gradient
 checkpointing re-runs the layers' forward during `backward()`: keep backward inside the block.
 """
 
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ec_lora_t.adapter.ecm import EngagementConditioningModule
+from ec_lora_t.adapter.layer import FoldedWeights
 from ec_lora_t.adapter.model import ECLoRAAdapter
 
 # ec_lora: each row's ECM scales; plain_lora: every scale 1, the ECM bypassed
@@ -177,16 +179,44 @@ def unet_rows(
     return UNetRows(text, scales, offsets, len(groups))
 
 
+def scale_runs(scales: torch.Tensor) -> tuple[int, ...]:
+    """Row offsets (0, ..., rows) of the maximal runs of consecutive rows whose scales are equal."""
+    changes = (scales[1:] != scales[:-1]).flatten(1).any(dim=1).nonzero().flatten() + 1
+    return (0, *changes.tolist(), scales.shape[0])
+
+
+def fold_scales(adapter: ECLoRAAdapter, scales: torch.Tensor | float,
+                max_runs: int) -> tuple[FoldedWeights, ...] | None:
+    """Each layer's weights with `scales` folded in, one per run of rows sharing their scales
+    (`scale_runs`), for `engagement_conditioning(..., folded=...)`; no gradients.
+
+    None when folding does not pay: constant scales (every row alike: 0 is already the base
+    layer alone) or more than `max_runs` runs, where the per-row low-rank path costs less than
+    a matmul per run. One sync with the device, to find the runs: call it once per sampling
+    call, not per step (the scales do not change over the denoising steps).
+    """
+    if not isinstance(scales, torch.Tensor) or max_runs < 1:
+        return None
+    bounds = scale_runs(scales)
+    if len(bounds) - 1 > max_runs:
+        return None
+    firsts = scales[list(bounds[:-1])]  # (runs, K[, r]): one row per run
+    return tuple(FoldedWeights(bounds, tuple(layer.folded_weight(run_scale) for run_scale in firsts[:, index]))
+                 for index, layer in enumerate(adapter.layers))
+
+
 @contextmanager
 def engagement_conditioning(
-    adapter: ECLoRAAdapter, scales: torch.Tensor | float, time_offsets: torch.Tensor | None = None
+    adapter: ECLoRAAdapter, scales: torch.Tensor | float, time_offsets: torch.Tensor | None = None,
+    folded: tuple[FoldedWeights, ...] | None = None,
 ) -> Iterator[None]:
     """Condition the adapter's layers for the calls inside the block.
 
     `scales` is a float (the same scale for every row of any batch: 1 plain LoRA, 0 the base
     model) or a tensor with one row per row of the UNet batch: (rows, K), or (rows, K, r)
     with one scale per rank component. `time_offsets` (rows, D): the vector's offsets of the
-    timestep embedding (adapters with `vector_embedding`); None adds nothing.
+    timestep embedding (adapters with `vector_embedding`); None adds nothing. `folded`: the
+    layers' weights with these scales folded in (`fold_scales`), run instead of the low-rank path.
     """
     if time_offsets is not None and adapter.time_embedding is None:
         raise ValueError("time_offsets given but the adapter has no vector embedding")
@@ -199,6 +229,10 @@ def engagement_conditioning(
         per_layer: tuple[torch.Tensor | float, ...] = scales.to(layers[0].lora_A.weight.device).unbind(dim=1)
     else:
         per_layer = (float(scales),) * len(layers)
+    if folded is not None:
+        if len(folded) != len(layers):
+            raise ValueError(f"folded weights for {len(folded)} layers, the adapter has {len(layers)}")
+        per_layer = folded
     if adapter.conditioning_active:
         raise RuntimeError("engagement_conditioning: this adapter is already inside a conditioning block")
     adapter.conditioning_active = True

@@ -13,8 +13,10 @@ to run, so an unconditioned call can never pass silently.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -44,6 +46,31 @@ def copy_lora_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Te
             target.copy_(state[key])
 
 
+@dataclass(frozen=True)
+class FoldedWeights:
+    """A layer's weight with its low-rank update folded in, one per run of rows that share their
+    scales: rows `bounds[g]:bounds[g + 1]` of the UNet batch use `weights[g]`.
+
+    For sampling, where the scales do not change over the denoising steps and the rows of one
+    image share a vector: W' = W + s (alpha / r) B A once per call, and each step runs one matmul
+    per run instead of the base matmul plus the two thin low-rank ones and their sum.
+    """
+
+    bounds: tuple[int, ...]  # (0, ..., rows)
+    weights: tuple[torch.Tensor, ...]
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.shape[0] != self.bounds[-1]:
+            raise RuntimeError(
+                f"EC-LoRA layer has folded weights for {self.bounds[-1]} rows but was called with a batch "
+                f"of {x.shape[0]}: fold the scales of the UNet batch's row layout"
+            )
+        if len(self.weights) == 1:
+            return F.linear(x, self.weights[0], bias)
+        return torch.cat([F.linear(x[start:end], weight, bias)
+                          for start, end, weight in zip(self.bounds, self.bounds[1:], self.weights)])
+
+
 class ECLoRALinear(nn.Module):
     """A frozen `nn.Linear` plus a low-rank update scaled per sample by the ECM.
 
@@ -64,17 +91,28 @@ class ECLoRALinear(nn.Module):
         # Per-block state, set and cleared only by `engagement_conditioning`: a float (the same
         # scale for every row of any batch: 1.0 for plain LoRA, 0.0 for the base model) or a
         # tensor with this layer's ECM scale for each row of the UNet batch, (rows,), or
-        # (rows, rank) with one scale per rank component (ecm_granularity "rank").
-        self.dynamic_scale: torch.Tensor | float | None = None
+        # (rows, rank) with one scale per rank component (ecm_granularity "rank"); or, for
+        # sampling, the weights with those scales folded in (`FoldedWeights`).
+        self.dynamic_scale: torch.Tensor | float | FoldedWeights | None = None
+
+    @torch.no_grad()
+    def folded_weight(self, scale: torch.Tensor) -> torch.Tensor:
+        """W + s (alpha / r) B A in the base weight's dtype, for one row's scale: () or (rank,).
+
+        Summed in fp32 and rounded once, as a merged LoRA is (peft's `merge`)."""
+        lora_b = self.lora_B.weight * (scale.to(self.lora_B.weight) * self.static_scale)  # B diag(s): (out, r)
+        return (self.base_layer.weight.float() + lora_b @ self.lora_A.weight).to(self.base_layer.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, ..., in_features)
-        result = self.base_layer(x)
         dynamic_scale = self.dynamic_scale
         if dynamic_scale is None:
             raise RuntimeError(
                 "EC-LoRA layer called without a dynamic scale: run the model inside "
                 "ec_lora_t.adapter.conditioning.engagement_conditioning(...)"
             )
+        if isinstance(dynamic_scale, FoldedWeights):
+            return dynamic_scale.linear(x, self.base_layer.bias)
+        result = self.base_layer(x)
         if isinstance(dynamic_scale, float) and dynamic_scale == 0.0:
             return result  # adapter switched off: exactly the base layer, no LoRA compute
         lora_input = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.weight.dtype)

@@ -310,7 +310,9 @@ def generate_sweep(
 
     In "plain_lora" and "base" mode the vector has no effect, so each (prompt, seed) is
     generated once and shared by its rows; identical rows of "ec_lora" (the point where the
-    two sweeps cross) are generated once too.
+    two sweeps cross) are generated once too. The images are generated grouped by vector, so
+    that a batch's rows share one and the pipeline folds it into the weights once per batch
+    (`ECLoRAStableDiffusionPipeline.max_folded_runs`); an image depends only on its own row.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -318,6 +320,8 @@ def generate_sweep(
     columns = ["prompt", "seed", "target_engagement", "target_time"] if uses_vector else ["prompt", "seed"]
     keys = list(plan[columns].itertuples(index=False, name=None))
     unique_keys = list(dict.fromkeys(keys))
+    if uses_vector:
+        unique_keys.sort(key=lambda key: key[2:])  # stable: by vector, then in plan order
     engagement_time = torch.tensor([key[2:] for key in unique_keys], dtype=torch.float32) if uses_vector else None
     with progress_bar(total=len(unique_keys), desc=f"evaluate {mode}", unit="img", enabled=progress) as bar:
         images = generate_images(
