@@ -197,6 +197,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--sample-steps", type=int, default=20)
+    parser.add_argument("--sample-batches", type=int, default=2, help="timed sampling batches per row (after one)")
+    parser.add_argument("--sample-rows", default=None,
+                        help="comma-separated subset of SAMPLING_ROWS by suffix (mixed: the one without)")
     parser.add_argument("--options", default=",".join(OPTION_SETS), help="comma-separated option sets")
     parser.add_argument("--parts", default="step,peft,sample", help="comma-separated subset")
     parser.add_argument("--tiny", action="store_true", help="a narrow model for a CPU smoke check")
@@ -238,13 +241,15 @@ def main(argv: list[str] | None = None) -> dict:
             # pipeline without an adapter.
             for option in options:
                 for vector_guidance, adapter, vectors, max_folded_runs, suffix in SAMPLING_ROWS:
+                    if args.sample_rows is not None and (suffix.lstrip(":") or "mixed") not in args.sample_rows.split(","):
+                        continue
                     reset_memory(device)
                     torch._dynamo.reset()
                     sample = sampling_call(sd, device, resolution, sample_batch, args.sample_steps, vector_guidance,
                                            adapter=adapter, vectors=vectors, max_folded_runs=max_folded_runs,
                                            **OPTION_SETS[option])
                     name = f"sample:{option}{suffix}"
-                    record(name, timed(sample, 2, 1, device, sample_batch))
+                    record(name, timed(sample, args.sample_batches, 1, device, sample_batch))
     return report
 
 

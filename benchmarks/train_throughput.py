@@ -296,6 +296,10 @@ def build_pipeline_folder(out_dir: Path, unet_config: dict, vae_config: dict, te
     with torch.no_grad():
         for layer in adapter.layers:
             layer.lora_B.weight.normal_(std=1e-3)
+        # An ECM as after training, each vector with its own scales: at its init (output weights 0,
+        # bias 1) every vector gives scale 1, and the sampling pipeline would fold a batch of
+        # "mixed" vectors as one run of rows (SAMPLING_ROWS in speed_options.py).
+        adapter.ecm.mlp[-1].weight.normal_(std=0.1)
     save_adapter(out_dir / "adapter", adapter)
     return out_dir
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -20,6 +21,27 @@ def run_script(script: str, *args: str, timeout: int = 600) -> subprocess.Comple
                             text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def test_the_benchmark_adapter_gives_each_vector_its_own_scales(tmp_path):
+    """The sampling rows at mixed vectors must run the per-row path: an adapter whose ECM is at
+    its init (every scale 1) would let the pipeline fold the whole batch as one run of rows."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.speed_options import SAMPLING_ROWS  # noqa: F401  (the rows this guards)
+    from benchmarks.train_throughput import benchmark_setup, build_pipeline_folder
+    from ec_lora_t.adapter import load_adapter
+    from ec_lora_t.adapter.conditioning import fold_scales, row_conditioning
+    from ec_lora_t.pipeline import ECLoRAStableDiffusionPipeline
+
+    device, unet_config, vae_config, text, _, _ = benchmark_setup(tiny=True, batch_size=None)
+    folder = build_pipeline_folder(tmp_path / "sd", unet_config, vae_config, text, device)
+    unet = ECLoRAStableDiffusionPipeline.from_pretrained(folder).unet
+    adapter = load_adapter(folder / "adapter", unet)
+    mixed = torch.tensor([[index % 5 / 4, 0.5] for index in range(16)])
+    scales, _ = row_conditioning(adapter.ecm, "ec_lora", mixed)
+    assert fold_scales(adapter, scales, ECLoRAStableDiffusionPipeline.max_folded_runs) is None
+    one, _ = row_conditioning(adapter.ecm, "ec_lora", mixed[:1].expand(16, 2))
+    assert fold_scales(adapter, one, ECLoRAStableDiffusionPipeline.max_folded_runs) is not None
 
 
 def test_train_throughput_reports_every_part_on_the_tiny_model(tmp_path):
