@@ -16,9 +16,10 @@ from the batch size: a layer called with a batch that its scales do not fit rais
 
 On entry the (rows, K, ...) scales are split once into one tensor per layer (`unbind`, views,
 so gradients reach the ECM); on exit, also when the block raises, every layer's scale is
-cleared. For sampling, `fold_scales` folds the scales into each layer's weight once per run of
-rows that share a vector, and the block hands the layers those weights instead. The scales stay set until exit, not just for one call, because gradient
-checkpointing re-runs the layers' forward during `backward()`: keep backward inside the block.
+cleared. The scales stay set until exit, not just for one call, because gradient checkpointing
+re-runs the layers' forward during `backward()`: keep backward inside the block. For sampling,
+`fold_scales` folds the scales into each layer's weight once per run of rows that share a
+vector, and the block hands the layers those weights instead.
 """
 
 from __future__ import annotations
