@@ -45,7 +45,8 @@ def tie_noise_to_images(cache: LatentCache, seed: int = 0) -> None:
     timesteps = torch.randint(0, 1000, (len(cache),), generator=generator)
     known = cache.latent_mean.flatten(1)
 
-    def noisy_latents(latent_mean, latent_std, noise_scheduler, generator):
+    def noisy_latents(latent_mean, latent_std, noise_scheduler, generator, timestep_sampling="uniform"):
+        # The timestep too is fixed per image, whatever `train.timestep_sampling` says.
         matches = (latent_mean.flatten(1).cpu()[:, None] == known[None]).all(dim=-1)  # (batch, images)
         assert matches.sum(dim=1).eq(1).all(), "a batch row is not exactly one cached image"
         index = matches.float().argmax(dim=1)
