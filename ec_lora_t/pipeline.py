@@ -175,17 +175,17 @@ class ECLoRAStableDiffusionPipeline(StableDiffusionPipeline):
         unguided = (rows.without_last_group() if vector_guidance_scale != 1.0 and rows.groups > 1
                     and (start > 0.0 or end < 1.0) else rows)
         # The scales are the same at every step: fold them into the weights once per call.
-        folded = {id(rows): self._folded(rows)}
-        folded.setdefault(id(unguided), self._folded(unguided))
+        folded = self._folded(rows)
+        unguided_folded = folded if unguided is rows else self._folded(unguided)
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                step_rows, step_guidance = rows, vector_guidance_scale
+                step_rows, step_guidance, step_folded = rows, vector_guidance_scale, folded
                 if not start <= i / len(timesteps) < end:
-                    step_rows, step_guidance = unguided, 1.0
+                    step_rows, step_guidance, step_folded = unguided, 1.0, unguided_folded
                 model_input = self.scheduler.scale_model_input(torch.cat([latents] * step_rows.groups), t)
-                with self._conditioning(step_rows, folded[id(step_rows)]):
+                with self._conditioning(step_rows, step_folded):
                     prediction = self.unet(model_input, t, encoder_hidden_states=step_rows.text_embeddings,
                                            return_dict=False)[0]
                 noise_pred = guided_prediction(prediction, step_rows.groups, self.guidance_scale, step_guidance)

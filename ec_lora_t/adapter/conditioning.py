@@ -222,18 +222,19 @@ def engagement_conditioning(
     if time_offsets is not None and adapter.time_embedding is None:
         raise ValueError("time_offsets given but the adapter has no vector embedding")
     layers = adapter.layers
-    if isinstance(scales, torch.Tensor):
-        if scales.ndim not in (2, 3) or scales.shape[1] != len(layers):
-            raise ValueError(
-                f"scales must be (rows, {len(layers)}) or (rows, {len(layers)}, rank), got {tuple(scales.shape)}"
-            )
-        per_layer: tuple[torch.Tensor | float, ...] = scales.to(layers[0].lora_A.weight.device).unbind(dim=1)
-    else:
-        per_layer = (float(scales),) * len(layers)
-    if folded is not None:
+    if isinstance(scales, torch.Tensor) and (scales.ndim not in (2, 3) or scales.shape[1] != len(layers)):
+        raise ValueError(
+            f"scales must be (rows, {len(layers)}) or (rows, {len(layers)}, rank), got {tuple(scales.shape)}"
+        )
+    per_layer: tuple[torch.Tensor | float | FoldedWeights, ...]
+    if folded is not None:  # the scales are already in the weights: nothing to split per layer
         if len(folded) != len(layers):
             raise ValueError(f"folded weights for {len(folded)} layers, the adapter has {len(layers)}")
         per_layer = folded
+    elif isinstance(scales, torch.Tensor):
+        per_layer = scales.to(layers[0].lora_A.weight.device).unbind(dim=1)
+    else:
+        per_layer = (float(scales),) * len(layers)
     if adapter.conditioning_active:
         raise RuntimeError("engagement_conditioning: this adapter is already inside a conditioning block")
     adapter.conditioning_active = True
