@@ -10,6 +10,8 @@ anchor measured the same way:
     compile+cl         both
     cudnn_sdpa         eager with PyTorch's cuDNN attention backend first (others where it has no kernel)
     compile+cl+cudnn   compile+cl with the cuDNN attention backend first
+    compile+cl+tuned   compile+cl with INDUCTOR_TUNING: 1x1 convolutions as matmuls, coordinate-descent
+                       tuning of the generated kernels, no epilogue fusion (diffusers' speed guide)
 
 For compiled rows the warm-up (first steps, compilation included) is reported beside the
 steady rate, and the number of graphs Dynamo compiled during the timed steps (0 = no
@@ -56,6 +58,15 @@ OPTION_SETS = {
     "compile+cl": {"compile": True, "channels_last": True},
     "cudnn_sdpa": {"sdpa": "cudnn"},
     "compile+cl+cudnn": {"compile": True, "channels_last": True, "sdpa": "cudnn"},
+    "compile+cl+tuned": {"compile": True, "channels_last": True, "inductor": "tuned"},
+}
+
+# Inductor settings that diffusers' guide to fast Stable Diffusion inference recommends. SD1.5's
+# proj_in / proj_out are 1x1 convolutions, which run faster as matmuls; coordinate descent tunes
+# each generated kernel's launch parameters (longer compilation, cached on disk).
+INDUCTOR_TUNING = {
+    "tuned": {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True, "epilogue_fusion": False,
+              "coordinate_descent_check_all_directions": True},
 }
 
 
@@ -63,6 +74,16 @@ def compiled_graphs() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"].get("unique_graphs", 0))
+
+
+def inductor_context(name: str | None):
+    """Compilation happens at a compiled module's first call, so the settings must hold around
+    every call (later calls reuse the graph compiled under them)."""
+    if name is None:
+        return contextlib.nullcontext()
+    import torch._inductor.config
+
+    return torch._inductor.config.patch(INDUCTOR_TUNING[name])
 
 
 def sdpa_context(name: str | None):
@@ -96,7 +117,7 @@ def timed(step: Callable[[], None], steps: int, warmup: int, device, images_per_
 
 
 def training_step(unet_config, scheduler, batch, device, *, peft: bool = False, channels_last: bool = False,
-                  compile: bool = False, sdpa: str | None = None) -> Callable[[], None]:
+                  compile: bool = False, sdpa: str | None = None, inductor: str | None = None) -> Callable[[], None]:
     """One optimizer step of EC-LoRA-T (params.yaml's recipe: per-rank ECM, min-SNR 5, caption
     dropout 0.9) or of a static PEFT LoRA, with the options applied."""
     from accelerate import Accelerator
@@ -128,7 +149,7 @@ def training_step(unet_config, scheduler, batch, device, *, peft: bool = False, 
     runner = accelerator.prepare_model(unet)
 
     def step() -> None:
-        with sdpa_context(sdpa):
+        with sdpa_context(sdpa), inductor_context(inductor):
             if peft:
                 noisy = noisy_latents(batch["latent_mean"], batch["latent_std"], scheduler, generator)
                 latents = noisy.noisy_latents.to(dtype)
@@ -162,7 +183,7 @@ SAMPLING_ROWS = (
 
 def sampling_call(folder: Path, device, resolution: int, batch_size: int, steps: int, vector_guidance: float,
                   channels_last: bool = False, compile: bool = False, sdpa: str | None = None,
-                  adapter: bool = True, vectors: str = "mixed",
+                  inductor: str | None = None, adapter: bool = True, vectors: str = "mixed",
                   max_folded_runs: int | None = None) -> Callable[[], None]:
     """One sampling batch through the project's pipeline; without `adapter`, the same pipeline
     with no adapter loaded (plain Stable Diffusion sampling: the anchor for the sampling rows).
@@ -185,7 +206,7 @@ def sampling_call(folder: Path, device, resolution: int, batch_size: int, steps:
                 mode="ec_lora" if adapter else "base")
 
     def sample() -> None:
-        with sdpa_context(sdpa):
+        with sdpa_context(sdpa), inductor_context(inductor):
             generate_images(pipeline, prompts, vectors if adapter else None, seeds, **call)
 
     return sample

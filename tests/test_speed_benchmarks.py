@@ -121,3 +121,16 @@ def test_base_model_quality_scores_prompts_against_the_attribute_reader(tmp_path
         assert key in report
     assert (tmp_path / "samples.csv").read_text().count("\n") >= 4
     assert "full_prompts" in result.stdout
+
+
+def test_the_tuned_option_sets_inductor_only_around_its_calls():
+    import torch._inductor.config as inductor_config
+
+    from benchmarks.speed_options import INDUCTOR_TUNING, OPTION_SETS, inductor_context
+
+    tuned = INDUCTOR_TUNING[OPTION_SETS["compile+cl+tuned"]["inductor"]]
+    before = {name: getattr(inductor_config, name) for name in tuned}
+    assert before != tuned  # else the option would change nothing
+    with inductor_context("tuned"):
+        assert {name: getattr(inductor_config, name) for name in tuned} == tuned
+    assert {name: getattr(inductor_config, name) for name in tuned} == before
