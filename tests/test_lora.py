@@ -273,6 +273,19 @@ def test_rank_granularity_starts_as_plain_lora_and_gates_each_component():
     torch.testing.assert_close(gated, reference(sample))
 
 
+def test_scale_runs_join_rows_that_differ_by_rounding_only():
+    """Rows of one vector share a run even when a batched matmul rounded them apart (one ulp);
+    rows whose scales differ by a real amount start a new one."""
+    scales = torch.tensor([[1.0, 0.5], [1.0, 0.5], [0.9, 0.5], [0.9, 0.5]])
+    rounded = scales.clone()
+    rounded[1] = torch.nextafter(rounded[1], torch.full_like(rounded[1], 2.0))
+    assert not torch.equal(rounded[0], rounded[1])
+    assert scale_runs(rounded) == scale_runs(scales) == (0, 2, 4)
+    moved = scales.clone()
+    moved[3, 1] += 1e-3
+    assert scale_runs(moved) == (0, 2, 3, 4)
+
+
 @pytest.mark.parametrize("granularity", ["layer", "rank"])
 def test_folded_scales_equal_the_low_rank_path_per_run_of_rows(granularity):
     """Sampling's folded path, W' = W + s (alpha / r) B A per run of rows sharing a vector, is the

@@ -180,9 +180,18 @@ def unet_rows(
     return UNetRows(text, scales, offsets, len(groups))
 
 
+# Rows whose scales agree this closely share a run. Rows of one vector need not be bit-identical:
+# a batched matmul may round each row of the ECM's batch its own way (seen on one CPU, not on
+# another), and a run split by one ulp would only cost the fold. Two different vectors' scales
+# differ by far more.
+RUN_RTOL, RUN_ATOL = 1e-5, 1e-6
+
+
 def scale_runs(scales: torch.Tensor) -> tuple[int, ...]:
-    """Row offsets (0, ..., rows) of the maximal runs of consecutive rows whose scales are equal."""
-    changes = (scales[1:] != scales[:-1]).flatten(1).any(dim=1).nonzero().flatten() + 1
+    """Row offsets (0, ..., rows) of the maximal runs of consecutive rows whose scales are equal
+    to within rounding (`RUN_RTOL`, `RUN_ATOL`)."""
+    same = torch.isclose(scales[1:], scales[:-1], rtol=RUN_RTOL, atol=RUN_ATOL).flatten(1).all(dim=1)
+    changes = (~same).nonzero().flatten() + 1
     return (0, *changes.tolist(), scales.shape[0])
 
 
