@@ -42,6 +42,10 @@ def default_device() -> torch.device:
 # (2nd order, multistep) reaches the same quality in fewer steps.
 SAMPLERS = {"ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler}
 
+# The sampling precision (`evaluate.precision`): auto is fp16 on CUDA, fp32 on the CPU. A small
+# model's images can depend on it, so a comparison of runs on a GPU and on the CPU should pin it.
+PRECISIONS = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
 
 def load_pipeline(
     pretrained: str,

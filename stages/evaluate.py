@@ -34,7 +34,7 @@ from ec_lora_t.evaluation.evaluate import (
 from ec_lora_t.evaluation.regressor import load_regressor
 from ec_lora_t.evaluation.report import markdown_report
 from ec_lora_t.evaluation.sweep import headline_metrics
-from ec_lora_t.generation import VectorSampling, load_pipeline
+from ec_lora_t.generation import PRECISIONS, VectorSampling, load_pipeline
 from ec_lora_t.models import load_vae
 from stages._common import load_params, load_section, run_stage, stage_parser, write_metrics
 from stages.params.evaluate import EvaluateParams
@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = evaluation_settings(params, int(model_params["resolution"]))
 
     # 2. The models: the pipeline with the adapter, the fp32 scoring VAE, the regressor.
-    pipeline = load_pipeline(model_params["pretrained"], adapter_dir=args.adapter, sampler=params.sampler)
+    pipeline = load_pipeline(model_params["pretrained"], adapter_dir=args.adapter, sampler=params.sampler,
+                             torch_dtype=PRECISIONS[params.precision])
     scoring_vae = load_vae(model_params["pretrained"], device=pipeline.device)
     regressor = load_regressor(args.regressor)
 
@@ -160,7 +161,8 @@ def main(argv: list[str] | None = None) -> None:
                                   images_dir=args.out / "images", ground_truth=ground_truth)
     write_outputs(evaluation, source, args.out, args.sweep_plots, args.live, args.metrics)
     # Outside the outputs: wall time differs between two runs with the same results.
-    write_metrics(args.run_info, {"seconds": time.perf_counter() - started})
+    write_metrics(args.run_info, {"seconds": time.perf_counter() - started, "device": pipeline.device.type,
+                                  "sampling_dtype": str(pipeline.unet.dtype).removeprefix("torch.")})
 
 
 if __name__ == "__main__":

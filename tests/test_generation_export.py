@@ -57,6 +57,16 @@ def test_rows_do_not_depend_on_their_batch_mates(ec_pipeline):
     assert np.abs(pair[0] - pair[1]).mean() > 1.0
 
 
+def test_the_sampling_precision_is_the_pipelines_dtype_and_the_adapter_stays_fp32(tiny_sd_dir, adapter_dir):
+    from ec_lora_t.generation import PRECISIONS
+
+    pipeline = load_pipeline(str(tiny_sd_dir), adapter_dir, device="cpu", torch_dtype=PRECISIONS["bf16"])
+    assert pipeline.unet.dtype == pipeline.vae.dtype == torch.bfloat16
+    assert pipeline.ec_lora.layers[0].lora_A.weight.dtype == torch.float32
+    assert next(pipeline.ec_lora.ecm.parameters()).dtype == torch.float32
+    assert load_pipeline(str(tiny_sd_dir), None, device="cpu", torch_dtype=PRECISIONS["auto"]).unet.dtype == torch.float32
+
+
 def test_modes_base_and_plain_lora(tiny_sd_dir, ec_pipeline):
     base_pipeline = load_pipeline(str(tiny_sd_dir), None, device="cpu")
     plain_model = pixels(generate_images(base_pipeline, PROMPTS[:2], None, SEEDS[:2], **SAMPLING, mode="base"))

@@ -126,6 +126,7 @@ def test_the_schemas_allow_exactly_the_librarys_choices():
     from ec_lora_t.data.ingest import FORMATS, VIDEO_MODES
     from ec_lora_t.data.seasons import HEMISPHERES
     from ec_lora_t.evaluation.regressor import PROTOCOLS
+    from ec_lora_t.generation import PRECISIONS
     from ec_lora_t.training.precision import MIXED_PRECISION_CHOICES
 
     expected = {
@@ -137,6 +138,7 @@ def test_the_schemas_allow_exactly_the_librarys_choices():
         ("caption", "missing_text"): MISSING_TEXT_CHOICES,
         ("caption", "hemisphere"): HEMISPHERES,
         ("regressor", "protocol"): PROTOCOLS,
+        ("evaluate", "precision"): PRECISIONS,
         ("ingest", "format"): FORMATS,
         ("ingest", "videos"): VIDEO_MODES,
     }
