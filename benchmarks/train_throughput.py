@@ -276,7 +276,8 @@ def measure_steps(unet_config, scheduler, lora_config, training, batch, device, 
 
 def build_pipeline_folder(out_dir: Path, unet_config: dict, vae_config: dict, text: dict, device) -> Path:
     """A random-weight SD1.5-shaped pipeline in diffusers layout (loaded through from_pretrained),
-    built on `device` and saved in fp16 (the dtype generation loads on a GPU)."""
+    built on `device` and saved in fp16 on a GPU (half the size; generation loads it in its sampling
+    dtype, `ec_lora_t.generation.default_sampling_dtype`)."""
     torch.manual_seed(0)
     tokenizer = CLIPTokenizer.from_pretrained(SHIPPED_CLIP_TOKENIZER)
     with torch.device(device):

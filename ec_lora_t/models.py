@@ -91,7 +91,7 @@ def load_vae(
 ) -> AutoencoderKL:
     """The base model's VAE alone, frozen in eval mode: the evaluation scores generated images
     with it in fp32, as the latents stage encoded the training images (a pipeline's own VAE is
-    fp16 on a GPU)."""
+    bf16 or fp16 on a GPU)."""
     pretrained = resolve_pretrained(pretrained, what="model.pretrained")
     with quiet_loading():
         vae = _vae_from_pretrained(pretrained, torch_dtype)

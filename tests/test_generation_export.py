@@ -67,6 +67,16 @@ def test_the_sampling_precision_is_the_pipelines_dtype_and_the_adapter_stays_fp3
     assert load_pipeline(str(tiny_sd_dir), None, device="cpu", torch_dtype=PRECISIONS["auto"]).unet.dtype == torch.float32
 
 
+def test_auto_precision_is_fp32_on_the_cpu_and_bf16_on_a_gpu_that_has_it(monkeypatch):
+    from ec_lora_t.generation import default_sampling_dtype
+
+    assert default_sampling_dtype(torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert default_sampling_dtype(torch.device("cuda")) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    assert default_sampling_dtype(torch.device("cuda")) == torch.float16  # e.g. a T4: no bf16
+
+
 def test_modes_base_and_plain_lora(tiny_sd_dir, ec_pipeline):
     base_pipeline = load_pipeline(str(tiny_sd_dir), None, device="cpu")
     plain_model = pixels(generate_images(base_pipeline, PROMPTS[:2], None, SEEDS[:2], **SAMPLING, mode="base"))
