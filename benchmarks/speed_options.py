@@ -48,7 +48,9 @@ from benchmarks.train_throughput import (  # noqa: E402
     SD15_SCHEDULER_CONFIG, benchmark_setup, build_pipeline_folder, peak_gb, reset_memory, synchronize, synthetic_cache,
 )
 from ec_lora_t.adapter import ECLoRAConfig, add_ec_lora  # noqa: E402
-from ec_lora_t.generation import VectorSampling, generate_images, load_pipeline  # noqa: E402
+from ec_lora_t.generation import (  # noqa: E402
+    VectorSampling, default_sampling_dtype, generate_images, load_pipeline,
+)
 from ec_lora_t.training.objective import diffusion_training_step, noisy_latents  # noqa: E402
 
 OPTION_SETS = {
@@ -236,7 +238,8 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"model": "tiny" if args.tiny else "sd15", "resolution": resolution, "batch_size": batch_size,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "diffusers": diffusers.__version__, "date": time.strftime("%Y-%m-%d"),
-              "warmup_steps": args.warmup, "timed_steps": args.steps, "results": {}}
+              "warmup_steps": args.warmup, "timed_steps": args.steps,
+              "sampling_dtype": str(default_sampling_dtype(device)).removeprefix("torch."), "results": {}}
 
     def record(name: str, figures: dict) -> None:
         report["results"][name] = figures
