@@ -23,8 +23,9 @@ grid.json:
 
 Output: one JSON line per (audience, recipe, seed, sampling variant), appended as soon as the
 run finishes, so a call cut short (a 10-minute limit) keeps every finished run; rerunning the
-same command skips the runs already in the file (failed ones are retried) and reuses the built
-worlds. `--jobs N` runs N trainings at once as separate processes, spread round-robin over the
+same command skips the runs already in the file (failed ones are retried), reuses the built
+worlds, and samples an adapter already trained with the same params (`trained.json` beside it)
+instead of training it again: a sampling variant added to a grid costs only its sampling. `--jobs N` runs N trainings at once as separate processes, spread round-robin over the
 visible GPUs: the demo's tiny model leaves an H200 mostly idle, so several share one GPU.
 `benchmarks/summarise_research.py` tabulates the rows (mean ± std over seeds, worst seed).
 """
@@ -55,6 +56,8 @@ from stages._common import merge_params  # noqa: E402
 
 DATA_STAGES = ["demo_data", "ingest", "caption", "sentiment", "features", "latents", "regressor"]
 # What the data stages write, shared (symlinked) by every training run of an audience.
+# Written beside a trained adapter: its row fields and the fingerprint of what it trained on.
+TRAINED = "trained.json"
 DATA_OUTPUTS = ["demo_posts", "ingest", "caption", "sentiment", "features", "latents", "regressor"]
 SPLITS = ("tuning", "held_out")
 _INTERPOLATION = re.compile(r"\$\{\s*([^}]+?)\s*\}")
@@ -204,27 +207,60 @@ def run_key(row: dict) -> str:
     return f"{row['audience']}/{row['recipe']}/s{row['seed']}/{row['sample']}"
 
 
+def training_fingerprint(params: dict[str, Any], world: Path) -> str:
+    """What an adapter depends on: every param but the evaluate stage's, dvc.yaml's train stage
+    and the world it trained on (its own fingerprint, so a rebuilt world retrains)."""
+    trained_on = {key: value for key, value in params.items() if key != "evaluate"}
+    world_marker = json.loads((world / "built.json").read_text()) if (world / "built.json").is_file() else {}
+    return hashlib.sha256(json.dumps([trained_on, pipeline_stages().get("train"), world_marker.get("fingerprint")],
+                                     sort_keys=True, default=str).encode()).hexdigest()
+
+
+def train_run(folder: Path, params: dict[str, Any], world: Path, device: str | None, threads: int | None) -> dict:
+    """Train one run in a fresh `folder`; returns (and records in trained.json) its row fields."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    link_world(folder, world)
+    write_params(folder, params)
+    started = time.perf_counter()
+    run_stage(stage_command("train", params), folder, device, threads)
+    trained = {"train_seconds": time.perf_counter() - started,
+               "train": json.loads((folder / "metrics/train.json").read_text())}
+    (folder / TRAINED).write_text(json.dumps(trained | {"fingerprint": training_fingerprint(params, world)}))
+    return trained
+
+
+def reusable_training(folder: Path, params: dict[str, Any], world: Path) -> dict | None:
+    """The row fields of an adapter already trained in `folder` with the same params, else None:
+    a rerun that adds sampling variants samples the existing adapters instead of retraining."""
+    marker = folder / TRAINED
+    if not marker.is_file():
+        return None
+    trained = json.loads(marker.read_text())
+    if trained.pop("fingerprint", None) != training_fingerprint(params, world):
+        return None
+    return trained | {"train_reused": True}
+
+
 def run_training(job: dict, device: str | None, threads: int | None, emit) -> None:
     """Train one (audience, recipe, seed) and evaluate every sampling variant; `emit` each row."""
     folder: Path = job["folder"]
     row = {key: job[key] for key in ("audience", "split", "recipe", "seed")}
+    params = merged_params([job["base"], {"demo_data": {"audience": job["audience"]},
+                                          "ingest": {"posts_dir": str(job["world"] / "data" / "demo_posts")},
+                                          "train": {"seed": job["seed"]}}, job["recipe_params"]])
     try:
-        if folder.exists():
-            shutil.rmtree(folder)
-        link_world(folder, job["world"])
-        params = merged_params([job["base"], {"demo_data": {"audience": job["audience"]},
-                                              "ingest": {"posts_dir": str(job["world"] / "data" / "demo_posts")},
-                                              "train": {"seed": job["seed"]}}, job["recipe_params"]])
-        write_params(folder, params)
-        started = time.perf_counter()
-        run_stage(stage_command("train", params), folder, device, threads)
-        row |= {"train_seconds": time.perf_counter() - started,
-                "train": json.loads((folder / "metrics/train.json").read_text())}
+        trained = reusable_training(folder, params, job["world"])
+        if trained is None:
+            trained = train_run(folder, params, job["world"], device, threads)
+        row |= trained
     except (RuntimeError, OSError, KeyError, ValueError) as error:
         for name in job["sample"]:
             emit(row | {"sample": name, "error": str(error)[-3000:]})
         return
     for name, sample in job["sample"].items():
+        if run_key(row | {"sample": name}) in job.get("done", ()):
+            continue
         sample_params = merge_params(params, sample)
         write_params(folder, sample_params)
         started = time.perf_counter()
@@ -312,7 +348,7 @@ def run_grid(grid: dict, out: Path, work: Path, jobs: int = 1, gpus: int | None 
                 for name in job["sample"]:
                     emit({key: job[key] for key in ("audience", "split", "recipe", "seed")}
                          | {"sample": name, "error": f"world failed: {failed[job['audience']]}"})
-        runnable = [job | {"world": worlds[job["audience"]]} for job in todo if job["audience"] in worlds]
+        runnable = [job | {"world": worlds[job["audience"]], "done": done} for job in todo if job["audience"] in worlds]
         list(pool.map(lambda item: run_training(item[1], devices[item[0] % len(devices)], threads, emit),
                       enumerate(runnable)))
     print(f"done in {time.perf_counter() - started:.0f} s", flush=True)

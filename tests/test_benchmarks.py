@@ -118,6 +118,15 @@ def test_research_grid_runs_end_to_end_and_resumes(tiny_base, tmp_path):
     summaries = summarise_research.aggregate(summarise_research.read_rows(out))
     assert {(s["audience"], s["split"], len(s["seeds"])) for s in summaries} == {
         ("vivid_bright", "tuning", 2), ("beach", "held_out", 2)}
+    # A sampling variant added to the grid samples the adapters already trained: no training.
+    adapter = tmp_path / "work/run-vivid_bright-tiny-s1/data/train/adapter"
+    trained_at = {path: path.stat().st_mtime_ns for path in adapter.rglob("*") if path.is_file()}
+    grid["sample"]["w3"] = {"evaluate": {"vector_guidance": 3.0}}
+    assert control_research.run_grid(grid, out, tmp_path / "work", jobs=2, gpus=0, split="tuning") == 2
+    added = [json.loads(line) for line in out.read_text().splitlines()][len(rows):]
+    assert not [row["error"][-1500:] for row in added if "error" in row]
+    assert {(row["seed"], row["sample"], row["train_reused"]) for row in added} == {(1, "w3", True), (2, "w3", True)}
+    assert {path: path.stat().st_mtime_ns for path in trained_at} == trained_at
 
     # control_variants.py on the world just built: one variant, train then evaluate.
     variants_out = tmp_path / "variants" / "results.json"
@@ -127,6 +136,25 @@ def test_research_grid_runs_end_to_end_and_resumes(tiny_base, tmp_path):
     assert "error" not in result, result.get("error", "")[-1500:]
     assert result["train"]["steps"] > 0 and "controls_engagement" in result["verdict"]
     assert -1.0 <= result["ec_lora"]["ground_truth"]["spearman"] <= 1.0
+
+
+def test_a_trained_adapter_is_reused_only_with_the_same_training_params(tmp_path):
+    world, folder = tmp_path / "world", tmp_path / "run"
+    world.mkdir(), folder.mkdir()
+    (world / "built.json").write_text(json.dumps({"fingerprint": "world-1"}))
+    params = control_research.merged_params([{"train": {"seed": 3}}])
+    assert control_research.reusable_training(folder, params, world) is None  # nothing trained yet
+    (folder / control_research.TRAINED).write_text(json.dumps(
+        {"train_seconds": 1.5, "train": {"steps": 4}, "fingerprint": control_research.training_fingerprint(params, world)}))
+    assert control_research.reusable_training(folder, params, world) == {
+        "train_seconds": 1.5, "train": {"steps": 4}, "train_reused": True}
+    # Sampling params do not matter; training params and the world do.
+    sampled = control_research.merge_params(params, {"evaluate": {"vector_guidance": 6.0}})
+    assert control_research.reusable_training(folder, sampled, world) is not None
+    other_seed = control_research.merge_params(params, {"train": {"seed": 4}})
+    assert control_research.reusable_training(folder, other_seed, world) is None
+    (world / "built.json").write_text(json.dumps({"fingerprint": "world-2"}))
+    assert control_research.reusable_training(folder, params, world) is None
 
 
 def test_research_summary_reads_both_ceilings_from_the_details():
