@@ -103,7 +103,7 @@ def test_dvc_repro_end_to_end(pipeline_repo):
     loss = pd.read_csv(root / "data/train/live/plots/metrics/loss.tsv", sep="\t")
     assert len(loss) == json.loads((root / "metrics/train.json").read_text())["steps"] > 0
     assert json.loads((root / "data/run_info/train.json").read_text())["images_per_second"] > 0
-    # evaluate.precision auto on the CPU: the sampling ran in fp32, and the run says so.
+    # evaluate.precision fp32 (the default): the sampling ran in fp32, and the run says so.
     evaluate_info = json.loads((root / "data/run_info/evaluate.json").read_text())
     assert (evaluate_info["device"], evaluate_info["sampling_dtype"]) == ("cpu", "float32")
     for mode in ("ec_lora", "plain_lora", "base", "retrieval"):

@@ -37,7 +37,7 @@ class EvaluateParams(Section):
     # The fraction (start, end) of the denoising steps with vector guidance; (0, 1): all of them.
     vector_guidance_interval: Annotated[list[UnitFloat], Field(min_length=2, max_length=2)] = [0.0, 1.0]
     batch_size: Annotated[Int, Field(ge=1)] = 16
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # ec_lora_t.generation.PRECISIONS
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "fp32"  # ec_lora_t.generation.PRECISIONS
     retrieval_k: Annotated[Int, Field(ge=1)] = 15  # the ceiling: k nearest training images per target
     permutations: Annotated[Int, Field(ge=1)]
     # auto: when ingest.posts_dir holds the demo world's manifest
