@@ -90,6 +90,15 @@ def _per_prompt(name: str, value: float | Sequence[float], batch_size: int) -> l
     return [float(v) for v in values]
 
 
+def vector_guidance_for(mode: str, vector_guidance_scale: float) -> float:
+    """The vector guidance a call in `mode` runs. Only mode "ec_lora" has the anchor rows; the
+    baselines (the evaluate stage passes its scale to every mode) keep diffusers' text guidance.
+    Left as asked, their [∅ + v, c + v] groups would be read as [c + v, c + a] by
+    `guided_prediction` and guided away from the prompt."""
+    vector_guidance_scale = check_sampling_strength("vector_guidance_scale", vector_guidance_scale)
+    return vector_guidance_scale if mode == "ec_lora" else 1.0
+
+
 def guided_prediction(
     prediction: torch.Tensor, groups: int, guidance_scale: float, vector_guidance_scale: float
 ) -> torch.Tensor:
@@ -247,7 +256,7 @@ class ECLoRAStableDiffusionPipeline(StableDiffusionPipeline):
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         self.check_inputs(prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds,
                           callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
-        vector_guidance_scale = check_sampling_strength("vector_guidance_scale", vector_guidance_scale)
+        vector_guidance_scale = vector_guidance_for(mode, vector_guidance_scale)
         vector_scale = check_sampling_strength("vector_scale", vector_scale)
         vector_guidance_interval = check_interval(vector_guidance_interval)
         guidance_anchor = check_anchor(guidance_anchor)
@@ -268,7 +277,7 @@ class ECLoRAStableDiffusionPipeline(StableDiffusionPipeline):
         rows = unet_rows(
             self.ec_lora.ecm if self.ec_lora is not None else None, mode, prompt_embeds, vectors,
             negative_prompt_embeds=negative_prompt_embeds if self.do_classifier_free_guidance else None,
-            anchor_row=mode == "ec_lora" and vector_guidance_scale != 1.0,
+            anchor_row=vector_guidance_scale != 1.0,
             guidance_anchor=guidance_anchor, vector_scale=vector_scale,
         )
 
