@@ -25,8 +25,9 @@ Output: one JSON line per (audience, recipe, seed, sampling variant), appended a
 run finishes, so a call cut short (a 10-minute limit) keeps every finished run; rerunning the
 same command skips the runs already in the file (failed ones are retried), reuses the built
 worlds, and samples an adapter already trained with the same params (`trained.json` beside it)
-instead of training it again: a sampling variant added to a grid costs only its sampling. `--jobs N` runs N trainings at once as separate processes, spread round-robin over the
-visible GPUs: the demo's tiny model leaves an H200 mostly idle, so several share one GPU.
+instead of training it again: a sampling variant added to a grid costs only its sampling.
+`--jobs N` runs N trainings at once as separate processes, spread round-robin over the visible
+GPUs: the demo's tiny model leaves an H200 mostly idle, so several share one GPU.
 `benchmarks/summarise_research.py` tabulates the rows (mean ± std over seeds, worst seed).
 """
 
@@ -56,9 +57,9 @@ from stages._common import merge_params  # noqa: E402
 
 DATA_STAGES = ["demo_data", "ingest", "caption", "sentiment", "features", "latents", "regressor"]
 # What the data stages write, shared (symlinked) by every training run of an audience.
+DATA_OUTPUTS = ["demo_posts", "ingest", "caption", "sentiment", "features", "latents", "regressor"]
 # Written beside a trained adapter: its row fields and the fingerprint of what it trained on.
 TRAINED = "trained.json"
-DATA_OUTPUTS = ["demo_posts", "ingest", "caption", "sentiment", "features", "latents", "regressor"]
 SPLITS = ("tuning", "held_out")
 _INTERPOLATION = re.compile(r"\$\{\s*([^}]+?)\s*\}")
 
@@ -246,10 +247,10 @@ def run_training(job: dict, device: str | None, threads: int | None, emit) -> No
     """Train one (audience, recipe, seed) and evaluate every sampling variant; `emit` each row."""
     folder: Path = job["folder"]
     row = {key: job[key] for key in ("audience", "split", "recipe", "seed")}
-    params = merged_params([job["base"], {"demo_data": {"audience": job["audience"]},
-                                          "ingest": {"posts_dir": str(job["world"] / "data" / "demo_posts")},
-                                          "train": {"seed": job["seed"]}}, job["recipe_params"]])
     try:
+        params = merged_params([job["base"], {"demo_data": {"audience": job["audience"]},
+                                              "ingest": {"posts_dir": str(job["world"] / "data" / "demo_posts")},
+                                              "train": {"seed": job["seed"]}}, job["recipe_params"]])
         trained = reusable_training(folder, params, job["world"])
         if trained is None:
             trained = train_run(folder, params, job["world"], device, threads)
