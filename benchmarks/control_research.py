@@ -135,13 +135,17 @@ def write_params(folder: Path, params: dict[str, Any]) -> None:
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def digest(value: Any) -> str:
+    """A stable hash of JSON-able `value`: the fingerprints that decide what a rerun reuses."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def build_world(work: Path, audience: str, base: dict, device: str | None, threads: int | None = None) -> Path:
     """Run the data stages of `audience` once; a folder built with the same params is reused."""
     world = work / f"world-{audience}"
     params = merged_params([base, {"demo_data": {"audience": audience},
                                    "ingest": {"posts_dir": str(world / "data" / "demo_posts")}}])
-    fingerprint = hashlib.sha256(json.dumps(
-        [params, pipeline_stages()], sort_keys=True, default=str).encode()).hexdigest()
+    fingerprint = digest([params, pipeline_stages()])
     marker = world / "built.json"
     if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
         return world
@@ -213,8 +217,7 @@ def training_fingerprint(params: dict[str, Any], world: Path) -> str:
     and the world it trained on (its own fingerprint, so a rebuilt world retrains)."""
     trained_on = {key: value for key, value in params.items() if key != "evaluate"}
     world_marker = json.loads((world / "built.json").read_text()) if (world / "built.json").is_file() else {}
-    return hashlib.sha256(json.dumps([trained_on, pipeline_stages().get("train"), world_marker.get("fingerprint")],
-                                     sort_keys=True, default=str).encode()).hexdigest()
+    return digest([trained_on, pipeline_stages().get("train"), world_marker.get("fingerprint")])
 
 
 def train_run(folder: Path, params: dict[str, Any], world: Path, device: str | None, threads: int | None) -> dict:
