@@ -119,16 +119,12 @@ class VectorSampling:
         γ = 1 is the ECM itself.
     guidance_interval (start, end): vector guidance acts over this fraction of the denoising
         steps only (0: the first, noisiest step; (0, 1): all); elsewhere w = 1 on two rows.
-    prompt_priority: drop the part of the vector's guidance term that points against the text's
-        (`ec_lora_t.pipeline.yield_to_prompt`), so that the vector cannot undo what the prompt
-        names; no extra UNet rows.
     """
 
     vector_guidance: float = 1.0
     vector_scale: float = 1.0
     guidance_anchor: tuple[float, float] | None = AVERAGE_POST
     guidance_interval: tuple[float, float] = (0.0, 1.0)
-    prompt_priority: bool = False
 
     def __post_init__(self) -> None:
         check_sampling_strength("vector_guidance", self.vector_guidance)
@@ -186,7 +182,6 @@ def generate_images(
             time=[vector[1] for vector in batch_vectors] if batch_vectors else None,
             height=height, width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             vector_guidance_scale=sampling.vector_guidance, vector_guidance_interval=sampling.guidance_interval,
-            prompt_priority=sampling.prompt_priority,
             vector_scale=sampling.vector_scale,
             guidance_anchor=sampling.guidance_anchor, mode=mode,
             negative_prompt=[negative_prompt] * len(batch_prompts) if negative_prompt is not None else None,

@@ -99,24 +99,10 @@ def vector_guidance_for(mode: str, vector_guidance_scale: float) -> float:
     return vector_guidance_scale if mode == "ec_lora" else 1.0
 
 
-def yield_to_prompt(vector_term: torch.Tensor, text_term: torch.Tensor) -> torch.Tensor:
-    """The vector term less its component against the text term, per image: where the two
-    disagree (negative inner product over the latent), vector guidance may push sideways but not
-    undo what the prompt asks for. PCGrad's projection for conflicting gradients (Yu et al. 2020),
-    applied to two guidance directions; computed in fp32 so half-precision rows do not overflow."""
-    vector, text = vector_term.float(), text_term.float()
-    dims = tuple(range(1, vector.ndim))
-    inner = (vector * text).sum(dims, keepdim=True)
-    squared_norm = (text * text).sum(dims, keepdim=True).clamp_min(torch.finfo(text.dtype).tiny)
-    return (vector - inner.clamp(max=0.0) / squared_norm * text).to(vector_term.dtype)
-
-
 def guided_prediction(
-    prediction: torch.Tensor, groups: int, guidance_scale: float, vector_guidance_scale: float,
-    prompt_priority: bool = False,
+    prediction: torch.Tensor, groups: int, guidance_scale: float, vector_guidance_scale: float
 ) -> torch.Tensor:
-    """Combine the UNet's prediction over the `unet_rows` groups (module docstring's formula);
-    `prompt_priority`: the vector term `yield_to_prompt` (three groups only: with text guidance)."""
+    """Combine the UNet's prediction over the `unet_rows` groups (module docstring's formula)."""
     parts = prediction.chunk(groups)
     if groups == 1:
         return parts[0]
@@ -125,10 +111,8 @@ def guided_prediction(
     if groups == 2:  # [c + v, c + a]: the formula at g = 1
         return parts[1] + vector_guidance_scale * (parts[0] - parts[1])
     unconditional, conditional, anchor = parts
-    text_term, vector_term = conditional - unconditional, conditional - anchor
-    if prompt_priority:
-        vector_term = yield_to_prompt(vector_term, text_term)
-    return unconditional + guidance_scale * text_term + (vector_guidance_scale - 1.0) * vector_term
+    noise = unconditional + guidance_scale * (conditional - unconditional)
+    return noise + (vector_guidance_scale - 1.0) * (conditional - anchor)
 
 
 class ECLoRAStableDiffusionPipeline(StableDiffusionPipeline):
@@ -191,8 +175,7 @@ class ECLoRAStableDiffusionPipeline(StableDiffusionPipeline):
                 if self.ec_lora is not None else nullcontext())
 
     def _denoise(self, latents, rows, timesteps, vector_guidance_scale, extra_step_kwargs, callback_on_step_end,
-                 callback_on_step_end_tensor_inputs, negative_prompt_embeds, vector_guidance_interval=(0.0, 1.0),
-                 prompt_priority=False):
+                 callback_on_step_end_tensor_inputs, negative_prompt_embeds, vector_guidance_interval=(0.0, 1.0)):
         """The denoising loop over `unet_rows`' groups, combined by `guided_prediction`; outside
         `vector_guidance_interval` without the anchor group (vector guidance off)."""
         self._num_timesteps = len(timesteps)
@@ -214,8 +197,7 @@ class ECLoRAStableDiffusionPipeline(StableDiffusionPipeline):
                 with self._conditioning(step_rows, step_folded):
                     prediction = self.unet(model_input, t, encoder_hidden_states=step_rows.text_embeddings,
                                            return_dict=False)[0]
-                noise_pred = guided_prediction(prediction, step_rows.groups, self.guidance_scale, step_guidance,
-                                                prompt_priority)
+                noise_pred = guided_prediction(prediction, step_rows.groups, self.guidance_scale, step_guidance)
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     # diffusers' tensor inputs; only the latents are read back (the rows are not changed by callbacks)
@@ -248,7 +230,6 @@ class ECLoRAStableDiffusionPipeline(StableDiffusionPipeline):
         guidance_scale: float = 7.5,
         vector_guidance_scale: float = 1.0,
         vector_guidance_interval: Sequence[float] = (0.0, 1.0),
-        prompt_priority: bool = False,
         vector_scale: float = 1.0,
         guidance_anchor: Sequence[float] | None = AVERAGE_POST,
         mode: str = "ec_lora",
@@ -266,8 +247,7 @@ class ECLoRAStableDiffusionPipeline(StableDiffusionPipeline):
     ):
         """Generate; `engagement` and `time` are one value, or one per prompt (normalised, in [0, 1]).
 
-        `vector_guidance_scale` w (>= 0; 1: none; over `vector_guidance_interval` of the steps; with
-        `prompt_priority`, without its component against the text guidance: `yield_to_prompt`) and
+        `vector_guidance_scale` w (>= 0; 1: none; over `vector_guidance_interval` of the steps) and
         `vector_scale` γ (>= 0; 1: the ECM itself, else s' = s(a) + γ (s(v) - s(a)) from the anchor
         a) act in mode "ec_lora" only. Returns a `StableDiffusionPipelineOutput` (or a tuple).
         """
@@ -310,7 +290,7 @@ class ECLoRAStableDiffusionPipeline(StableDiffusionPipeline):
         # 4. Denoise, with every row's adapter scales set for each step's UNet call.
         latents = self._denoise(latents, rows, timesteps, vector_guidance_scale, extra_step_kwargs,
                                 callback_on_step_end, callback_on_step_end_tensor_inputs, negative_prompt_embeds,
-                                vector_guidance_interval, prompt_priority)
+                                vector_guidance_interval)
 
         # 5. Decode (no safety checker in this tool's pipelines; diffusers' runs when one is loaded).
         image, has_nsfw_concept = self._decode(latents, output_type, generator, device, prompt_embeds.dtype)

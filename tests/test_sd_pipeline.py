@@ -14,7 +14,7 @@ from diffusers import DDIMScheduler
 
 from ec_lora_t.adapter.conditioning import CONSTANT_SCALES, ecm_outputs, engagement_conditioning
 from ec_lora_t.generation import VectorSampling, generate_images
-from ec_lora_t.pipeline import ECLoRAStableDiffusionPipeline, yield_to_prompt
+from ec_lora_t.pipeline import ECLoRAStableDiffusionPipeline
 
 PROMPTS = ["a person in a red coat (winter)", "a city street at night (summer)"]
 VECTORS = torch.tensor([[0.9, 0.1], [0.1, 0.8]])
@@ -148,9 +148,8 @@ def test_folded_sampling_runs_the_folded_weights_and_matches_the_low_rank_path(p
 # --- The guided step against separate UNet calls combined by hand.
 
 
-def _one_step_by_hand(pipe, vector, anchor, guidance_scale, vector_guidance, seed, sign=1.0, prompt_priority=False):
-    """One DDIM step from the seed's noise, each term its own UNet call with its own scales;
-    `prompt_priority`: the vector term less its projection on the text term where they oppose."""
+def _one_step_by_hand(pipe, vector, anchor, guidance_scale, vector_guidance, seed, sign=1.0):
+    """One DDIM step from the seed's noise, each term its own UNet call with its own scales."""
     ecm, adapter = pipe.adapter.ecm, pipe.adapter
     conditional, unconditional = pipe.encode_prompt(PROMPTS[:1], "cpu", 1, True)
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -166,11 +165,8 @@ def _one_step_by_hand(pipe, vector, anchor, guidance_scale, vector_guidance, see
     conditional_vector, anchor_vector = eps(conditional, vector), eps(conditional, anchor)
     if guidance_scale > 1.0:
         unconditional_vector = eps(unconditional, vector)
-        text_term, vector_term = conditional_vector - unconditional_vector, conditional_vector - anchor_vector
-        inner = float((text_term * vector_term).sum())
-        if prompt_priority and inner < 0:
-            vector_term = vector_term - inner / float((text_term * text_term).sum()) * text_term
-        noise = unconditional_vector + guidance_scale * text_term + sign * (vector_guidance - 1.0) * vector_term
+        noise = unconditional_vector + guidance_scale * (conditional_vector - unconditional_vector)
+        noise = noise + sign * (vector_guidance - 1.0) * (conditional_vector - anchor_vector)
     else:  # two rows: the formula at g = 1
         noise = anchor_vector + vector_guidance * (conditional_vector - anchor_vector)
     return scheduler.step(noise, t, latents, eta=0.0, return_dict=False)[0]
@@ -192,31 +188,6 @@ def test_a_guided_step_equals_separate_unet_calls_combined_by_hand(pipe, guidanc
                  guidance_scale=guidance_scale, guidance_anchor=anchor,
                  generator=[torch.Generator().manual_seed(seed)], output_type="latent").images
     assert (plain - stepped).abs().max() > 1e-2
-
-
-def test_yield_to_prompt_removes_only_the_part_of_the_vector_term_against_the_text_term():
-    text = torch.tensor([[[1.0, 0.0]], [[0.0, 2.0]]])  # two images, their text terms
-    vector = torch.tensor([[[-3.0, 1.0]], [[1.0, 5.0]]])  # the first opposes its text term, the second agrees
-    yielded = yield_to_prompt(vector, text)
-    torch.testing.assert_close(yielded[0], torch.tensor([[0.0, 1.0]]))  # the opposing part gone, the rest kept
-    torch.testing.assert_close(yielded[1], vector[1])  # agreement is left alone
-    assert yield_to_prompt(vector.bfloat16(), text.bfloat16()).dtype == torch.bfloat16
-    assert torch.equal(yield_to_prompt(vector, torch.zeros_like(text)), vector)  # no text term: nothing to yield to
-
-
-def test_prompt_priority_reaches_the_guided_step(pipe, monkeypatch):
-    """The pipeline hands `prompt_priority` to the guided step, which projects the vector term."""
-    import ec_lora_t.pipeline as pipeline_module
-
-    calls = []
-    real = pipeline_module.yield_to_prompt
-    monkeypatch.setattr(pipeline_module, "yield_to_prompt", lambda v, t: calls.append(1) or real(v, t))
-    call = dict(engagement=0.9, time=0.5, num_inference_steps=2, guidance_scale=5.0, vector_guidance_scale=4.0,
-                output_type="latent")
-    pipe(PROMPTS[0], generator=[torch.Generator().manual_seed(3)], **call)
-    assert calls == []
-    pipe(PROMPTS[0], prompt_priority=True, generator=[torch.Generator().manual_seed(3)], **call)
-    assert calls == [1, 1]
 
 
 def test_diffusers_options_callbacks_output_types_and_checks(pipe):

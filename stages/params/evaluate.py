@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, StrictBool, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from stages._common import Float, Int, Section
 
@@ -36,7 +36,6 @@ class EvaluateParams(Section):
     vector_scale: Annotated[Float, Field(ge=0)] = 1.0
     # The fraction (start, end) of the denoising steps with vector guidance; (0, 1): all of them.
     vector_guidance_interval: Annotated[list[UnitFloat], Field(min_length=2, max_length=2)] = [0.0, 1.0]
-    prompt_priority: StrictBool = False  # the vector's guidance may not push against the text's
     batch_size: Annotated[Int, Field(ge=1)] = 16
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "fp32"  # ec_lora_t.generation.PRECISIONS
     retrieval_k: Annotated[Int, Field(ge=1)] = 15  # the ceiling: k nearest training images per target
