@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -145,7 +146,10 @@ def build_world(work: Path, audience: str, base: dict, device: str | None, threa
     world = work / f"world-{audience}"
     params = merged_params([base, {"demo_data": {"audience": audience},
                                    "ingest": {"posts_dir": str(world / "data" / "demo_posts")}}])
-    fingerprint = digest([params, pipeline_stages()])
+    # What the data stages read: neither the train nor the evaluate section (a sampling or training
+    # option added to params.yaml rebuilds no world), keys at their default left out.
+    fingerprint = digest([without_defaults({key: value for key, value in params.items()
+                                            if key not in ("train", "evaluate")}), pipeline_stages()])
     marker = world / "built.json"
     if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
         return world
@@ -212,10 +216,27 @@ def run_key(row: dict) -> str:
     return f"{row['audience']}/{row['recipe']}/s{row['seed']}/{row['sample']}"
 
 
+def without_defaults(params: dict[str, Any]) -> dict[str, Any]:
+    """`params` less every key that holds its schema's default (`stages/params/<section>.py`):
+    a new option added to params.yaml at its default changes no run, so it must not make the
+    harness retrain (and replace) the adapters it already has."""
+    kept = {}
+    for section, values in params.items():
+        schema = getattr(importlib.import_module(f"stages.params.{section}"),
+                         "".join(part.title() for part in section.split("_")) + "Params", None)
+        fields = schema.model_fields if schema is not None and isinstance(values, dict) else {}
+        kept[section] = values if not fields else {
+            key: value for key, value in values.items()
+            if key not in fields or fields[key].is_required() or fields[key].get_default(call_default_factory=True) != value
+        }
+    return kept
+
+
 def training_fingerprint(params: dict[str, Any], world: Path) -> str:
-    """What an adapter depends on: every param but the evaluate stage's, dvc.yaml's train stage
-    and the world it trained on (its own fingerprint, so a rebuilt world retrains)."""
-    trained_on = {key: value for key, value in params.items() if key != "evaluate"}
+    """What an adapter depends on: every param but the evaluate stage's (those at their default
+    left out: `without_defaults`), dvc.yaml's train stage and the world it trained on (its own
+    fingerprint, so a rebuilt world retrains)."""
+    trained_on = without_defaults({key: value for key, value in params.items() if key != "evaluate"})
     world_marker = json.loads((world / "built.json").read_text()) if (world / "built.json").is_file() else {}
     return digest([trained_on, pipeline_stages().get("train"), world_marker.get("fingerprint")])
 

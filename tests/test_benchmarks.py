@@ -153,6 +153,13 @@ def test_a_trained_adapter_is_reused_only_with_the_same_training_params(tmp_path
     assert control_research.reusable_training(folder, sampled, world) is not None
     other_seed = control_research.merge_params(params, {"train": {"seed": 4}})
     assert control_research.reusable_training(folder, other_seed, world) is None
+    # A key at its schema's default (a new option in params.yaml) trains the same adapter; off
+    # its default it does not.
+    before_the_option = {**params, "train": {k: v for k, v in params["train"].items() if k != "channels_last"}}
+    assert params["train"]["channels_last"] is False
+    assert control_research.reusable_training(folder, before_the_option, world) is not None
+    changed = control_research.merge_params(params, {"train": {"ema_decay": 0.99}})
+    assert control_research.reusable_training(folder, changed, world) is None
     (world / "built.json").write_text(json.dumps({"fingerprint": "world-2"}))
     assert control_research.reusable_training(folder, params, world) is None
 
