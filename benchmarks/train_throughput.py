@@ -52,7 +52,9 @@ from ec_lora_t.demo.tiny_model import SHIPPED_CLIP_TOKENIZER  # noqa: E402
 from ec_lora_t.generation import VectorSampling, generate_images, load_pipeline  # noqa: E402
 from ec_lora_t.training.cache import LatentCache  # noqa: E402
 from ec_lora_t.training.config import TrainingConfig  # noqa: E402
-from ec_lora_t.training.loop import compiles_unet, make_accelerator, train_ec_lora  # noqa: E402
+from ec_lora_t.training.loop import (  # noqa: E402
+    channels_last_unet, compiles_unet, make_accelerator, train_ec_lora,
+)
 from ec_lora_t.training.objective import noisy_latents  # noqa: E402
 from ec_lora_t.training.precision import COMPUTE_DTYPES  # noqa: E402
 from stages.params.train import TrainParams, configs_from_params  # noqa: E402
@@ -214,9 +216,12 @@ def step_accelerator(device, compile: bool):
 
 
 def measure_steps(unet_config, scheduler, lora_config, training, batch, device, steps, warmup,
-                  modes=("ec_lora", "plain_lora", "peft_anchor"), compile: bool = False) -> dict:
+                  modes=("ec_lora", "plain_lora", "peft_anchor"), compile: bool = False,
+                  channels_last: bool = False) -> dict:
     """The isolated training step of EC-LoRA-T and plain LoRA, and the PEFT anchor, each on a UNet
-    prepared by accelerate as the loop's is."""
+    prepared by accelerate as the loop's is (`channels_last`: its weights channels-last, as the
+    loop's with `train.channels_last`)."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     from peft import LoraConfig
 
     from ec_lora_t.training.objective import diffusion_training_step
@@ -227,7 +232,7 @@ def measure_steps(unet_config, scheduler, lora_config, training, batch, device, 
         reset_memory(device)
         torch.manual_seed(0)
         with torch.device(device):
-            unet = UNet2DConditionModel(**unet_config).to(dtype).requires_grad_(False)
+            unet = UNet2DConditionModel(**unet_config).to(dtype, memory_format=layout).requires_grad_(False)
         fresh_config = ECLoRAConfig(rank=lora_config.rank, alpha=lora_config.alpha,
                                     target_modules=lora_config.target_modules,
                                     ecm_granularity=lora_config.ecm_granularity)
@@ -251,7 +256,7 @@ def measure_steps(unet_config, scheduler, lora_config, training, batch, device, 
     reset_memory(device)
     torch.manual_seed(0)
     with torch.device(device):
-        unet = UNet2DConditionModel(**unet_config).to(dtype).requires_grad_(False)
+        unet = UNet2DConditionModel(**unet_config).to(dtype, memory_format=layout).requires_grad_(False)
     unet.add_adapter(LoraConfig(r=lora_config.rank, lora_alpha=lora_config.alpha,
                                 target_modules=list(lora_config.target_modules), init_lora_weights="gaussian"))
     trainable = [p for p in unet.parameters() if p.requires_grad]
@@ -348,6 +353,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tiny", action="store_true", help="a narrow model for a CPU smoke check")
     parser.add_argument("--compile", choices=("params", "auto", "true", "false"), default="params",
                         help="train.compile for every part: params.yaml's (default), or this value")
+    parser.add_argument("--channels-last", choices=("params", "auto", "true", "false"), default="params",
+                        help="train.channels_last for every part: params.yaml's (default), or this value")
     parser.add_argument("--out", type=Path, default=None, help="JSON to write (a .md table beside it)")
     args = parser.parse_args(argv)
 
@@ -358,10 +365,12 @@ def main(argv: list[str] | None = None) -> dict:
     # params.yaml's train section, as the train stage reads it; batch and length set here.
     train_params = yaml.safe_load((REPO / "params.yaml").read_text())["train"]
     lora_config, training = configs_from_params(TrainParams.model_validate(train_params))
-    if args.compile != "params":
-        training = TrainingConfig(**{**training.__dict__, "compile": {"true": True, "false": False}.get(args.compile, args.compile)})
-    # The isolated steps and the anchor compile when the loop does.
+    for name, value in (("compile", args.compile), ("channels_last", args.channels_last)):
+        if value != "params":
+            training = TrainingConfig(**{**training.__dict__, name: {"true": True, "false": False}.get(value, value)})
+    # The isolated steps and the anchor compile, and are channels-last, when the loop is.
     compile_steps = compiles_unet(training, device.type)
+    channels_last_steps = channels_last_unet(training, device.type)
     cache, epochs = synthetic_loop_data(batch_size, args.steps, args.warmup, unet_config)
     scheduler = DDPMScheduler(**SD15_SCHEDULER_CONFIG)
     results: dict[str, dict] = {}
@@ -382,7 +391,7 @@ def main(argv: list[str] | None = None) -> dict:
         batch = {name: getattr(cache, name)[index].to(device) for name in cache.tensor_names()}
         modes = ("ec_lora", "plain_lora", "peft_anchor") if "step" in parts else ("peft_anchor",)
         results |= measure_steps(unet_config, scheduler, lora_config, run(), batch, device, args.steps, args.warmup,
-                                 modes=modes, compile=compile_steps)
+                                 modes=modes, compile=compile_steps, channels_last=channels_last_steps)
         save(results)
     for conditioning in ("ec_lora", "plain_lora"):
         if "loop" in parts or f"loop:{conditioning}" in parts:
@@ -409,7 +418,8 @@ def main(argv: list[str] | None = None) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "diffusers": diffusers.__version__, "warmup_steps": args.warmup,
         "timed_steps": args.steps, "train_params": train_params, "compile": training.compile,
-        "steps_compiled": compile_steps, "date": time.strftime("%Y-%m-%d"), "results": results,
+        "steps_compiled": compile_steps, "channels_last": training.channels_last,
+        "steps_channels_last": channels_last_steps, "date": time.strftime("%Y-%m-%d"), "results": results,
     }
     loop, plain = results.get("loop:ec_lora"), results.get("loop:plain_lora")
     if loop and plain:

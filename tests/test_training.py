@@ -610,3 +610,17 @@ def test_compiled_loop_compiles_the_unet_once_under_mixed_precision(tmp_path, mo
     assert result.steps == 12
     assert result.extra["graphs_compiled"] == 1
     assert result.extra["graphs_compiled_after_warmup"] == 0
+
+
+def test_channels_last_changes_the_unets_layout_not_its_training(tmp_path):
+    """`train.channels_last`: the UNet's convolution weights are channels-last for the run (the
+    layout cuDNN's fast kernels use) and the losses are those of the contiguous run, to rounding."""
+    cache = write_cache(tmp_path / "latents.safetensors", num_images=4)
+    contiguous = run_training(cache, tmp_path / "contiguous", epochs=2)
+    unet = micro_unet()
+    nhwc = run_training(cache, tmp_path / "nhwc", unet=unet, channels_last=True, epochs=2)
+    assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not unet.conv_in.weight.is_contiguous()
+    torch.testing.assert_close(torch.tensor(nhwc.losses), torch.tensor(contiguous.losses), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError):
+        TrainingConfig(**{**TRAINING, "channels_last": "sometimes"})

@@ -141,6 +141,11 @@ def compiles_unet(training: TrainingConfig, device_type: str) -> bool:
     return training.compile is True or (training.compile == "auto" and device_type == "cuda")
 
 
+def channels_last_unet(training: TrainingConfig, device_type: str) -> bool:
+    """Whether a run of `training` on `device_type` keeps the UNet channels-last (`train.channels_last`)."""
+    return training.channels_last is True or (training.channels_last == "auto" and device_type == "cuda")
+
+
 def make_optimizer(adapter: ECLoRAAdapter, training: TrainingConfig, device_type: str) -> torch.optim.AdamW:
     """AdamW over the adapter's trainable parameters (its LoRA pairs, the text encoder's LoRA
     included, then the ECM, which may have its own learning rate)."""
@@ -225,6 +230,9 @@ def setup_training(
                                          COMPUTE_DTYPES[mixed_precision])
     if training.gradient_checkpointing:
         unet.enable_gradient_checkpointing()  # diffusers checkpoints non-reentrantly: ECM grads flow
+    if channels_last_unet(training, accelerator.device.type):
+        # Before the optimizer sees the parameters: only the layout of the 4-d weights changes; the latents follow the weights' layout.
+        unet.to(memory_format=torch.channels_last)
     # 3. AdamW over the trainable parameters only.
     optimizer = make_optimizer(adapter, training, accelerator.device.type)
     ema = make_ema(trainable_parameters(optimizer), training.ema_decay)
