@@ -52,9 +52,7 @@ from ec_lora_t.demo.tiny_model import SHIPPED_CLIP_TOKENIZER  # noqa: E402
 from ec_lora_t.generation import VectorSampling, generate_images, load_pipeline  # noqa: E402
 from ec_lora_t.training.cache import LatentCache  # noqa: E402
 from ec_lora_t.training.config import TrainingConfig  # noqa: E402
-from ec_lora_t.training.loop import (  # noqa: E402
-    channels_last_unet, compiles_unet, make_accelerator, train_ec_lora,
-)
+from ec_lora_t.training.loop import make_accelerator, train_ec_lora  # noqa: E402
 from ec_lora_t.training.objective import noisy_latents  # noqa: E402
 from ec_lora_t.training.precision import COMPUTE_DTYPES  # noqa: E402
 from stages.params.train import TrainParams, configs_from_params  # noqa: E402
@@ -221,10 +219,11 @@ def measure_steps(unet_config, scheduler, lora_config, training, batch, device, 
     """The isolated training step of EC-LoRA-T and plain LoRA, and the PEFT anchor, each on a UNet
     prepared by accelerate as the loop's is (`channels_last`: its weights channels-last, as the
     loop's with `train.channels_last`)."""
-    layout = torch.channels_last if channels_last else torch.contiguous_format
     from peft import LoraConfig
 
     from ec_lora_t.training.objective import diffusion_training_step
+
+    layout = torch.channels_last if channels_last else torch.contiguous_format
 
     dtype = COMPUTE_DTYPES["bf16" if device.type == "cuda" else "no"]
     results = {}
@@ -369,8 +368,8 @@ def main(argv: list[str] | None = None) -> dict:
         if value != "params":
             training = TrainingConfig(**{**training.__dict__, name: {"true": True, "false": False}.get(value, value)})
     # The isolated steps and the anchor compile, and are channels-last, when the loop is.
-    compile_steps = compiles_unet(training, device.type)
-    channels_last_steps = channels_last_unet(training, device.type)
+    compile_steps = training.switched_on("compile", device.type)
+    channels_last_steps = training.switched_on("channels_last", device.type)
     cache, epochs = synthetic_loop_data(batch_size, args.steps, args.warmup, unet_config)
     scheduler = DDPMScheduler(**SD15_SCHEDULER_CONFIG)
     results: dict[str, dict] = {}

@@ -60,10 +60,13 @@ def test_train_throughput_reports_every_part_on_the_tiny_model(tmp_path):
 
 
 def test_train_throughput_runs_one_loop_and_the_anchor_when_asked(tmp_path):
+    """The parts asked for, here channels-last (the anchor follows the loop's `train.channels_last`)."""
     out = tmp_path / "speed.json"
     run_script("train_throughput.py", "--tiny", "--steps", "2", "--warmup", "1", "--parts", "loop:ec_lora,anchor",
-               "--out", str(out))
-    assert set(json.loads(out.read_text())["results"]) == {"loop:ec_lora", "peft_anchor"}
+               "--channels-last", "true", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"loop:ec_lora", "peft_anchor"}
+    assert report["channels_last"] is True and report["steps_channels_last"] is True
 
 
 def test_speed_options_writes_a_row_per_option_and_part(tmp_path):

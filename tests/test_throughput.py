@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ec_lora_t.training.config import TrainingConfig
-from ec_lora_t.training.loop import compiles_unet, make_accelerator
+from ec_lora_t.training.loop import make_accelerator
 from ec_lora_t.training.throughput import STEADY_AFTER_STEPS, Throughput
 
 
@@ -38,8 +38,9 @@ def test_too_few_steps_have_no_steady_state():
 @pytest.mark.parametrize(("setting", "device_type", "compiles"), [
     (True, "cpu", True), (False, "cuda", False), ("auto", "cpu", False), ("auto", "cuda", True),
 ])
-def test_train_compile_decides_whether_the_unet_is_compiled(setting, device_type, compiles):
-    assert compiles_unet(TrainingConfig(compile=setting), device_type) is compiles
+def test_train_compile_and_channels_last_switch_on_as_asked(setting, device_type, compiles):
+    assert TrainingConfig(compile=setting).switched_on("compile", device_type) is compiles
+    assert TrainingConfig(channels_last=setting).switched_on("channels_last", device_type) is compiles
 
 
 def test_the_accelerator_compiles_nothing_itself():

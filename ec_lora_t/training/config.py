@@ -89,3 +89,9 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         check_constraints(self)  # the ranges in the annotations above
+
+    def switched_on(self, switch: str, device_type: str) -> bool:
+        """Whether the false | true | "auto" switch `switch` (`compile`, `channels_last`) is on for
+        a run on `device_type`: "auto" is on on a CUDA GPU only."""
+        value = getattr(self, switch)
+        return value is True or (value == "auto" and device_type == "cuda")

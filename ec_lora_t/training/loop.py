@@ -136,16 +136,6 @@ def trainable_parameters(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]
     return [parameter for group in optimizer.param_groups for parameter in group["params"]]
 
 
-def compiles_unet(training: TrainingConfig, device_type: str) -> bool:
-    """Whether a run of `training` on `device_type` compiles the UNet (`train.compile`)."""
-    return training.compile is True or (training.compile == "auto" and device_type == "cuda")
-
-
-def channels_last_unet(training: TrainingConfig, device_type: str) -> bool:
-    """Whether a run of `training` on `device_type` keeps the UNet channels-last (`train.channels_last`)."""
-    return training.channels_last is True or (training.channels_last == "auto" and device_type == "cuda")
-
-
 def make_optimizer(adapter: ECLoRAAdapter, training: TrainingConfig, device_type: str) -> torch.optim.AdamW:
     """AdamW over the adapter's trainable parameters (its LoRA pairs, the text encoder's LoRA
     included, then the ECM, which may have its own learning rate)."""
@@ -230,9 +220,8 @@ def setup_training(
                                          COMPUTE_DTYPES[mixed_precision])
     if training.gradient_checkpointing:
         unet.enable_gradient_checkpointing()  # diffusers checkpoints non-reentrantly: ECM grads flow
-    if channels_last_unet(training, accelerator.device.type):
-        # Before the optimizer sees the parameters: only the layout of the 4-d weights changes; the latents follow the weights' layout.
-        unet.to(memory_format=torch.channels_last)
+    if training.switched_on("channels_last", accelerator.device.type):
+        unet.to(memory_format=torch.channels_last)  # the 4-d weights' layout, before the optimizer sees them
     # 3. AdamW over the trainable parameters only.
     optimizer = make_optimizer(adapter, training, accelerator.device.type)
     ema = make_ema(trainable_parameters(optimizer), training.ema_decay)
@@ -258,7 +247,7 @@ def setup_training(
         unet, adapter.ecm, optimizer, lr_scheduler
     )
     text_encoder = accelerator.prepare(text_encoder) if text_encoder is not None else None
-    if compiles_unet(training, accelerator.device.type):
+    if training.switched_on("compile", accelerator.device.type):
         # Static shapes: every batch is full-sized except an epoch's last, which compiles once
         # more; the per-row scales reach the LoRA layers as tensors, so new vectors do not.
         prepared_unet = torch.compile(prepared_unet, backend="inductor", dynamic=False)
