@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import hashlib
-import importlib
 import json
 import os
 import re
@@ -55,6 +54,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from stages._common import merge_params  # noqa: E402
+from stages.validate_params import SCHEMAS  # noqa: E402
 
 DATA_STAGES = ["demo_data", "ingest", "caption", "sentiment", "features", "latents", "regressor"]
 # What the data stages write, shared (symlinked) by every training run of an audience.
@@ -222,8 +222,7 @@ def without_defaults(params: dict[str, Any]) -> dict[str, Any]:
     harness retrain (and replace) the adapters it already has."""
     kept = {}
     for section, values in params.items():
-        schema = getattr(importlib.import_module(f"stages.params.{section}"),
-                         "".join(part.title() for part in section.split("_")) + "Params", None)
+        schema = SCHEMAS.get(section)
         fields = schema.model_fields if schema is not None and isinstance(values, dict) else {}
         kept[section] = values if not fields else {
             key: value for key, value in values.items()
