@@ -192,10 +192,11 @@ def research_summary(details: dict) -> dict:
         summary["ground_truth"] = scores(engagement["ec_lora"]["ground_truth"],
                                          engagement.get("retrieval", {}).get("ground_truth"),
                                          prompt_aware.get("engagement_sweep", {}).get("ground_truth"))
-    adherence = details.get("adherence")
-    if adherence and adherence.get("ec_lora"):
-        summary["adherence"] = {"base": sum(adherence["base"].values()) / len(adherence["base"]),
-                                "worst_drop": max(adherence["base"][k] - v for k, v in adherence["ec_lora"].items())}
+    for key in ("adherence", "time_adherence"):
+        adherence = details.get(key)
+        if adherence and adherence.get("ec_lora"):
+            summary[key] = {"base": sum(adherence["base"].values()) / len(adherence["base"]),
+                            "worst_drop": max(adherence["base"][k] - v for k, v in adherence["ec_lora"].items())}
     if "ground_truth" in time_sweep.get("ec_lora", {}):
         summary["time"] = scores(time_sweep["ec_lora"]["ground_truth"], time_sweep.get("retrieval", {}).get("ground_truth"),
                                  prompt_aware.get("time_sweep", {}).get("ground_truth"))
@@ -209,7 +210,7 @@ def summarise(folder: Path, name: str) -> dict:
         for mode, metrics in details["engagement_sweep"].items() if "ground_truth" in metrics
     }
     return {"headline": research_summary(details), "ground_truth_by_target": by_target,
-            "adherence": details.get("adherence"), "style": details.get("style", {}).get("ec_lora", {}).get("mean")}
+            "adherence": details.get("adherence"), "time_adherence": details.get("time_adherence"), "style": details.get("style", {}).get("ec_lora", {}).get("mean")}
 
 
 def run_key(row: dict) -> str:

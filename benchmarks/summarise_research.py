@@ -36,6 +36,7 @@ FIGURES = [
     ("share_of_prompt_aware_ceiling", ("ground_truth", "share_of_prompt_aware_ceiling"), "low"),
     ("range_ratio", ("ground_truth", "range_ratio"), "low"),
     ("adherence_drop_points", ("adherence", "worst_drop"), "high"),
+    ("time_adherence_drop_points", ("time_adherence", "worst_drop"), "high"),
     ("time_spearman", ("time", "spearman"), "low"),
     ("time_share_of_ceiling", ("time", "share_of_ceiling"), "low"),
     ("time_share_of_prompt_aware_ceiling", ("time", "share_of_prompt_aware_ceiling"), "low"),

@@ -292,6 +292,10 @@ def generate(
         help="Vector guidance over this fraction of the sampling steps only, START END (0: the first, "
              "noisiest step); outside it two UNet rows per image instead of three.",
         callback=_interval)] = (0.0, 1.0),
+    time_guidance: Annotated[float | None, typer.Option(
+        help="Time's own guidance scale; --vector-guidance then guides engagement only (default: "
+             "--vector-guidance guides both). A vector away from the average post in both costs a "
+             "fourth UNet row per image.", callback=_number(0))] = None,
     mode: Annotated[str, typer.Option(help="ec_lora | plain_lora (ECM off) | base (no adapter).")] = "ec_lora",
 ) -> None:
     """Generate images for every prompt x vector x seed, in one batch; the vector goes into the PNG metadata."""
@@ -307,7 +311,8 @@ def generate(
         adapter or _run(_in_repository, DEFAULT_ADAPTER, "--adapter"),
         prompt, vectors, seed, out, num_inference_steps=steps, guidance_scale=guidance_scale, mode=mode,
         sampler=sampler, vector_metadata=raw,
-        sampling=VectorSampling(vector_guidance, vector_scale, guidance_interval=vector_guidance_interval),
+        sampling=VectorSampling(vector_guidance, vector_scale, guidance_interval=vector_guidance_interval,
+                                time_guidance=time_guidance),
     )
     typer.echo("\n".join(str(path) for path in paths))
 

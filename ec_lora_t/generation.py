@@ -119,15 +119,23 @@ class VectorSampling:
         γ = 1 is the ECM itself.
     guidance_interval (start, end): vector guidance acts over this fraction of the denoising
         steps only (0: the first, noisiest step; (0, 1): all); elsewhere w = 1 on two rows.
+    time_guidance w_t: None, w guides the whole vector; else w guides engagement and w_t time,
+        ... + (w - 1) (eps(c, v_e) - eps(c, a)) + (w_t - 1) (eps(c, v) - eps(c, v_e)) with
+        v_e = (e, a's time); a fourth row only for vectors away from a in both (`ec_lora_t.pipeline`).
     """
 
     vector_guidance: float = 1.0
     vector_scale: float = 1.0
     guidance_anchor: tuple[float, float] | None = AVERAGE_POST
     guidance_interval: tuple[float, float] = (0.0, 1.0)
+    time_guidance: float | None = None
 
     def __post_init__(self) -> None:
         check_sampling_strength("vector_guidance", self.vector_guidance)
+        if self.time_guidance is not None:
+            check_sampling_strength("time_guidance", self.time_guidance)
+            if self.guidance_anchor is None:
+                raise ValueError("time_guidance needs an (engagement, time) guidance_anchor, not None (the null vector)")
         check_sampling_strength("vector_scale", self.vector_scale)
         check_anchor(self.guidance_anchor)
         check_interval(self.guidance_interval)
@@ -182,6 +190,7 @@ def generate_images(
             time=[vector[1] for vector in batch_vectors] if batch_vectors else None,
             height=height, width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             vector_guidance_scale=sampling.vector_guidance, vector_guidance_interval=sampling.guidance_interval,
+            time_guidance_scale=sampling.time_guidance,
             vector_scale=sampling.vector_scale,
             guidance_anchor=sampling.guidance_anchor, mode=mode,
             negative_prompt=[negative_prompt] * len(batch_prompts) if negative_prompt is not None else None,
@@ -272,6 +281,7 @@ def generate(
             "num_inference_steps": num_inference_steps,
             "guidance_scale": guidance_scale,
             "vector_guidance": sampling.vector_guidance,
+            "time_guidance": sampling.time_guidance,
             "vector_scale": sampling.vector_scale,
             "sampler": sampler,
             "pretrained": str(pretrained),

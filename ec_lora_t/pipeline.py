@@ -21,6 +21,16 @@ the same formula at g = 1 needs two rows, [prompt + vector, prompt + anchor]:
 
     eps(c, a) + w (eps(c, v) - eps(c, a))
 
+A time guidance of its own, w_t (`time_guidance_scale`; None: w), splits the vector's term at
+v_e = (e, the anchor's time), as InstructPix2Pix splits its image and text terms:
+
+    ... + (w - 1) (eps(c, v_e) - eps(c, a)) + (w_t - 1) (eps(c, v) - eps(c, v_e))
+
+w guides engagement and w_t time. A fourth row, [prompt + v_e], is run only where both terms are
+non-zero: a call whose vectors all sit at the anchor's time (the engagement sweep) is the
+three-row formula at w, one whose vectors all sit at the anchor's engagement (the time sweep)
+the same at w_t.
+
 The anchor a is the average post (0.5, 0.5) by default, or None: the null vector (every scale
 1, the plain LoRA that `train.vector_dropout` trains). `vector_guidance_interval` (start, end)
 limits vector guidance to that fraction of the denoising steps (0: the first, noisiest step):
@@ -99,20 +109,43 @@ def vector_guidance_for(mode: str, vector_guidance_scale: float) -> float:
     return vector_guidance_scale if mode == "ec_lora" else 1.0
 
 
+def split_guidance(
+    vectors: torch.Tensor | None, anchor: tuple[float, float] | None, vector_guidance_scale: float,
+    time_guidance_scale: float | None,
+) -> tuple[float, float | None]:
+    """(w, w_t) for one call's (rows, 2) vectors: w_t None where one scale serves every row, so
+    that no fourth row is run (module docstring). Only an (e, t) anchor can split."""
+    if time_guidance_scale is None or vectors is None:
+        return vector_guidance_scale, None
+    time_guidance_scale = check_sampling_strength("time_guidance_scale", time_guidance_scale)
+    if anchor is None:
+        raise ValueError("time_guidance_scale needs an (engagement, time) guidance_anchor, not None (the null vector)")
+    if time_guidance_scale == vector_guidance_scale or bool((vectors[:, 1] == anchor[1]).all()):
+        return vector_guidance_scale, None  # no time term: engagement's scale alone
+    if bool((vectors[:, 0] == anchor[0]).all()):
+        return time_guidance_scale, None  # no engagement term: time's scale alone
+    return vector_guidance_scale, time_guidance_scale
+
+
 def guided_prediction(
-    prediction: torch.Tensor, groups: int, guidance_scale: float, vector_guidance_scale: float
+    prediction: torch.Tensor, groups: int, anchor_groups: int, guidance_scale: float, vector_guidance_scale: float,
+    time_guidance_scale: float | None = None,
 ) -> torch.Tensor:
-    """Combine the UNet's prediction over the `unet_rows` groups (module docstring's formula)."""
+    """Combine the UNet's prediction over the `unet_rows` groups, of which the last
+    `anchor_groups` are vector guidance's (module docstring's formulas)."""
     parts = prediction.chunk(groups)
-    if groups == 1:
-        return parts[0]
-    if groups == 2 and vector_guidance_scale == 1.0:  # [∅ + v, c + v]: diffusers' own guidance
-        return parts[0] + guidance_scale * (parts[1] - parts[0])
-    if groups == 2:  # [c + v, c + a]: the formula at g = 1
+    text_groups = groups - anchor_groups
+    if text_groups == 1 and anchor_groups == 1:  # [c + v, c + a]: the formula at g = 1
         return parts[1] + vector_guidance_scale * (parts[0] - parts[1])
-    unconditional, conditional, anchor = parts
-    noise = unconditional + guidance_scale * (conditional - unconditional)
-    return noise + (vector_guidance_scale - 1.0) * (conditional - anchor)
+    conditional = parts[text_groups - 1]
+    noise = parts[0] + guidance_scale * (parts[1] - parts[0]) if text_groups == 2 else parts[0]
+    if anchor_groups == 0:
+        return noise
+    if anchor_groups == 1:
+        return noise + (vector_guidance_scale - 1.0) * (conditional - parts[-1])
+    anchor, engagement_only = parts[text_groups:]
+    return (noise + (vector_guidance_scale - 1.0) * (engagement_only - anchor)
+            + (time_guidance_scale - 1.0) * (conditional - engagement_only))
 
 
 class ECLoRAStableDiffusionPipeline(StableDiffusionPipeline):
@@ -174,15 +207,15 @@ class ECLoRAStableDiffusionPipeline(StableDiffusionPipeline):
         return (engagement_conditioning(self.ec_lora, rows.scales, rows.offsets, folded)
                 if self.ec_lora is not None else nullcontext())
 
-    def _denoise(self, latents, rows, timesteps, vector_guidance_scale, extra_step_kwargs, callback_on_step_end,
+    def _denoise(self, latents, rows, timesteps, guidance, extra_step_kwargs, callback_on_step_end,
                  callback_on_step_end_tensor_inputs, negative_prompt_embeds, vector_guidance_interval=(0.0, 1.0)):
-        """The denoising loop over `unet_rows`' groups, combined by `guided_prediction`; outside
-        `vector_guidance_interval` without the anchor group (vector guidance off)."""
+        """The denoising loop over `unet_rows`' groups, combined by `guided_prediction` with
+        `guidance` (w, w_t); outside `vector_guidance_interval` without the anchor groups (vector
+        guidance off)."""
         self._num_timesteps = len(timesteps)
         start, end = vector_guidance_interval
-        # The rows of the steps outside the interval: only when there are such steps and an anchor group.
-        unguided = (rows.without_last_group() if vector_guidance_scale != 1.0 and rows.groups > 1
-                    and (start > 0.0 or end < 1.0) else rows)
+        # The rows of the steps outside the interval: only when there are such steps and anchor groups.
+        unguided = rows.without_anchor_groups() if rows.anchor_groups and (start > 0.0 or end < 1.0) else rows
         # The scales are the same at every step: fold them into the weights once per call.
         folded = self._folded(rows)
         unguided_folded = folded if unguided is rows else self._folded(unguided)
@@ -190,14 +223,15 @@ class ECLoRAStableDiffusionPipeline(StableDiffusionPipeline):
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                step_rows, step_guidance, step_folded = rows, vector_guidance_scale, folded
+                step_rows, step_guidance, step_folded = rows, guidance, folded
                 if not start <= i / len(timesteps) < end:
-                    step_rows, step_guidance, step_folded = unguided, 1.0, unguided_folded
+                    step_rows, step_guidance, step_folded = unguided, (1.0, None), unguided_folded
                 model_input = self.scheduler.scale_model_input(torch.cat([latents] * step_rows.groups), t)
                 with self._conditioning(step_rows, step_folded):
                     prediction = self.unet(model_input, t, encoder_hidden_states=step_rows.text_embeddings,
                                            return_dict=False)[0]
-                noise_pred = guided_prediction(prediction, step_rows.groups, self.guidance_scale, step_guidance)
+                noise_pred = guided_prediction(prediction, step_rows.groups, step_rows.anchor_groups,
+                                               self.guidance_scale, *step_guidance)
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     # diffusers' tensor inputs; only the latents are read back (the rows are not changed by callbacks)
@@ -230,6 +264,7 @@ class ECLoRAStableDiffusionPipeline(StableDiffusionPipeline):
         guidance_scale: float = 7.5,
         vector_guidance_scale: float = 1.0,
         vector_guidance_interval: Sequence[float] = (0.0, 1.0),
+        time_guidance_scale: float | None = None,
         vector_scale: float = 1.0,
         guidance_anchor: Sequence[float] | None = AVERAGE_POST,
         mode: str = "ec_lora",
@@ -247,7 +282,8 @@ class ECLoRAStableDiffusionPipeline(StableDiffusionPipeline):
     ):
         """Generate; `engagement` and `time` are one value, or one per prompt (normalised, in [0, 1]).
 
-        `vector_guidance_scale` w (>= 0; 1: none; over `vector_guidance_interval` of the steps) and
+        `vector_guidance_scale` w (>= 0; 1: none; over `vector_guidance_interval` of the steps),
+        `time_guidance_scale` w_t (>= 0; None: w; time's own scale, module docstring) and
         `vector_scale` γ (>= 0; 1: the ECM itself, else s' = s(a) + γ (s(v) - s(a)) from the anchor
         a) act in mode "ec_lora" only. Returns a `StableDiffusionPipelineOutput` (or a tuple).
         """
@@ -256,18 +292,17 @@ class ECLoRAStableDiffusionPipeline(StableDiffusionPipeline):
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         self.check_inputs(prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds,
                           callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
-        vector_guidance_scale = vector_guidance_for(mode, vector_guidance_scale)
-        vector_scale = check_sampling_strength("vector_scale", vector_scale)
-        vector_guidance_interval = check_interval(vector_guidance_interval)
-        guidance_anchor = check_anchor(guidance_anchor)
+        vector_scale, vector_guidance_interval, guidance_anchor = (check_sampling_strength(
+            "vector_scale", vector_scale), check_interval(vector_guidance_interval), check_anchor(guidance_anchor))
         self._guidance_scale, self._guidance_rescale, self._clip_skip = guidance_scale, 0.0, None
         self._cross_attention_kwargs, self._interrupt = None, False
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
         device = self._execution_device
         vectors = self._vectors(mode, engagement, time, batch_size, num_images_per_prompt, device)
+        guidance = split_guidance(vectors, guidance_anchor, vector_guidance_for(mode, vector_guidance_scale),
+                                  time_guidance_scale)
 
-        # 2. Encode the prompts (mode "base": without the text encoder's LoRA) and lay out the UNet
-        #    rows (text, vector, anchor).
+        # 2. Encode the prompts (mode "base": without the text encoder's LoRA); lay out the UNet rows.
         text_lora = self.ec_lora.text_encoder_lora if self.ec_lora is not None else None
         with text_lora.disabled() if mode == "base" and text_lora is not None else nullcontext():
             prompt_embeds, negative_prompt_embeds = self.encode_prompt(
@@ -277,7 +312,7 @@ class ECLoRAStableDiffusionPipeline(StableDiffusionPipeline):
         rows = unet_rows(
             self.ec_lora.ecm if self.ec_lora is not None else None, mode, prompt_embeds, vectors,
             negative_prompt_embeds=negative_prompt_embeds if self.do_classifier_free_guidance else None,
-            anchor_row=vector_guidance_scale != 1.0,
+            anchor_row=guidance[0] != 1.0, engagement_anchor_row=guidance[1] is not None,
             guidance_anchor=guidance_anchor, vector_scale=vector_scale,
         )
 
@@ -288,9 +323,8 @@ class ECLoRAStableDiffusionPipeline(StableDiffusionPipeline):
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
 
         # 4. Denoise, with every row's adapter scales set for each step's UNet call.
-        latents = self._denoise(latents, rows, timesteps, vector_guidance_scale, extra_step_kwargs,
-                                callback_on_step_end, callback_on_step_end_tensor_inputs, negative_prompt_embeds,
-                                vector_guidance_interval)
+        latents = self._denoise(latents, rows, timesteps, guidance, extra_step_kwargs, callback_on_step_end,
+                                callback_on_step_end_tensor_inputs, negative_prompt_embeds, vector_guidance_interval)
 
         # 5. Decode (no safety checker in this tool's pipelines; diffusers' runs when one is loaded).
         image, has_nsfw_concept = self._decode(latents, output_type, generator, device, prompt_embeds.dtype)

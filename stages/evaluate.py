@@ -84,7 +84,7 @@ def evaluation_settings(params: EvaluateParams, resolution: int) -> EvaluationSe
         guidance_scale=params.guidance_scale, permutations=params.permutations, resolution=resolution,
         time_targets=params.time_targets, batch_size=params.batch_size, retrieval_k=params.retrieval_k,
         sampling=VectorSampling(params.vector_guidance, params.vector_scale, None if anchor is None else tuple(anchor),
-                                tuple(params.vector_guidance_interval)),
+                                tuple(params.vector_guidance_interval), params.time_guidance),
     )
 
 

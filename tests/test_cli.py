@@ -58,6 +58,8 @@ def test_generate_passes_the_vector_guidance_interval_to_the_pipeline(tiny_sd_di
     unguided = one_step("w1", "--vector-guidance", "1")
     assert np.array_equal(one_step("late", "--vector-guidance", "4", "--vector-guidance-interval", "0.5", "1"), unguided)
     assert not np.array_equal(one_step("w4", "--vector-guidance", "4"), unguided)
+    # --time-guidance: the vector sits at the anchor's time, so only --vector-guidance acts on it.
+    assert np.array_equal(one_step("wt", "--vector-guidance", "4", "--time-guidance", "8"), one_step("w4b", "--vector-guidance", "4"))
 
 
 def test_generate_converts_raw_likes_and_dates(tiny_sd_dir, adapter_dir, tmp_path):

@@ -53,6 +53,20 @@ def test_unet_rows_lay_out_negative_conditional_and_anchor_groups():
     anchor_scales, anchor_offsets = ecm_outputs(ecm, torch.tensor([anchor, anchor]))
     torch.testing.assert_close(rows.scales, torch.cat([scales, scales, anchor_scales]))
     torch.testing.assert_close(rows.offsets, torch.cat([offsets, offsets, anchor_offsets]))
+    assert rows.anchor_groups == 1 and rows.without_anchor_groups().groups == 2
+    # Time guidance of its own: a fourth group at (each row's engagement, the anchor's time).
+    rows = unet_rows(ecm, "ec_lora", text, vectors, negative_prompt_embeds=negative, anchor_row=True,
+                     engagement_anchor_row=True, guidance_anchor=anchor)
+    assert (rows.groups, rows.anchor_groups) == (4, 2)
+    engagement_scales, engagement_offsets = ecm_outputs(ecm, torch.tensor([[0.0, 0.6], [1.0, 0.6]]))
+    torch.testing.assert_close(rows.scales, torch.cat([scales, scales, anchor_scales, engagement_scales]))
+    torch.testing.assert_close(rows.offsets, torch.cat([offsets, offsets, anchor_offsets, engagement_offsets]))
+    unguided = rows.without_anchor_groups()
+    assert unguided.groups == 2 and unguided.anchor_groups == 0
+    torch.testing.assert_close(unguided.text_embeddings, torch.cat([negative, text]))
+    torch.testing.assert_close(unguided.scales, torch.cat([scales, scales]))
+    with pytest.raises(ValueError, match="needs an \\(engagement, time\\) anchor"):
+        unet_rows(ecm, "ec_lora", text, vectors, anchor_row=True, engagement_anchor_row=True, guidance_anchor=None)
     # Without text guidance: [text + vector, text + anchor]; anchor None is the null vector.
     rows = unet_rows(ecm, "ec_lora", text, vectors, anchor_row=True, guidance_anchor=None)
     torch.testing.assert_close(rows.text_embeddings, torch.cat([text, text]))

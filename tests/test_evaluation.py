@@ -403,10 +403,10 @@ def test_retrieval_plan_takes_the_nearest_training_images_per_target():
         retrieval_plan(plan, vectors, k=7)
 
 
-def with_adherence(table: pd.DataFrame, ec_lora_drop_at_top: float) -> pd.DataFrame:
-    """Every image names 2 attributes; base draws both, EC-LoRA-T loses some at target 1."""
+def with_adherence(table: pd.DataFrame, ec_lora_drop_at_top: float, sweep: str = "engagement") -> pd.DataFrame:
+    """Every image names 2 attributes; base draws both, EC-LoRA-T loses some at `sweep`'s target 1."""
     table = table.assign(adherence_named=2.0, adherence_matched=2.0)
-    top = (table["mode"] == "ec_lora") & (table["target_engagement"] == 1.0)
+    top = (table["mode"] == "ec_lora") & (table["sweep"] == sweep) & (table[f"target_{sweep}"] == 1.0)
     lost = np.zeros(len(table))
     lost[np.flatnonzero(top)[: round(top.sum() * ec_lora_drop_at_top * 2)]] = 1.0
     return table.assign(adherence_matched=table["adherence_matched"] - lost)
@@ -419,6 +419,23 @@ def test_verdict_needs_the_prompt_kept_as_well_as_the_base_keeps_it():
     lost = sweep_report(with_adherence(scored_sweep(0.5), 0.25), permutations=200)
     assert lost["adherence"]["ec_lora"]["target_100"] == pytest.approx(0.75, abs=0.05)
     assert not lost["verdict"]["keeps_prompt"] and not lost["verdict"]["controls_engagement"]
+
+
+def test_the_time_sweep_must_keep_the_prompt_too():
+    """Adherence per time target: a time sweep that redraws the prompt's scene loses
+    `keeps_prompt` and `controls_time`, not the engagement verdicts."""
+    table = scored_sweep(0.5)
+    noise = 0.05 * np.random.default_rng(3).normal(size=len(table))
+    table["time_ground_truth"] = np.where(table["mode"] == "ec_lora", table["target_time"], 0.0) + noise
+    kept = sweep_report(with_adherence(table, 0.0, sweep="time"), permutations=200)
+    assert kept["time_adherence"]["ec_lora"] == {"target_000": 1.0, "target_100": 1.0}
+    assert kept["verdict"]["keeps_prompt"] and kept["verdict"]["controls_time"]
+    lost = sweep_report(with_adherence(table, 0.25, sweep="time"), permutations=200)
+    assert lost["time_adherence"]["ec_lora"]["target_100"] == pytest.approx(0.75, abs=0.05)
+    assert lost["adherence"]["ec_lora"]["target_100"] == 1.0  # the engagement sweep is untouched
+    assert not lost["verdict"]["keeps_prompt"] and not lost["verdict"]["controls_time"]
+    assert lost["verdict"]["controls_engagement"]
+    assert lost["verdict"]["controls_ground_truth"] == kept["verdict"]["controls_ground_truth"]
 
 
 def test_share_of_ceiling_and_monotone_against_the_retrieval_baseline():

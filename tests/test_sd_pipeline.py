@@ -148,8 +148,9 @@ def test_folded_sampling_runs_the_folded_weights_and_matches_the_low_rank_path(p
 # --- The guided step against separate UNet calls combined by hand.
 
 
-def _one_step_by_hand(pipe, vector, anchor, guidance_scale, vector_guidance, seed, sign=1.0):
-    """One DDIM step from the seed's noise, each term its own UNet call with its own scales."""
+def _one_step_by_hand(pipe, vector, anchor, guidance_scale, vector_guidance, seed, sign=1.0, time_guidance=None):
+    """One DDIM step from the seed's noise, each term its own UNet call with its own scales;
+    `time_guidance`: the vector's term split at (e, the anchor's t), each part its own scale."""
     ecm, adapter = pipe.adapter.ecm, pipe.adapter
     conditional, unconditional = pipe.encode_prompt(PROMPTS[:1], "cpu", 1, True)
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -166,7 +167,12 @@ def _one_step_by_hand(pipe, vector, anchor, guidance_scale, vector_guidance, see
     if guidance_scale > 1.0:
         unconditional_vector = eps(unconditional, vector)
         noise = unconditional_vector + guidance_scale * (conditional_vector - unconditional_vector)
-        noise = noise + sign * (vector_guidance - 1.0) * (conditional_vector - anchor_vector)
+        if time_guidance is None:
+            noise = noise + sign * (vector_guidance - 1.0) * (conditional_vector - anchor_vector)
+        else:
+            engagement_only = eps(conditional, (vector[0], anchor[1]))
+            noise = (noise + (vector_guidance - 1.0) * (engagement_only - anchor_vector)
+                     + (time_guidance - 1.0) * (conditional_vector - engagement_only))
     else:  # two rows: the formula at g = 1
         noise = anchor_vector + vector_guidance * (conditional_vector - anchor_vector)
     return scheduler.step(noise, t, latents, eta=0.0, return_dict=False)[0]
@@ -188,6 +194,59 @@ def test_a_guided_step_equals_separate_unet_calls_combined_by_hand(pipe, guidanc
                  guidance_scale=guidance_scale, guidance_anchor=anchor,
                  generator=[torch.Generator().manual_seed(seed)], output_type="latent").images
     assert (plain - stepped).abs().max() > 1e-2
+
+
+def test_time_guidance_splits_the_vector_term_with_a_fourth_row_only_where_needed(pipe):
+    """w guides engagement, w_t time; a vector at the anchor's time (the engagement sweep) or at
+    its engagement (the time sweep) is the three-row formula at w or at w_t, bit for bit."""
+    anchor, seed = (0.3, 0.6), 7
+    rows_per_call = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: rows_per_call.append(args[0].shape[0]))
+
+    def one_step(engagement, time, prompts=PROMPTS[0], seeds=(seed,), **guidance):
+        rows_per_call.clear()
+        out = pipe(prompts, engagement=engagement, time=time, num_inference_steps=1, guidance_scale=5.0,
+                   guidance_anchor=anchor, generator=[torch.Generator().manual_seed(s) for s in seeds],
+                   output_type="latent", **guidance).images
+        return out, rows_per_call[0]
+
+    try:
+        stepped, rows = one_step(0.9, 0.2, vector_guidance_scale=4.0, time_guidance_scale=8.0)
+        assert rows == 4
+        by_hand = _one_step_by_hand(pipe, (0.9, 0.2), anchor, 5.0, 4.0, seed, time_guidance=8.0)
+        torch.testing.assert_close(stepped, by_hand, atol=1e-4, rtol=1e-4)
+        one_scale = _one_step_by_hand(pipe, (0.9, 0.2), anchor, 5.0, 4.0, seed)
+        assert (one_scale - by_hand).abs().max() > 100 * 1e-4  # the split changes the step
+        for engagement, time, same_as in [(0.9, 0.6, {"vector_guidance_scale": 4.0}),
+                                          (0.3, 0.2, {"vector_guidance_scale": 8.0})]:
+            split, rows = one_step(engagement, time, vector_guidance_scale=4.0, time_guidance_scale=8.0)
+            assert rows == 3
+            assert torch.equal(split, one_step(engagement, time, **same_as)[0])
+        equal_scales, rows = one_step(0.9, 0.2, vector_guidance_scale=4.0, time_guidance_scale=4.0)
+        assert rows == 3 and torch.equal(equal_scales, one_step(0.9, 0.2, vector_guidance_scale=4.0)[0])
+        # One call mixing both kinds runs the fourth row; each image is still its own call's.
+        mixed, rows = one_step([0.9, 0.3], [0.6, 0.2], prompts=PROMPTS, seeds=SEEDS,
+                               vector_guidance_scale=4.0, time_guidance_scale=8.0)
+        assert rows == 8
+        for index, (engagement, time) in enumerate([(0.9, 0.6), (0.3, 0.2)]):
+            alone, _ = one_step(engagement, time, prompts=PROMPTS[index], seeds=SEEDS[index:index + 1],
+                                vector_guidance_scale=4.0, time_guidance_scale=8.0)
+            torch.testing.assert_close(mixed[index:index + 1], alone, atol=1e-4, rtol=1e-4)
+        # Outside the guidance interval both anchor groups are left out.
+        rows_per_call.clear()
+        pipe(PROMPTS, engagement=[0.9, 0.3], time=[0.6, 0.2], num_inference_steps=4, guidance_scale=5.0,
+             guidance_anchor=anchor, vector_guidance_scale=4.0, time_guidance_scale=8.0,
+             vector_guidance_interval=(0.5, 1.0), output_type="latent")
+        assert rows_per_call == [4, 4, 8, 8]
+    finally:
+        hook.remove()
+    with pytest.raises(ValueError, match="time_guidance_scale needs an"):
+        pipe(PROMPTS[0], engagement=0.9, time=0.2, vector_guidance_scale=4.0, time_guidance_scale=8.0,
+             guidance_anchor=None, num_inference_steps=1)
+    with pytest.raises(ValueError, match="time_guidance_scale must be a finite number >= 0"):
+        pipe(PROMPTS[0], engagement=0.9, time=0.2, time_guidance_scale=float("nan"), num_inference_steps=1)
+    with pytest.raises(ValueError, match="time_guidance needs an"):
+        VectorSampling(vector_guidance=4.0, time_guidance=8.0, guidance_anchor=None)
 
 
 def test_diffusers_options_callbacks_output_types_and_checks(pipe):

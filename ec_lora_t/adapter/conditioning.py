@@ -10,7 +10,8 @@ after the call, which leaks state when the forward raises. Here a context manage
 
 The scales are per row of the UNet batch, and `unet_rows` builds that batch for training (one
 row per sample) and for sampling (with guidance: [unconditional + vector, conditional +
-vector, conditional + anchor]; `ECLoRAStableDiffusionPipeline` repeats each prompt's rows
+vector, conditional + anchor], and with a time guidance of its own a fourth group, conditional
++ (engagement, anchor's time); `ECLoRAStableDiffusionPipeline` repeats each prompt's rows
 `num_images_per_prompt` times in a row, p0, p0, p1, p1, before the layout). Nothing is guessed
 from the batch size: a layer called with a batch that its scales do not fit raises.
 
@@ -120,23 +121,26 @@ def row_conditioning(
 
 @dataclass
 class UNetRows:
-    """One UNet batch: `groups` groups of N rows, each row's text embedding, scales and offsets."""
+    """One UNet batch: `groups` groups of N rows, each row's text embedding, scales and offsets;
+    the last `anchor_groups` of them are read by vector guidance only."""
 
     text_embeddings: torch.Tensor  # (groups * N, T, D)
     scales: torch.Tensor | float  # (groups * N, K) or (groups * N, K, r); a float: every row
     offsets: torch.Tensor | None  # (groups * N, D) time-embedding offsets, or None
     groups: int
+    anchor_groups: int = 0
 
-    def without_last_group(self) -> UNetRows:
-        """The same batch less its last group (the anchor group of vector guidance)."""
-        if self.groups < 2:
-            raise ValueError("a UNet batch of one group has no group to leave out")
-        rows = self.text_embeddings.shape[0] // self.groups * (self.groups - 1)
+    def without_anchor_groups(self) -> UNetRows:
+        """The same batch less its anchor groups: the rows of a step without vector guidance."""
+        if self.anchor_groups == 0:
+            raise ValueError("this UNet batch has no anchor group to leave out")
+        kept = self.groups - self.anchor_groups
+        rows = self.text_embeddings.shape[0] // self.groups * kept
         return UNetRows(
             self.text_embeddings[:rows],
             self.scales if isinstance(self.scales, float) else self.scales[:rows],
             None if self.offsets is None else self.offsets[:rows],
-            self.groups - 1,
+            kept,
         )
 
 
@@ -148,16 +152,19 @@ def unet_rows(
     *,
     negative_prompt_embeds: torch.Tensor | None = None,
     anchor_row: bool = False,
+    engagement_anchor_row: bool = False,
     guidance_anchor: tuple[float, float] | None = AVERAGE_POST,
     vector_scale: float = 1.0,
     null_rows: torch.Tensor | None = None,
 ) -> UNetRows:
     """The one place that lays out the UNet batch, for training and sampling alike.
 
-    Row groups, in this order, each N rows (one per prompt embedding and vector):
+    Row groups, in this order, each N rows (one per prompt embedding and vector (e, t)):
         [negative text + vector]   when `negative_prompt_embeds` is given (classifier-free guidance)
         [text + vector]            always; the only group in training
         [text + guidance anchor]   when `anchor_row` (vector guidance; "ec_lora" only)
+        [text + (e, anchor's t)]   when `engagement_anchor_row` too (guidance with a time scale
+                                   of its own: the step from the anchor to it is engagement's)
     Every vector group gets the same `row_conditioning` (the vector conditions the model, not
     the prompt), including the extrapolation (`vector_scale`) and vector dropout (`null_rows`).
     """
@@ -165,10 +172,17 @@ def unet_rows(
                               null_rows=null_rows)
     groups = [(negative_prompt_embeds, vector)] if negative_prompt_embeds is not None else []
     groups.append((prompt_embeds, vector))
-    if anchor_row:
+    if anchor_row or engagement_anchor_row:
         if mode != "ec_lora":
             raise ValueError(f"an anchor row (vector guidance) needs mode 'ec_lora', got {mode!r}")
         groups.append((prompt_embeds, anchor_outputs(ecm, engagement_time, guidance_anchor)))
+    if engagement_anchor_row:
+        if guidance_anchor is None:
+            raise ValueError("a time guidance of its own needs an (engagement, time) anchor, not the null vector")
+        engagement_only = engagement_time.clone()
+        engagement_only[:, 1] = guidance_anchor[1]
+        groups.append((prompt_embeds, row_conditioning(ecm, mode, engagement_only, vector_scale=vector_scale,
+                                                       anchor=guidance_anchor)))
     text = torch.cat([embeds for embeds, _ in groups])
     if len(groups) == 1:
         scales, offsets = vector
@@ -177,7 +191,8 @@ def unet_rows(
     else:
         scales = torch.cat([scales for _, (scales, _) in groups])
         offsets = torch.cat([offsets for _, (_, offsets) in groups]) if vector[1] is not None else None
-    return UNetRows(text, scales, offsets, len(groups))
+    return UNetRows(text, scales, offsets, len(groups), anchor_groups=int(anchor_row or engagement_anchor_row)
+                    + int(engagement_anchor_row))
 
 
 # Rows whose scales agree this closely share a run. Rows of one vector need not be bit-identical:

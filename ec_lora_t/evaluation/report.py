@@ -71,11 +71,13 @@ def markdown_report(details: dict[str, Any], figures: dict[str, str], title: str
             if table:
                 lines += ["", f"## {label.capitalize()}: mean {score.replace('_', ' ')} score per target", ""] + table
     lines += _ceilings(details)
-    adherence = details.get("adherence")
-    if adherence:
+    for key, sweep in (("adherence", "engagement"), ("time_adherence", "time")):
+        adherence = details.get(key)
+        if not adherence:
+            continue
         modes = [mode for mode in ("ec_lora", "plain_lora", "base") if adherence.get(mode)]
         targets = list(adherence[modes[0]])
-        lines += ["", "## Prompt adherence per engagement target (share of named attributes drawn as named)", "",
+        lines += ["", f"## Prompt adherence per {sweep} target (share of named attributes drawn as named)", "",
                   "| target | " + " | ".join(MODE_NAMES[mode] for mode in modes) + " |", "|---" * (len(modes) + 1) + "|"]
         lines += [f"| {int(target[-3:]) / 100:.2f} | " + " | ".join(f"{adherence[m][target]:.2f}" for m in modes) + " |"
                   for target in targets]

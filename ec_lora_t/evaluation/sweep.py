@@ -251,22 +251,28 @@ def sweep_report(table: pd.DataFrame, *, permutations: int, seed: int = 0) -> di
 
     engagement = report["engagement_sweep"]
     verdict: dict[str, bool] = {}
-    prompt_kept = True
+    # Whether each sweep keeps the prompt at every target (True where adherence is not measured).
+    prompt_kept = {"engagement": True, "time": True}
     if known("adherence_named"):
-        rows = table[(table["sweep"] == "engagement") & (table["mode"] != RETRIEVAL)]
-        report["adherence"] = {
-            mode: adherence_by_target(mode_rows, "target_engagement") for mode, mode_rows in rows.groupby("mode")
-        }
-        if report["adherence"].get("ec_lora"):
-            prompt_kept = verdict["keeps_prompt"] = keeps_prompt(report["adherence"])
-    verdict["controls_engagement"] = controls_signal(engagement) and prompt_kept
+        for sweep, key in (("engagement", "adherence"), ("time", "time_adherence")):
+            rows = table[(table["sweep"] == sweep) & (table["mode"] != RETRIEVAL)]
+            report[key] = {mode: adherence_by_target(mode_rows, f"target_{sweep}")
+                           for mode, mode_rows in rows.groupby("mode")}
+            if report[key].get("ec_lora"):
+                prompt_kept[sweep] = keeps_prompt(report[key])
+            elif not report[key]:
+                del report[key]  # no time sweep
+        if report.get("adherence", {}).get("ec_lora"):
+            verdict["keeps_prompt"] = prompt_kept["engagement"] and prompt_kept["time"]
+    verdict["controls_engagement"] = controls_signal(engagement) and prompt_kept["engagement"]
     if "ground_truth" in engagement["ec_lora"]:
         verdict["controls_ground_truth"] = controls_signal(
             {mode: metrics["ground_truth"] for mode, metrics in engagement.items()}
-        ) and prompt_kept
+        ) and prompt_kept["engagement"]
     time_sweep = report.get("time_sweep", {})
     if "ground_truth" in time_sweep.get("ec_lora", {}):
-        verdict["controls_time"] = controls_signal({mode: metrics["ground_truth"] for mode, metrics in time_sweep.items()})
+        verdict["controls_time"] = controls_signal(
+            {mode: metrics["ground_truth"] for mode, metrics in time_sweep.items()}) and prompt_kept["time"]
     report["verdict"] = verdict
     return report
 

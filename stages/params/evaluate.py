@@ -36,6 +36,8 @@ class EvaluateParams(Section):
     vector_scale: Annotated[Float, Field(ge=0)] = 1.0
     # The fraction (start, end) of the denoising steps with vector guidance; (0, 1): all of them.
     vector_guidance_interval: Annotated[list[UnitFloat], Field(min_length=2, max_length=2)] = [0.0, 1.0]
+    # Time's own guidance scale (engagement keeps vector_guidance); null: vector_guidance guides both.
+    time_guidance: Annotated[Float, Field(ge=0)] | None = None
     batch_size: Annotated[Int, Field(ge=1)] = 16
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "fp32"  # ec_lora_t.generation.PRECISIONS
     retrieval_k: Annotated[Int, Field(ge=1)] = 15  # the ceiling: k nearest training images per target
@@ -49,6 +51,12 @@ class EvaluateParams(Section):
     def _time_sweep_has_two_targets(self) -> EvaluateParams:
         if len(self.time_targets) == 1:
             raise ValueError(f"time_targets {self.time_targets} must hold at least 2 targets, or none")
+        return self
+
+    @model_validator(mode="after")
+    def _time_guidance_has_a_point_anchor(self) -> EvaluateParams:
+        if self.time_guidance is not None and self.vector_guidance_anchor is None:
+            raise ValueError("time_guidance needs vector_guidance_anchor as an (engagement, time) pair, not null")
         return self
 
     @model_validator(mode="after")
