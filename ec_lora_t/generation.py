@@ -28,7 +28,13 @@ from ec_lora_t.adapter.conditioning import AVERAGE_POST, MODES
 from ec_lora_t.adapter.ecm import ENGAGEMENT_TIME_DIM, check_engagement_time
 from ec_lora_t.hub import resolve_pretrained
 from ec_lora_t.models import diffusers_dtype, quiet_loading
-from ec_lora_t.pipeline import ECLoRAStableDiffusionPipeline, check_anchor, check_interval, check_sampling_strength
+from ec_lora_t.pipeline import (
+    ECLoRAStableDiffusionPipeline,
+    check_anchor,
+    check_interval,
+    check_sampling_strength,
+    check_time_guidance,
+)
 
 # The pipeline with the adapter loaded (or none): what `load_pipeline` returns.
 ECLoRAPipeline = ECLoRAStableDiffusionPipeline
@@ -132,10 +138,7 @@ class VectorSampling:
 
     def __post_init__(self) -> None:
         check_sampling_strength("vector_guidance", self.vector_guidance)
-        if self.time_guidance is not None:
-            check_sampling_strength("time_guidance", self.time_guidance)
-            if self.guidance_anchor is None:
-                raise ValueError("time_guidance needs an (engagement, time) guidance_anchor, not None (the null vector)")
+        check_time_guidance(self.time_guidance, self.guidance_anchor, "time_guidance")
         check_sampling_strength("vector_scale", self.vector_scale)
         check_anchor(self.guidance_anchor)
         check_interval(self.guidance_interval)

@@ -85,6 +85,18 @@ def check_anchor(anchor: Sequence[float] | None) -> tuple[float, float] | None:
     return (float(anchor[0]), float(anchor[1]))
 
 
+def check_time_guidance(value: float | None, anchor: Sequence[float] | None,
+                        name: str = "time_guidance_scale") -> float | None:
+    """A time guidance scale (None: none) is a finite number >= 0 and needs an (e, t) anchor to
+    split the vector's term at."""
+    if value is None:
+        return None
+    value = check_sampling_strength(name, value)
+    if anchor is None:
+        raise ValueError(f"{name} needs an (engagement, time) guidance_anchor, not None (the null vector)")
+    return value
+
+
 def check_interval(interval: Sequence[float]) -> tuple[float, float]:
     """`vector_guidance_interval`: a (start, end) pair with 0 <= start < end <= 1."""
     if len(interval) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in interval) \
@@ -117,9 +129,7 @@ def split_guidance(
     that no fourth row is run (module docstring). Only an (e, t) anchor can split."""
     if time_guidance_scale is None or vectors is None:
         return vector_guidance_scale, None
-    time_guidance_scale = check_sampling_strength("time_guidance_scale", time_guidance_scale)
-    if anchor is None:
-        raise ValueError("time_guidance_scale needs an (engagement, time) guidance_anchor, not None (the null vector)")
+    time_guidance_scale = check_time_guidance(time_guidance_scale, anchor)
     if time_guidance_scale == vector_guidance_scale or bool((vectors[:, 1] == anchor[1]).all()):
         return vector_guidance_scale, None  # no time term: engagement's scale alone
     if bool((vectors[:, 0] == anchor[0]).all()):

@@ -256,12 +256,12 @@ def sweep_report(table: pd.DataFrame, *, permutations: int, seed: int = 0) -> di
     if known("adherence_named"):
         for sweep, key in (("engagement", "adherence"), ("time", "time_adherence")):
             rows = table[(table["sweep"] == sweep) & (table["mode"] != RETRIEVAL)]
+            if rows.empty:
+                continue  # no time sweep
             report[key] = {mode: adherence_by_target(mode_rows, f"target_{sweep}")
                            for mode, mode_rows in rows.groupby("mode")}
             if report[key].get("ec_lora"):
                 prompt_kept[sweep] = keeps_prompt(report[key])
-            elif not report[key]:
-                del report[key]  # no time sweep
         if report.get("adherence", {}).get("ec_lora"):
             verdict["keeps_prompt"] = prompt_kept["engagement"] and prompt_kept["time"]
     verdict["controls_engagement"] = controls_signal(engagement) and prompt_kept["engagement"]
