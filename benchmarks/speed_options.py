@@ -12,6 +12,9 @@ anchor measured the same way:
     compile+cl+cudnn   compile+cl with the cuDNN attention backend first
     compile+cl+tuned   compile+cl with INDUCTOR_TUNING: 1x1 convolutions as matmuls, coordinate-descent
                        tuning of the generated kernels, no epilogue fusion (diffusers' speed guide)
+    compile+cl+bench   compile+cl with cudnn.benchmark: cuDNN times its convolution algorithms for each
+                       new shape and keeps the fastest (its heuristic choice otherwise)
+    compile+bench      compile with cudnn.benchmark (the training step's layout, contiguous)
 
 For compiled rows the warm-up (first steps, compilation included) is reported beside the
 steady rate, and the number of graphs Dynamo compiled during the timed steps (0 = no
@@ -61,6 +64,8 @@ OPTION_SETS = {
     "cudnn_sdpa": {"sdpa": "cudnn"},
     "compile+cl+cudnn": {"compile": True, "channels_last": True, "sdpa": "cudnn"},
     "compile+cl+tuned": {"compile": True, "channels_last": True, "inductor": "tuned"},
+    "compile+cl+bench": {"compile": True, "channels_last": True, "cudnn_benchmark": True},
+    "compile+bench": {"compile": True, "cudnn_benchmark": True},
 }
 
 # Inductor settings that diffusers' guide to fast Stable Diffusion inference recommends. SD1.5's
@@ -86,6 +91,18 @@ def inductor_context(name: str | None):
     import torch._inductor.config
 
     return torch._inductor.config.patch(INDUCTOR_TUNING[name])
+
+
+@contextlib.contextmanager
+def cudnn_benchmark_context(on: bool):
+    """cudnn.benchmark is process-wide: set it for the row's calls only (the first call of each
+    shape pays for the timing, inside the warm-up)."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = on or before
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def sdpa_context(name: str | None):
@@ -119,7 +136,8 @@ def timed(step: Callable[[], None], steps: int, warmup: int, device, images_per_
 
 
 def training_step(unet_config, scheduler, batch, device, *, peft: bool = False, channels_last: bool = False,
-                  compile: bool = False, sdpa: str | None = None, inductor: str | None = None) -> Callable[[], None]:
+                  compile: bool = False, sdpa: str | None = None, inductor: str | None = None,
+                  cudnn_benchmark: bool = False) -> Callable[[], None]:
     """One optimizer step of EC-LoRA-T (params.yaml's recipe: per-rank ECM, min-SNR 5, caption
     dropout 0.9) or of a static PEFT LoRA, with the options applied."""
     from accelerate import Accelerator
@@ -151,7 +169,7 @@ def training_step(unet_config, scheduler, batch, device, *, peft: bool = False, 
     runner = accelerator.prepare_model(unet)
 
     def step() -> None:
-        with sdpa_context(sdpa), inductor_context(inductor):
+        with sdpa_context(sdpa), inductor_context(inductor), cudnn_benchmark_context(cudnn_benchmark):
             if peft:
                 noisy = noisy_latents(batch["latent_mean"], batch["latent_std"], scheduler, generator)
                 latents = noisy.noisy_latents.to(dtype)
@@ -186,7 +204,7 @@ SAMPLING_ROWS = (
 def sampling_call(folder: Path, device, resolution: int, batch_size: int, steps: int, vector_guidance: float,
                   channels_last: bool = False, compile: bool = False, sdpa: str | None = None,
                   inductor: str | None = None, adapter: bool = True, vectors: str = "mixed",
-                  max_folded_runs: int | None = None) -> Callable[[], None]:
+                  max_folded_runs: int | None = None, cudnn_benchmark: bool = False) -> Callable[[], None]:
     """One sampling batch through the project's pipeline; without `adapter`, the same pipeline
     with no adapter loaded (plain Stable Diffusion sampling: the anchor for the sampling rows).
     `vectors`: "mixed" or "one" (SAMPLING_ROWS); `max_folded_runs`: None keeps the pipeline's."""
@@ -208,7 +226,7 @@ def sampling_call(folder: Path, device, resolution: int, batch_size: int, steps:
                 mode="ec_lora" if adapter else "base")
 
     def sample() -> None:
-        with sdpa_context(sdpa), inductor_context(inductor):
+        with sdpa_context(sdpa), inductor_context(inductor), cudnn_benchmark_context(cudnn_benchmark):
             generate_images(pipeline, prompts, vectors if adapter else None, seeds, **call)
 
     return sample

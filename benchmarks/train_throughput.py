@@ -354,10 +354,14 @@ def main(argv: list[str] | None = None) -> dict:
                         help="train.compile for every part: params.yaml's (default), or this value")
     parser.add_argument("--channels-last", choices=("params", "auto", "true", "false"), default="params",
                         help="train.channels_last for every part: params.yaml's (default), or this value")
+    parser.add_argument("--cudnn-benchmark", choices=("true", "false"), default="false",
+                        help="torch.backends.cudnn.benchmark for the whole process (every part): cuDNN times its "
+                             "convolution algorithms for each new shape and keeps the fastest")
     parser.add_argument("--out", type=Path, default=None, help="JSON to write (a .md table beside it)")
     args = parser.parse_args(argv)
 
     device, unet_config, vae_config, text, resolution, batch_size = benchmark_setup(args.tiny, args.batch_size)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark == "true"
     latent_size = unet_config["sample_size"]
     parts = set(args.parts.split(","))
 
@@ -418,7 +422,8 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__, "diffusers": diffusers.__version__, "warmup_steps": args.warmup,
         "timed_steps": args.steps, "train_params": train_params, "compile": training.compile,
         "steps_compiled": compile_steps, "channels_last": training.channels_last,
-        "steps_channels_last": channels_last_steps, "date": time.strftime("%Y-%m-%d"), "results": results,
+        "steps_channels_last": channels_last_steps, "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "date": time.strftime("%Y-%m-%d"), "results": results,
     }
     loop, plain = results.get("loop:ec_lora"), results.get("loop:plain_lora")
     if loop and plain:

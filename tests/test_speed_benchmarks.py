@@ -63,10 +63,11 @@ def test_train_throughput_runs_one_loop_and_the_anchor_when_asked(tmp_path):
     """The parts asked for, here channels-last (the anchor follows the loop's `train.channels_last`)."""
     out = tmp_path / "speed.json"
     run_script("train_throughput.py", "--tiny", "--steps", "2", "--warmup", "1", "--parts", "loop:ec_lora,anchor",
-               "--channels-last", "true", "--out", str(out))
+               "--channels-last", "true", "--cudnn-benchmark", "true", "--out", str(out))
     report = json.loads(out.read_text())
     assert set(report["results"]) == {"loop:ec_lora", "peft_anchor"}
     assert report["channels_last"] is True and report["steps_channels_last"] is True
+    assert report["cudnn_benchmark"] is True
 
 
 def test_speed_options_writes_a_row_per_option_and_part(tmp_path):
@@ -139,3 +140,18 @@ def test_the_tuned_option_sets_inductor_only_around_its_calls():
     with inductor_context("tuned"):
         assert {name: getattr(inductor_config, name) for name in tuned} == tuned
     assert {name: getattr(inductor_config, name) for name in tuned} == before
+
+
+def test_the_cudnn_benchmark_option_sets_it_only_around_its_calls():
+    import torch
+
+    from benchmarks.speed_options import OPTION_SETS, cudnn_benchmark_context
+
+    assert OPTION_SETS["compile+cl+bench"]["cudnn_benchmark"] and OPTION_SETS["compile+bench"]["cudnn_benchmark"]
+    before = torch.backends.cudnn.benchmark
+    assert before is False  # PyTorch's default; else the option would change nothing
+    with cudnn_benchmark_context(True):
+        assert torch.backends.cudnn.benchmark is True
+    assert torch.backends.cudnn.benchmark is before
+    with cudnn_benchmark_context(False):
+        assert torch.backends.cudnn.benchmark is before
