@@ -11,10 +11,14 @@ figures side by side, in one process on one device:
 3. the train stage (`stages.train`, dvc.yaml's command) with params.yaml's recipe, the batch and
    epochs given here; its `data/run_info/train.json` reports `steady_images_per_second`;
 4. the benchmark's loop (`train_throughput.measure_loop`) on a synthetic cache of the same
-   shapes, batch and recipe.
+   shapes, batch and recipe;
+5. with `--processes N`, the train stage again on N processes, one per GPU, under
+   `train.launcher` = accelerate's launcher (`multi_process_launcher`; torchrun on the CPU), and
+   its rate over the one-process stage's (`processes_over_one`; `train.batch_size` is per process).
 
     python benchmarks/stage_speed.py --work /tmp/ss --out benchmarks/results/stage_speed_h100.json
     python benchmarks/stage_speed.py --work /tmp/ss --compile true --out benchmarks/results/stage_speed_compile_h100.json
+    NCCL_NVLS_ENABLE=0 python benchmarks/stage_speed.py --work /tmp/ss --processes 2 --out benchmarks/results/stage_speed_2gpu.json
     python benchmarks/stage_speed.py --tiny --posts 12 --epochs 4 --steps 26 --warmup 2   # CPU smoke check
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import sys
@@ -58,6 +63,15 @@ def run_train_stage(world: Path, folder: Path, params: dict, device_index: str |
                    "steps": json.loads((folder / "metrics/train.json").read_text()).get("steps")}
 
 
+def multi_process_launcher(processes: int, device: torch.device) -> str:
+    """`train.launcher` for `processes` processes on this machine: accelerate's launcher on
+    GPUs (README, "More GPUs"), torchrun over gloo on the CPU (the smoke check's)."""
+    if device.type == "cuda":
+        return (f"{sys.executable} -m accelerate.commands.launch --multi_gpu --num_processes {processes} "
+                "--mixed_precision bf16")
+    return f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node {processes}"
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=None, help="default: 32 (2 with --tiny)")
@@ -66,6 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=30, help="the benchmark loop's timed steps")
     parser.add_argument("--warmup", type=int, default=8, help="the benchmark loop's untimed steps")
     parser.add_argument("--compile", choices=("true", "false"), default="false", help="train.compile for both")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="also run the stage on this many processes (GPUs 0..N-1) and report the scaling")
     parser.add_argument("--tiny", action="store_true", help="a narrow model for a CPU smoke check")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=None, help="JSON to write")
@@ -95,6 +111,13 @@ def main(argv: list[str] | None = None) -> dict:
         run_folder = work / f"run-compile-{args.compile}"
         shutil.rmtree(run_folder, ignore_errors=True)
         report["stage"] = run_train_stage(world, run_folder, params, device_index)
+        if args.processes > 1:
+            os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast fails on some shared machines
+            launched = merged_params([params, {"train": {"launcher": multi_process_launcher(args.processes, device)}}])
+            folder = work / f"run-compile-{args.compile}-processes-{args.processes}"
+            shutil.rmtree(folder, ignore_errors=True)
+            devices = ",".join(str(index) for index in range(args.processes)) if device.type == "cuda" else None
+            report[f"stage_processes_{args.processes}"] = run_train_stage(world, folder, launched, devices)
 
     # The benchmark's loop in this process, on a synthetic cache of the stage's shapes and recipe.
     lora_config, training = configs_from_params(TrainParams.model_validate(params["train"]))
@@ -110,6 +133,9 @@ def main(argv: list[str] | None = None) -> dict:
         "loop_clock": stage_rate / loop_rate if stage_rate and loop_rate else None,
         "benchmark_clock": stage_rate / report["benchmark_loop"]["images_per_second"] if stage_rate else None,
     }
+    if args.processes > 1:
+        several = report[f"stage_processes_{args.processes}"].get("steady_images_per_second")
+        report["processes_over_one"] = several / stage_rate if several and stage_rate else None
     text_report = json.dumps(report, indent=2, default=str)
     print(text_report)
     if args.out:

@@ -102,11 +102,17 @@ def test_stage_speed_runs_the_real_train_stage_beside_the_benchmark_loop(tmp_pat
     assert report["benchmark_loop"]["loop_steady_images_per_second"] > 0
     assert report["stage_over_benchmark"]["loop_clock"] > 0
     # A second call on the same --work (as the compiled run after the eager one) reuses the world
-    # and trains in a fresh run folder.
+    # and trains in a fresh run folder; with --processes 2 it also runs the stage under a
+    # 2-process launcher (torchrun over gloo here; accelerate's launcher on GPUs).
     run_script("stage_speed.py", "--tiny", "--posts", "12", "--epochs", "1", "--steps", "2", "--warmup", "1",
-               "--work", str(tmp_path / "work"), "--out", str(out))
+               "--processes", "2", "--work", str(tmp_path / "work"), "--out", str(out))
     again = json.loads(out.read_text())
     assert again["stage"]["steps"] > 0 and again["data_stages_seconds"] < report["data_stages_seconds"] / 2
+    params = yaml.safe_load((tmp_path / "work/run-compile-false-processes-2/params.yaml").read_text())
+    assert "--nproc_per_node 2" in params["train"]["launcher"]
+    # Two processes, half the steps each: the stage's metrics count one process's optimizer steps.
+    assert again["stage_processes_2"]["steps"] == -(-again["stage"]["steps"] // 2)
+    assert "processes_over_one" in again
 
 
 @pytest.mark.slow
