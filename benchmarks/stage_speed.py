@@ -53,7 +53,11 @@ from stages.params.train import TrainParams, configs_from_params  # noqa: E402
 
 
 def run_train_stage(world: Path, folder: Path, params: dict, device_index: str | None) -> dict:
-    """The train stage in `folder` on `world`'s data, as control_research runs it; its run info."""
+    """The train stage in `folder` on `world`'s data, as control_research runs it; its run info.
+
+    `folder` starts empty: a second call on the same --work (the compiled run after the eager
+    one) reuses the world and the pipeline folder but never an earlier run's outputs."""
+    shutil.rmtree(folder, ignore_errors=True)
     link_world(folder, world)
     write_params(folder, params)
     started = time.perf_counter()
@@ -106,18 +110,13 @@ def main(argv: list[str] | None = None) -> dict:
         report["data_stages_seconds"] = time.perf_counter() - started
         params = merged_params([base, {"demo_data": {"audience": "vivid_bright"},
                                        "ingest": {"posts_dir": str(world / "data" / "demo_posts")}, "train": train}])
-        # A fresh run folder per call: a second call on the same --work (the compiled run after the
-        # eager one) reuses the world and the pipeline folder but never an earlier run's outputs.
-        run_folder = work / f"run-compile-{args.compile}"
-        shutil.rmtree(run_folder, ignore_errors=True)
-        report["stage"] = run_train_stage(world, run_folder, params, device_index)
+        report["stage"] = run_train_stage(world, work / f"run-compile-{args.compile}", params, device_index)
         if args.processes > 1:
             os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast fails on some shared machines
             launched = merged_params([params, {"train": {"launcher": multi_process_launcher(args.processes, device)}}])
-            folder = work / f"run-compile-{args.compile}-processes-{args.processes}"
-            shutil.rmtree(folder, ignore_errors=True)
             devices = ",".join(str(index) for index in range(args.processes)) if device.type == "cuda" else None
-            report[f"stage_processes_{args.processes}"] = run_train_stage(world, folder, launched, devices)
+            report[f"stage_processes_{args.processes}"] = run_train_stage(
+                world, work / f"run-compile-{args.compile}-processes-{args.processes}", launched, devices)
 
     # The benchmark's loop in this process, on a synthetic cache of the stage's shapes and recipe.
     lora_config, training = configs_from_params(TrainParams.model_validate(params["train"]))
