@@ -20,6 +20,8 @@ grid.json:
 `audiences` may also be a plain list (all of them tuning audiences); `train` is accepted for
 `recipes` (the older grids). Tune recipes with `--split tuning`, then report the chosen one on
 `--split held_out` (audiences no tuning decision looked at); every output row says its split.
+`--seeds 7,1234` and `--audiences beach,caps` run part of a grid (one device call's worth); the
+same command with the other part appends to the same `--out`.
 
 Output: one JSON line per (audience, recipe, seed, sampling variant), appended as soon as the
 run finishes, so a call cut short (a 10-minute limit) keeps every finished run; rerunning the
@@ -314,15 +316,31 @@ def grid_audiences(grid: dict) -> dict[str, str]:
     return split_of
 
 
-def plan_jobs(grid: dict, split: str, work: Path) -> list[dict]:
+def chosen(kind: str, wanted: list | None, available: list) -> list:
+    """`available` narrowed to `wanted` (None: all); asking for one the grid lacks is an error."""
+    if wanted is None:
+        return available
+    missing = [item for item in wanted if item not in available]
+    if missing:
+        raise ValueError(f"--{kind} {missing}: not in the grid's {kind} {available}")
+    return [item for item in available if item in wanted]
+
+
+def plan_jobs(grid: dict, split: str, work: Path, seeds: list[int] | None = None,
+              audiences: list[str] | None = None) -> list[dict]:
+    """The grid's (recipe, audience, seed) trainings, narrowed to a split and, optionally, to some of
+    its seeds and audiences: one grid can then be spread over several calls of a time-limited machine."""
     recipes = grid.get("recipes", grid.get("train"))
     if not recipes or not grid.get("seeds") or not grid.get("sample"):
         raise ValueError("the grid needs recipes (or train), seeds and sample, each non-empty")
-    audiences = {audience: part for audience, part in grid_audiences(grid).items() if split in ("all", part)}
+    split_of = grid_audiences(grid)
+    names = chosen("audiences", audiences, list(split_of))
+    runs = chosen("seeds", seeds, [int(seed) for seed in grid["seeds"]])
+    parts = {audience: split_of[audience] for audience in names if split in ("all", split_of[audience])}
     return [
-        {"audience": audience, "split": part, "seed": int(seed), "recipe": name, "recipe_params": recipe,
+        {"audience": audience, "split": part, "seed": seed, "recipe": name, "recipe_params": recipe,
          "sample": grid["sample"], "base": grid.get("base", {}), "folder": work / f"run-{audience}-{name}-s{seed}"}
-        for name, recipe in recipes.items() for audience, part in audiences.items() for seed in grid["seeds"]
+        for name, recipe in recipes.items() for audience, part in parts.items() for seed in runs
     ]
 
 
@@ -334,7 +352,8 @@ def finished_runs(out: Path) -> set[str]:
     return {run_key(row) for row in rows if "error" not in row}
 
 
-def run_grid(grid: dict, out: Path, work: Path, jobs: int = 1, gpus: int | None = None, split: str = "all") -> int:
+def run_grid(grid: dict, out: Path, work: Path, jobs: int = 1, gpus: int | None = None, split: str = "all",
+             seeds: list[int] | None = None, audiences: list[str] | None = None) -> int:
     """Run every unfinished job of the grid, appending one line per row to `out`; returns rows written."""
     if gpus is None:
         import torch
@@ -343,7 +362,7 @@ def run_grid(grid: dict, out: Path, work: Path, jobs: int = 1, gpus: int | None 
     devices = [str(i) for i in range(gpus)] or [None]
     threads = max(1, (os.cpu_count() or 1) // jobs)
     done = finished_runs(out)
-    todo = [job for job in plan_jobs(grid, split, work)
+    todo = [job for job in plan_jobs(grid, split, work, seeds, audiences)
             if any(run_key(job | {"sample": name}) not in done for name in job["sample"])]
     out.parent.mkdir(parents=True, exist_ok=True)
     lock, written = threading.Lock(), []
@@ -388,9 +407,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", "--workers", type=int, default=4, help="trainings at once (processes)")
     parser.add_argument("--gpus", type=int, default=None, help="default: all visible CUDA devices (0: CPU)")
     parser.add_argument("--split", choices=("all", *SPLITS), default="all", help="which audiences to run")
+    parser.add_argument("--seeds", type=lambda text: [int(seed) for seed in text.split(",")], default=None,
+                        help="run only these of the grid's training seeds, e.g. 7,1234 (default: all)")
+    parser.add_argument("--audiences", type=lambda text: text.split(","), default=None,
+                        help="run only these of the grid's audiences, e.g. beach,caps (default: all)")
     args = parser.parse_args(argv)
     grid = json.loads(Path(args.grid).read_text() if Path(args.grid).is_file() else args.grid)
-    run_grid(grid, args.out, args.work, jobs=args.jobs, gpus=args.gpus, split=args.split)
+    run_grid(grid, args.out, args.work, jobs=args.jobs, gpus=args.gpus, split=args.split,
+             seeds=args.seeds, audiences=args.audiences)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,20 @@ def test_grid_splits_audiences_into_tuning_and_held_out(tmp_path):
         control_research.grid_audiences({"audiences": {"tuning": ["caps"], "held_out": ["caps"]}})
 
 
+def test_grid_runs_in_parts_by_seed_and_audience(tmp_path):
+    grid = {"audiences": {"tuning": ["vivid_bright"], "held_out": ["beach", "caps"]},
+            "seeds": [42, 7, 1234], "recipes": {"a": {}}, "sample": {"w": {}}}
+    jobs = control_research.plan_jobs(grid, "all", tmp_path, seeds=[1234, 42], audiences=["caps", "vivid_bright"])
+    assert sorted((job["audience"], job["seed"]) for job in jobs) == [
+        ("caps", 42), ("caps", 1234), ("vivid_bright", 42), ("vivid_bright", 1234)]
+    assert [job["audience"] for job in control_research.plan_jobs(grid, "held_out", tmp_path, seeds=[7],
+                                                                   audiences=["caps", "vivid_bright"])] == ["caps"]
+    with pytest.raises(ValueError, match=r"--seeds \[5\]: not in the grid's seeds"):
+        control_research.plan_jobs(grid, "all", tmp_path, seeds=[5])
+    with pytest.raises(ValueError, match=r"--audiences \['cats'\]"):
+        control_research.plan_jobs(grid, "all", tmp_path, audiences=["cats"])
+
+
 def _row(audience, seed, spearman, drop, split="tuning", **extra):
     return {"audience": audience, "split": split, "recipe": "r", "seed": seed, "sample": "w",
             "headline": {"verdict": {"controls_ground_truth": spearman > 0.5, "keeps_prompt": drop <= 0.05},
@@ -127,6 +141,11 @@ def test_research_grid_runs_end_to_end_and_resumes(tiny_base, tmp_path):
     assert not [row["error"][-1500:] for row in added if "error" in row]
     assert {(row["seed"], row["sample"], row["train_reused"]) for row in added} == {(1, "w3", True), (2, "w3", True)}
     assert {path: path.stat().st_mtime_ns for path in trained_at} == trained_at
+    # Part of a grid from the command line: one held-out audience at one seed.
+    control_research.main(["--grid", json.dumps(grid), "--out", str(out), "--work", str(tmp_path / "work"),
+                           "--jobs", "2", "--gpus", "0", "--seeds", "2", "--audiences", "beach"])
+    part = [json.loads(line) for line in out.read_text().splitlines()][len(rows) + len(added):]
+    assert [(row["audience"], row["seed"], row["sample"]) for row in part] == [("beach", 2, "w3")]
 
     # control_variants.py on the world just built: one variant, train then evaluate.
     variants_out = tmp_path / "variants" / "results.json"
