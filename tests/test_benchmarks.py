@@ -11,10 +11,13 @@ import json
 import math
 import sys
 
+import numpy as np
+import pandas as pd
 import pytest
+import scipy.stats
 import yaml
 
-from benchmarks import control_research, control_variants, summarise_research
+from benchmarks import control_research, control_variants, pool_sampling_seeds, summarise_research
 
 PROMPTS = ["(democreator style) (summer)", "(democreator style) a man on a beach (summer)"]
 
@@ -146,6 +149,17 @@ def test_research_grid_runs_end_to_end_and_resumes(tiny_base, tmp_path):
                            "--jobs", "2", "--gpus", "0", "--seeds", "2", "--audiences", "beach"])
     part = [json.loads(line) for line in out.read_text().splitlines()][len(rows) + len(added):]
     assert [(row["audience"], row["seed"], row["sample"]) for row in part] == [("beach", 2, "w3")]
+    # pool_sampling_seeds.py: the same adapters sampled at another sampling seed, pooled.
+    grid["sample"]["w2-seed2"] = {"evaluate": {"vector_guidance": 2.0, "seeds": [2]}}
+    assert control_research.run_grid(grid, out, tmp_path / "work", jobs=2, gpus=0, split="tuning") == 2
+    pooled = pool_sampling_seeds.main(["--work", str(tmp_path / "work"), "--variants", "w2", "w2-seed2",
+                                       "--runs", "run-vivid_bright-*"])
+    for sweep in ("engagement", "time"):
+        runs = pooled[sweep]["runs"]
+        assert sorted(runs) == ["run-vivid_bright-tiny-s1", "run-vivid_bright-tiny-s2"]
+        for figures in runs.values():
+            assert figures["w2"]["blocks"] == figures["w2-seed2"]["blocks"] == 2 and figures["pooled"]["blocks"] == 4
+        assert pooled[sweep]["summary"]["pooled"]["runs"] == 2
 
     # control_variants.py on the world just built: one variant, train then evaluate.
     variants_out = tmp_path / "variants" / "results.json"
@@ -155,6 +169,36 @@ def test_research_grid_runs_end_to_end_and_resumes(tiny_base, tmp_path):
     assert "error" not in result, result.get("error", "")[-1500:]
     assert result["train"]["steps"] > 0 and "controls_engagement" in result["verdict"]
     assert -1.0 <= result["ec_lora"]["ground_truth"]["spearman"] <= 1.0
+
+
+def _sweep_csv(path, seeds, slope):
+    """A sweep.csv of EC-LoRA-T's engagement and time sweeps: 2 prompts x `seeds` x 3 targets."""
+    rng = np.random.default_rng(len(seeds))
+    rows = [{"mode": "ec_lora", "sweep": sweep, "prompt_index": prompt, "seed": seed, "target_engagement": target,
+             "target_time": target, "ground_truth_score": slope * target + rng.normal(0, 0.3),
+             "time_ground_truth": rng.normal()}
+            for sweep in ("engagement", "time") for prompt in (0, 1) for seed in seeds for target in (0.0, 0.5, 1.0)]
+    rows.append(rows[0] | {"mode": "base", "ground_truth_score": -5.0})  # another mode's row: not counted
+    path.parent.mkdir(parents=True)
+    pd.DataFrame(rows).to_csv(path, index=False)
+
+
+def test_pooled_sampling_seeds_give_the_spearman_over_every_image(tmp_path):
+    run = tmp_path / "run-a-r-s1"
+    _sweep_csv(run / "data/evaluate-x/sweep.csv", [1, 2, 3], slope=1.0)
+    _sweep_csv(run / "data/evaluate-y/sweep.csv", [4, 5], slope=-1.0)
+    figures = pool_sampling_seeds.pool_run(run, ["x", "y"], "engagement")
+    both = pd.concat([pd.read_csv(run / f"data/evaluate-{v}/sweep.csv") for v in "xy"])
+    both = both[(both["mode"] == "ec_lora") & (both["sweep"] == "engagement")]
+    expected = scipy.stats.spearmanr(both["target_engagement"], both["ground_truth_score"]).statistic
+    assert figures["pooled"]["spearman"] == pytest.approx(expected)
+    assert (figures["x"]["blocks"], figures["y"]["blocks"], figures["pooled"]["blocks"]) == (6, 4, 10)
+    assert figures["x"]["spearman"] > figures["pooled"]["spearman"] > figures["y"]["spearman"] and figures["x"]["se"] > 0
+    _sweep_csv(run / "data/evaluate-z/sweep.csv", [3, 6], slope=1.0)
+    with pytest.raises(ValueError, match="sampling seed 3 is in both 'x' and 'z'"):
+        pool_sampling_seeds.pool_run(run, ["x", "z"], "engagement")
+    with pytest.raises(ValueError, match="name one variant twice"):
+        pool_sampling_seeds.pool_run(run, ["x", "x"], "engagement")
 
 
 def test_a_trained_adapter_is_reused_only_with_the_same_training_params(tmp_path):
