@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,9 +28,19 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from ec_lora_t.evaluation.stats import spearman  # noqa: E402  (the evaluate stage's own statistic)
+
 # sweep -> (target column, ground-truth column) of sweep.csv, as the evaluate stage scores them.
 SWEEPS = {"engagement": ("target_engagement", "ground_truth_score"), "time": ("target_time", "time_ground_truth")}
 BLOCK = ["prompt_index", "seed"]
+
+
+def sweep_csv(run: Path, variant: str) -> Path:
+    """Where control_research.py's sampling variant `variant` wrote the evaluate stage's sweep.csv."""
+    return run / "data" / f"evaluate-{variant}" / "sweep.csv"
 
 
 def read_sweep(path: Path, sweep: str) -> pd.DataFrame:
@@ -49,7 +60,7 @@ def spearman_with_se(frame: pd.DataFrame, sweep: str, *, resamples: int = 999, s
 
     def statistic(chosen: np.ndarray) -> float:
         rows = np.concatenate([blocks[i] for i in chosen])
-        return float(stats.spearmanr(target[rows], truth[rows]).statistic)
+        return spearman(target[rows], truth[rows])
 
     everything = np.arange(len(blocks))
     result = stats.bootstrap((everything,), statistic, vectorized=False, n_resamples=resamples,
@@ -63,7 +74,7 @@ def pool_run(run: Path, variants: Sequence[str], sweep: str) -> dict[str, dict[s
         raise ValueError(f"variants {list(variants)} name one variant twice; pooling would count its images twice")
     frames = {}
     for variant in variants:
-        path = run / "data" / f"evaluate-{variant}" / "sweep.csv"
+        path = sweep_csv(run, variant)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: variant {variant!r} was not sampled in {run.name}")
         frames[variant] = read_sweep(path, sweep)
@@ -99,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     runs = []
     for run in sorted(path for path in args.work.glob(args.runs) if path.is_dir()):
-        absent = [v for v in args.variants if not (run / "data" / f"evaluate-{v}" / "sweep.csv").is_file()]
+        absent = [v for v in args.variants if not sweep_csv(run, v).is_file()]
         if absent:  # a run still training or sampling: said, not counted
             print(f"skipped {run.name}: not sampled yet as {', '.join(absent)}")
         else:
