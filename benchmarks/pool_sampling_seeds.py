@@ -32,9 +32,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from ec_lora_t.evaluation.stats import spearman  # noqa: E402  (the evaluate stage's own statistic)
+from ec_lora_t.evaluation.sweep import SWEEP_COLUMNS as SWEEPS  # noqa: E402  (its target/truth columns)
 
-# sweep -> (target column, ground-truth column) of sweep.csv, as the evaluate stage scores them.
-SWEEPS = {"engagement": ("target_engagement", "ground_truth_score"), "time": ("target_time", "time_ground_truth")}
 BLOCK = ["prompt_index", "seed"]
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ec_lora_t.evaluation.sweep import RETRIEVAL, sweep_metrics
+from ec_lora_t.evaluation.sweep import RETRIEVAL, SWEEP_COLUMNS, sweep_metrics
 
 # The ceiling's mode name in a scored table. Not a competitor of EC-LoRA-T: leave its rows out
 # of `sweep.sweep_report` (whose verdict compares EC-LoRA-T with every other mode but "retrieval").
@@ -102,9 +102,8 @@ def prompt_aware_ceiling(table: pd.DataFrame, *, permutations: int, seed: int = 
     """
     if "mode" in table.columns:
         table = table[table["mode"] == PROMPT_AWARE_RETRIEVAL]
-    truths = {"engagement": ("target_engagement", "ground_truth_score"), "time": ("target_time", "time_ground_truth")}
     ceiling: dict[str, dict[str, Any]] = {}
-    for sweep, (target_column, truth_column) in truths.items():
+    for sweep, (target_column, truth_column) in SWEEP_COLUMNS.items():
         rows = table[table["sweep"] == sweep]
         if rows.empty:
             continue

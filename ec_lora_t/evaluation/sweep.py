@@ -65,6 +65,10 @@ MAX_ADHERENCE_DROP = 0.05
 # The retrieval baseline's mode name in the scored table.
 RETRIEVAL = "retrieval"
 PLAN_COLUMNS = ["sweep", "prompt_index", "prompt", "seed", "target_engagement", "target_time"]
+# Each sweep's (target column, ground-truth column) in a scored table: the engagement sweep is
+# scored by the audience's appeal, the time sweep by the creator's drift. The one spelling of
+# this mapping, for the evaluate stage, the prompt-aware ceiling and the benchmarks.
+SWEEP_COLUMNS = {"engagement": ("target_engagement", "ground_truth_score"), "time": ("target_time", "time_ground_truth")}
 
 
 def sweep_plan(
@@ -218,9 +222,8 @@ def sweep_report(table: pd.DataFrame, *, permutations: int, seed: int = 0) -> di
     def known(column: str) -> bool:
         return column in table.columns and table.loc[table["mode"] != RETRIEVAL, column].notna().all()
 
-    truths = {"engagement": "ground_truth_score", "time": "time_ground_truth"}
     report: dict[str, Any] = {}
-    for sweep, target_column in (("engagement", "target_engagement"), ("time", "target_time")):
+    for sweep, (target_column, truth_column) in SWEEP_COLUMNS.items():
         rows = table[table["sweep"] == sweep]
         if rows.empty:
             continue
@@ -230,8 +233,8 @@ def sweep_report(table: pd.DataFrame, *, permutations: int, seed: int = 0) -> di
             blocks = mode_rows["prompt_index"].astype(str).str.cat(mode_rows["seed"].astype(str), sep="/").to_numpy()
             predicted = mode_rows["predicted_engagement"].to_numpy()
             per_mode[mode] = sweep_metrics(target, predicted, blocks, permutations=permutations, seed=seed)
-            if known(truths[sweep]):
-                truth = mode_rows[truths[sweep]].to_numpy()
+            if known(truth_column):
+                truth = mode_rows[truth_column].to_numpy()
                 per_mode[mode]["ground_truth"] = sweep_metrics(target, truth, blocks, permutations=permutations, seed=seed)
                 per_mode[mode]["ground_truth"]["monotone"] = is_monotone(per_mode[mode]["ground_truth"]["by_target"])
                 # Does the learned regressor rank images as the true function does?
