@@ -42,13 +42,32 @@ def sweep_csv(run: Path, variant: str) -> Path:
     return run / "data" / f"evaluate-{variant}" / "sweep.csv"
 
 
-def read_sweep(path: Path, sweep: str) -> pd.DataFrame:
-    """EC-LoRA-T's rows of one sweep in an evaluate output's sweep.csv."""
-    frame = pd.read_csv(path)
-    missing = {"mode", "sweep", *BLOCK, *SWEEPS[sweep]} - set(frame.columns)
-    if missing:
-        raise ValueError(f"{path}: not an evaluate stage's sweep.csv (no column {sorted(missing)})")
-    return frame[(frame["mode"] == "ec_lora") & (frame["sweep"] == sweep)].reset_index(drop=True)
+def read_variants(run: Path, variants: Sequence[str]) -> dict[str, pd.DataFrame]:
+    """EC-LoRA-T's rows of each variant's sweep.csv in one run folder (both sweeps), read once.
+
+    Refuses a variant named twice and sampling seeds shared by two variants: pooling would count
+    their images twice."""
+    if len(set(variants)) != len(variants):
+        raise ValueError(f"variants {list(variants)} name one variant twice; pooling would count its images twice")
+    needed = {"mode", "sweep", *BLOCK, *(column for columns in SWEEPS.values() for column in columns)}
+    frames = {}
+    for variant in variants:
+        path = sweep_csv(run, variant)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: variant {variant!r} was not sampled in {run.name}")
+        frame = pd.read_csv(path)
+        missing = needed - set(frame.columns)
+        if missing:
+            raise ValueError(f"{path}: not an evaluate stage's sweep.csv (no column {sorted(missing)})")
+        frames[variant] = frame[frame["mode"] == "ec_lora"]
+    seen: dict[int, str] = {}
+    for variant, frame in frames.items():
+        for sampling_seed in sorted(set(frame["seed"])):
+            if sampling_seed in seen:
+                raise ValueError(f"{run.name}: sampling seed {sampling_seed} is in both {seen[sampling_seed]!r} and "
+                                 f"{variant!r}; pooling would count its images twice")
+            seen[sampling_seed] = variant
+    return frames
 
 
 def spearman_with_se(frame: pd.DataFrame, sweep: str, *, resamples: int = 999, seed: int = 0) -> dict[str, float]:
@@ -67,26 +86,16 @@ def spearman_with_se(frame: pd.DataFrame, sweep: str, *, resamples: int = 999, s
     return {"spearman": statistic(everything), "se": float(result.standard_error), "blocks": len(blocks)}
 
 
-def pool_run(run: Path, variants: Sequence[str], sweep: str) -> dict[str, dict[str, float]]:
-    """Each variant's figure for one run folder, and the pooled one under the key "pooled"."""
-    if len(set(variants)) != len(variants):
-        raise ValueError(f"variants {list(variants)} name one variant twice; pooling would count its images twice")
-    frames = {}
-    for variant in variants:
-        path = sweep_csv(run, variant)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: variant {variant!r} was not sampled in {run.name}")
-        frames[variant] = read_sweep(path, sweep)
-    seen: dict[int, str] = {}
-    for variant, frame in frames.items():
-        for sampling_seed in sorted(set(frame["seed"])):
-            if sampling_seed in seen:
-                raise ValueError(f"{run.name}: sampling seed {sampling_seed} is in both {seen[sampling_seed]!r} and "
-                                 f"{variant!r}; pooling would count its images twice")
-            seen[sampling_seed] = variant
-    figures = {variant: spearman_with_se(frame, sweep) for variant, frame in frames.items()}
-    figures["pooled"] = spearman_with_se(pd.concat(frames.values(), ignore_index=True), sweep)
-    return figures
+def pool_run(run: Path, variants: Sequence[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per sweep, each variant's figure for one run folder and the pooled one under the key "pooled"."""
+    frames = read_variants(run, variants)
+    result = {}
+    for sweep in SWEEPS:
+        rows = {variant: frame[frame["sweep"] == sweep].reset_index(drop=True) for variant, frame in frames.items()}
+        figures = {variant: spearman_with_se(frame, sweep) for variant, frame in rows.items()}
+        figures["pooled"] = spearman_with_se(pd.concat(rows.values(), ignore_index=True), sweep)
+        result[sweep] = figures
+    return result
 
 
 def summarise(per_run: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
@@ -116,9 +125,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             runs.append(run)
     if not runs:
         raise SystemExit(f"{args.work}: no run folder matching {args.runs!r} has every variant sampled")
+    pooled = {run.name: pool_run(run, args.variants) for run in runs}
     result = {}
     for sweep in SWEEPS:
-        per_run = {run.name: pool_run(run, args.variants, sweep) for run in runs}
+        per_run = {name: figures[sweep] for name, figures in pooled.items()}
         result[sweep] = {"runs": per_run, "summary": summarise(per_run)}
         for name, figures in per_run.items():
             cells = ", ".join(f"{column} {f['spearman']:.4f} (se {f['se']:.3f})" for column, f in figures.items())

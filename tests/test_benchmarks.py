@@ -187,7 +187,7 @@ def test_pooled_sampling_seeds_give_the_spearman_over_every_image(tmp_path):
     run = tmp_path / "run-a-r-s1"
     _sweep_csv(run / "data/evaluate-x/sweep.csv", [1, 2, 3], slope=1.0)
     _sweep_csv(run / "data/evaluate-y/sweep.csv", [4, 5], slope=-1.0)
-    figures = pool_sampling_seeds.pool_run(run, ["x", "y"], "engagement")
+    figures = pool_sampling_seeds.pool_run(run, ["x", "y"])["engagement"]
     both = pd.concat([pd.read_csv(run / f"data/evaluate-{v}/sweep.csv") for v in "xy"])
     both = both[(both["mode"] == "ec_lora") & (both["sweep"] == "engagement")]
     expected = scipy.stats.spearmanr(both["target_engagement"], both["ground_truth_score"]).statistic
@@ -196,9 +196,9 @@ def test_pooled_sampling_seeds_give_the_spearman_over_every_image(tmp_path):
     assert figures["x"]["spearman"] > figures["pooled"]["spearman"] > figures["y"]["spearman"] and figures["x"]["se"] > 0
     _sweep_csv(run / "data/evaluate-z/sweep.csv", [3, 6], slope=1.0)
     with pytest.raises(ValueError, match="sampling seed 3 is in both 'x' and 'z'"):
-        pool_sampling_seeds.pool_run(run, ["x", "z"], "engagement")
+        pool_sampling_seeds.pool_run(run, ["x", "z"])
     with pytest.raises(ValueError, match="name one variant twice"):
-        pool_sampling_seeds.pool_run(run, ["x", "x"], "engagement")
+        pool_sampling_seeds.pool_run(run, ["x", "x"])
 
 
 def test_a_trained_adapter_is_reused_only_with_the_same_training_params(tmp_path):
