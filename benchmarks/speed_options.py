@@ -12,6 +12,7 @@ anchor measured the same way:
     compile+cl+cudnn   compile+cl with the cuDNN attention backend first
     compile+cl+tuned   compile+cl with INDUCTOR_TUNING: 1x1 convolutions as matmuls, coordinate-descent
                        tuning of the generated kernels, no epilogue fusion (diffusers' speed guide)
+    compile+cl+mm1x1   compile+cl with the 1x1 convolutions as matmuls alone (tuned's cheap part)
     compile+cl+bench   compile+cl with cudnn.benchmark: cuDNN times its convolution algorithms for each
                        new shape and keeps the fastest (its heuristic choice otherwise)
     compile+bench      compile with cudnn.benchmark (the training step's layout, contiguous)
@@ -48,7 +49,8 @@ import diffusers  # noqa: E402
 from diffusers import DDPMScheduler, UNet2DConditionModel  # noqa: E402
 
 from benchmarks.train_throughput import (  # noqa: E402
-    SD15_SCHEDULER_CONFIG, benchmark_setup, build_pipeline_folder, peak_gb, reset_memory, synchronize, synthetic_cache,
+    INDUCTOR_TUNING, SD15_SCHEDULER_CONFIG, benchmark_setup, build_pipeline_folder, inductor_context, peak_gb,
+    reset_memory, synchronize, synthetic_cache,
 )
 from ec_lora_t.adapter import ECLoRAConfig, add_ec_lora  # noqa: E402
 from ec_lora_t.generation import (  # noqa: E402
@@ -64,16 +66,9 @@ OPTION_SETS = {
     "cudnn_sdpa": {"sdpa": "cudnn"},
     "compile+cl+cudnn": {"compile": True, "channels_last": True, "sdpa": "cudnn"},
     "compile+cl+tuned": {"compile": True, "channels_last": True, "inductor": "tuned"},
+    "compile+cl+mm1x1": {"compile": True, "channels_last": True, "inductor": "mm1x1"},
     "compile+cl+bench": {"compile": True, "channels_last": True, "cudnn_benchmark": True},
     "compile+bench": {"compile": True, "cudnn_benchmark": True},
-}
-
-# Inductor settings that diffusers' guide to fast Stable Diffusion inference recommends. SD1.5's
-# proj_in / proj_out are 1x1 convolutions, which run faster as matmuls; coordinate descent tunes
-# each generated kernel's launch parameters (longer compilation, cached on disk).
-INDUCTOR_TUNING = {
-    "tuned": {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True, "epilogue_fusion": False,
-              "coordinate_descent_check_all_directions": True},
 }
 
 
@@ -81,16 +76,6 @@ def compiled_graphs() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"].get("unique_graphs", 0))
-
-
-def inductor_context(name: str | None):
-    """Compilation happens at a compiled module's first call, so the settings must hold around
-    every call (later calls reuse the graph compiled under them)."""
-    if name is None:
-        return contextlib.nullcontext()
-    import torch._inductor.config
-
-    return torch._inductor.config.patch(INDUCTOR_TUNING[name])
 
 
 @contextlib.contextmanager

@@ -60,14 +60,15 @@ def test_train_throughput_reports_every_part_on_the_tiny_model(tmp_path):
 
 
 def test_train_throughput_runs_one_loop_and_the_anchor_when_asked(tmp_path):
-    """The parts asked for, here channels-last (the anchor follows the loop's `train.channels_last`)."""
+    """The parts asked for, here channels-last (the anchor follows the loop's `train.channels_last`), with the
+    options recorded in the report."""
     out = tmp_path / "speed.json"
     run_script("train_throughput.py", "--tiny", "--steps", "2", "--warmup", "1", "--parts", "loop:ec_lora,anchor",
-               "--channels-last", "true", "--cudnn-benchmark", "true", "--out", str(out))
+               "--channels-last", "true", "--cudnn-benchmark", "true", "--inductor", "mm1x1", "--out", str(out))
     report = json.loads(out.read_text())
     assert set(report["results"]) == {"loop:ec_lora", "peft_anchor"}
     assert report["channels_last"] is True and report["steps_channels_last"] is True
-    assert report["cudnn_benchmark"] is True
+    assert report["cudnn_benchmark"] is True and report["inductor"] == "mm1x1"
 
 
 def test_speed_options_writes_a_row_per_option_and_part(tmp_path):
@@ -135,17 +136,19 @@ def test_base_model_quality_scores_prompts_against_the_attribute_reader(tmp_path
     assert "full_prompts" in result.stdout
 
 
-def test_the_tuned_option_sets_inductor_only_around_its_calls():
+@pytest.mark.parametrize("option", ["compile+cl+tuned", "compile+cl+mm1x1"])
+def test_an_inductor_option_sets_inductor_only_around_its_calls(option):
     import torch._inductor.config as inductor_config
 
     from benchmarks.speed_options import INDUCTOR_TUNING, OPTION_SETS, inductor_context
 
-    tuned = INDUCTOR_TUNING[OPTION_SETS["compile+cl+tuned"]["inductor"]]
-    before = {name: getattr(inductor_config, name) for name in tuned}
+    name = OPTION_SETS[option]["inductor"]
+    tuned = INDUCTOR_TUNING[name]
+    before = {key: getattr(inductor_config, key) for key in tuned}
     assert before != tuned  # else the option would change nothing
-    with inductor_context("tuned"):
-        assert {name: getattr(inductor_config, name) for name in tuned} == tuned
-    assert {name: getattr(inductor_config, name) for name in tuned} == before
+    with inductor_context(name):
+        assert {key: getattr(inductor_config, key) for key in tuned} == tuned
+    assert {key: getattr(inductor_config, key) for key in tuned} == before
 
 
 def test_the_cudnn_benchmark_option_sets_it_only_around_its_calls():
