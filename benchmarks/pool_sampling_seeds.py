@@ -32,9 +32,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from ec_lora_t.evaluation.stats import spearman  # noqa: E402  (the evaluate stage's own statistic)
+from ec_lora_t.evaluation.sweep import BLOCK_COLUMNS as BLOCK  # noqa: E402  (its permutation test's blocks)
 from ec_lora_t.evaluation.sweep import SWEEP_COLUMNS as SWEEPS  # noqa: E402  (its target/truth columns)
-
-BLOCK = ["prompt_index", "seed"]
 
 
 def sweep_csv(run: Path, variant: str) -> Path:

@@ -23,6 +23,7 @@ from ec_lora_t.evaluation.sweep import (
     retrieval_plan,
     slope,
     spearman,
+    sweep_blocks,
     sweep_metrics,
     sweep_plan,
     sweep_report,
@@ -197,6 +198,15 @@ def test_sweep_plan_crosses_prompts_seeds_and_targets():
     plan = sweep_plan(["a", "b", "c"], [1, 2], [0.0, 1.0], time=0.5)
     assert len(plan) == 3 * 2 * 2 and set(plan["sweep"]) == {"engagement"}
     assert plan.groupby(["prompt_index", "seed"]).size().eq(2).all()
+
+
+def test_sweep_blocks_group_the_plan_by_prompt_and_seed_only():
+    """Prompt 1 seed 11 and prompt 11 seed 1 are two blocks (the separator keeps them apart)."""
+    plan = sweep_plan([f"p{i}" for i in range(12)], [1, 11], [0.0, 0.5, 1.0], time=0.5)
+    blocks = sweep_blocks(plan)
+    assert len(set(blocks)) == 12 * 2
+    for (prompt_index, seed), rows in plan.groupby(["prompt_index", "seed"]):
+        assert len(set(blocks[rows.index])) == 1 and len(rows) == 3
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ec_lora_t.evaluation.sweep import RETRIEVAL, SWEEP_COLUMNS, sweep_metrics
+from ec_lora_t.evaluation.sweep import RETRIEVAL, SWEEP_COLUMNS, sweep_blocks, sweep_metrics
 
 # The ceiling's mode name in a scored table. Not a competitor of EC-LoRA-T: leave its rows out
 # of `sweep.sweep_report` (whose verdict compares EC-LoRA-T with every other mode but "retrieval").
@@ -108,7 +108,7 @@ def prompt_aware_ceiling(table: pd.DataFrame, *, permutations: int, seed: int = 
         if rows.empty:
             continue
         target = rows[target_column].to_numpy()
-        blocks = rows["prompt_index"].astype(str).str.cat(rows["seed"].astype(str), sep="/").to_numpy()
+        blocks = sweep_blocks(rows)
         metrics = sweep_metrics(target, rows["predicted_engagement"].to_numpy(), blocks,
                                 permutations=permutations, seed=seed)
         if truth_column in rows.columns and rows[truth_column].notna().all():

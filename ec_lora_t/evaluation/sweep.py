@@ -70,6 +70,16 @@ PLAN_COLUMNS = ["sweep", "prompt_index", "prompt", "seed", "target_engagement", 
 # this mapping, for the evaluate stage, the prompt-aware ceiling and the benchmarks.
 SWEEP_COLUMNS = {"engagement": ("target_engagement", "ground_truth_score"), "time": ("target_time", "time_ground_truth")}
 
+# The permutation test's blocks: images of one prompt and one sampling seed differ only by their
+# target, so targets are exchangeable within a block and not across blocks.
+BLOCK_COLUMNS = ["prompt_index", "seed"]
+
+
+def sweep_blocks(rows: pd.DataFrame) -> np.ndarray:
+    """One label per row naming its (prompt_index, seed) block, for `sweep_metrics`."""
+    prompt, seed = BLOCK_COLUMNS
+    return rows[prompt].astype(str).str.cat(rows[seed].astype(str), sep="/").to_numpy()
+
 
 def sweep_plan(
     prompts: Sequence[str],
@@ -210,7 +220,7 @@ def sweep_report(table: pd.DataFrame, *, permutations: int, seed: int = 0) -> di
     target_engagement, target_time, predicted_engagement, and optionally ground_truth_score
     (the audience's appeal), time_ground_truth (the creator's drift), adherence_matched and
     adherence_named (all NaN or absent where unknown). Rows of mode "retrieval" are the
-    baseline's training images. Blocks of the permutation test are (prompt_index, seed).
+    baseline's training images. Blocks of the permutation test are (prompt_index, seed): `sweep_blocks`.
     The engagement sweep scores engagement (regressor, ground truth) against the target; the
     time sweep scores the regressor against target time and the drift as its ground truth.
     """
@@ -230,7 +240,7 @@ def sweep_report(table: pd.DataFrame, *, permutations: int, seed: int = 0) -> di
         per_mode = {}
         for mode, mode_rows in rows.groupby("mode", sort=False):
             target = mode_rows[target_column].to_numpy()
-            blocks = mode_rows["prompt_index"].astype(str).str.cat(mode_rows["seed"].astype(str), sep="/").to_numpy()
+            blocks = sweep_blocks(mode_rows)
             predicted = mode_rows["predicted_engagement"].to_numpy()
             per_mode[mode] = sweep_metrics(target, predicted, blocks, permutations=permutations, seed=seed)
             if known(truth_column):
