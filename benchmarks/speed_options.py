@@ -13,6 +13,7 @@ anchor measured the same way:
     compile+cl+tuned   compile+cl with INDUCTOR_TUNING: 1x1 convolutions as matmuls, coordinate-descent
                        tuning of the generated kernels, no epilogue fusion (diffusers' speed guide)
     compile+cl+mm1x1   compile+cl with the 1x1 convolutions as matmuls alone (tuned's cheap part)
+    compile+cl+graphs  compile+cl with CUDA graphs (torch.compile's "reduce-overhead" mode)
     compile+cl+bench   compile+cl with cudnn.benchmark: cuDNN times its convolution algorithms for each
                        new shape and keeps the fastest (its heuristic choice otherwise)
     compile+bench      compile with cudnn.benchmark (the training step's layout, contiguous)
@@ -67,6 +68,7 @@ OPTION_SETS = {
     "compile+cl+cudnn": {"compile": True, "channels_last": True, "sdpa": "cudnn"},
     "compile+cl+tuned": {"compile": True, "channels_last": True, "inductor": "tuned"},
     "compile+cl+mm1x1": {"compile": True, "channels_last": True, "inductor": "mm1x1"},
+    "compile+cl+graphs": {"compile": True, "channels_last": True, "inductor": "cudagraphs"},
     "compile+cl+bench": {"compile": True, "channels_last": True, "cudnn_benchmark": True},
     "compile+bench": {"compile": True, "cudnn_benchmark": True},
 }

@@ -345,10 +345,13 @@ def markdown_table(report: dict) -> str:
 # fast Stable Diffusion inference; SD1.5's proj_in / proj_out are 1x1 convolutions, which run faster
 # as matmuls, and coordinate descent tunes each generated kernel's launch parameters (longer
 # compilation, cached on disk). `mm1x1`: the 1x1 convolutions as matmuls alone (no longer to compile).
+# `cudagraphs`: what torch.compile's mode "reduce-overhead" sets (`torch._inductor.list_mode_options`):
+# each compiled graph replayed as one CUDA graph, no kernel-by-kernel launches (CUDA only).
 INDUCTOR_TUNING = {
     "tuned": {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True, "epilogue_fusion": False,
               "coordinate_descent_check_all_directions": True},
     "mm1x1": {"conv_1x1_as_mm": True},
+    "cudagraphs": {"triton.cudagraphs": True},
 }
 
 

@@ -136,19 +136,24 @@ def test_base_model_quality_scores_prompts_against_the_attribute_reader(tmp_path
     assert "full_prompts" in result.stdout
 
 
-@pytest.mark.parametrize("option", ["compile+cl+tuned", "compile+cl+mm1x1"])
+@pytest.mark.parametrize("option", ["compile+cl+tuned", "compile+cl+mm1x1", "compile+cl+graphs"])
 def test_an_inductor_option_sets_inductor_only_around_its_calls(option):
+    import functools
+
     import torch._inductor.config as inductor_config
 
     from benchmarks.speed_options import INDUCTOR_TUNING, OPTION_SETS, inductor_context
 
+    def settings(keys) -> dict:  # "triton.cudagraphs" is a setting of the nested config `triton`
+        return {key: functools.reduce(getattr, key.split("."), inductor_config) for key in keys}
+
     name = OPTION_SETS[option]["inductor"]
     tuned = INDUCTOR_TUNING[name]
-    before = {key: getattr(inductor_config, key) for key in tuned}
+    before = settings(tuned)
     assert before != tuned  # else the option would change nothing
     with inductor_context(name):
-        assert {key: getattr(inductor_config, key) for key in tuned} == tuned
-    assert {key: getattr(inductor_config, key) for key in tuned} == before
+        assert settings(tuned) == tuned
+    assert settings(tuned) == before
 
 
 def test_the_cudnn_benchmark_option_sets_it_only_around_its_calls():
