@@ -10,8 +10,9 @@ anchor measured the same way:
     compile+cl         both
     cudnn_sdpa         eager with PyTorch's cuDNN attention backend first (others where it has no kernel)
     compile+cl+cudnn   compile+cl with the cuDNN attention backend first
-    compile+cl+tuned   compile+cl with INDUCTOR_TUNING: 1x1 convolutions as matmuls, coordinate-descent
-                       tuning of the generated kernels, no epilogue fusion (diffusers' speed guide)
+    compile+cl+tuned   compile+cl with train_throughput.INDUCTOR_TUNING["tuned"]: 1x1 convolutions as
+                       matmuls, coordinate-descent tuning of the generated kernels, no epilogue fusion
+                       (diffusers' speed guide)
     compile+cl+mm1x1   compile+cl with the 1x1 convolutions as matmuls alone (tuned's cheap part)
     compile+cl+graphs  compile+cl with CUDA graphs (torch.compile's "reduce-overhead" mode)
     compile+cl+bench   compile+cl with cudnn.benchmark: cuDNN times its convolution algorithms for each
@@ -50,8 +51,8 @@ import diffusers  # noqa: E402
 from diffusers import DDPMScheduler, UNet2DConditionModel  # noqa: E402
 
 from benchmarks.train_throughput import (  # noqa: E402
-    INDUCTOR_TUNING, SD15_SCHEDULER_CONFIG, benchmark_setup, build_pipeline_folder, inductor_context, peak_gb,
-    reset_memory, synchronize, synthetic_cache,
+    SD15_SCHEDULER_CONFIG, benchmark_setup, build_pipeline_folder, inductor_context, peak_gb, reset_memory,
+    synchronize, synthetic_cache,
 )
 from ec_lora_t.adapter import ECLoRAConfig, add_ec_lora  # noqa: E402
 from ec_lora_t.generation import (  # noqa: E402

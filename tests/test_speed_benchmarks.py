@@ -142,7 +142,8 @@ def test_an_inductor_option_sets_inductor_only_around_its_calls(option):
 
     import torch._inductor.config as inductor_config
 
-    from benchmarks.speed_options import INDUCTOR_TUNING, OPTION_SETS, inductor_context
+    from benchmarks.speed_options import OPTION_SETS
+    from benchmarks.train_throughput import INDUCTOR_TUNING, inductor_context
 
     def settings(keys) -> dict:  # "triton.cudagraphs" is a setting of the nested config `triton`
         return {key: functools.reduce(getattr, key.split("."), inductor_config) for key in keys}
