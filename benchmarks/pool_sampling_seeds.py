@@ -9,7 +9,8 @@ sweep (engagement, time):
 - the Spearman of each variant and of all of them pooled, which is the figure the evaluate
   stage would give with the union of their seeds (the statistic is over images);
 - the block-bootstrap standard error of each: (prompt, sampling seed) pairs resampled with
-  replacement (`scipy.stats.bootstrap`), since the images of one pair share their initial noise.
+  replacement (`stats.block_bootstrap_se`, the evaluate stage's own), since the images of one
+  pair share their initial noise.
 
 and, over the runs, mean ± std (population) and the worst run of each.
 
@@ -26,12 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ec_lora_t.evaluation.stats import spearman  # noqa: E402  (the evaluate stage's own statistic)
+from ec_lora_t.evaluation.stats import block_bootstrap_se, spearman  # noqa: E402  (the evaluate stage's own)
 from ec_lora_t.evaluation.sweep import BLOCK_COLUMNS as BLOCK  # noqa: E402  (its permutation test's blocks)
 from ec_lora_t.evaluation.sweep import SWEEP_COLUMNS as SWEEPS  # noqa: E402  (its target/truth columns)
 
@@ -73,16 +73,10 @@ def spearman_with_se(frame: pd.DataFrame, sweep: str, *, resamples: int = 999, s
     """Spearman of target vs ground truth over the frame's images, and its block-bootstrap standard error."""
     target_column, truth_column = SWEEPS[sweep]
     target, truth = frame[target_column].to_numpy(float), frame[truth_column].to_numpy(float)
-    blocks = list(frame.groupby(BLOCK).indices.values())
-
-    def statistic(chosen: np.ndarray) -> float:
-        rows = np.concatenate([blocks[i] for i in chosen])
-        return spearman(target[rows], truth[rows])
-
-    everything = np.arange(len(blocks))
-    result = stats.bootstrap((everything,), statistic, vectorized=False, n_resamples=resamples,
-                             method="percentile", random_state=seed)
-    return {"spearman": statistic(everything), "se": float(result.standard_error), "blocks": len(blocks)}
+    blocks = frame.groupby(BLOCK).ngroup().to_numpy()  # numbered in (prompt, seed) order
+    return {"spearman": spearman(target, truth),
+            "se": block_bootstrap_se(target, truth, blocks, resamples=resamples, seed=seed),
+            "blocks": int(blocks.max()) + 1}
 
 
 def pool_run(run: Path, variants: Sequence[str]) -> dict[str, dict[str, dict[str, float]]]:

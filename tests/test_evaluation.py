@@ -14,6 +14,7 @@ from scipy import stats
 
 from ec_lora_t.demo.demo_data import write_demo_posts
 from ec_lora_t.evaluation.regressor import LatentRegressor
+from ec_lora_t.evaluation.stats import block_bootstrap_se
 from ec_lora_t.evaluation.sweep import (
     controls_signal,
     headline_metrics,
@@ -148,12 +149,38 @@ def test_sweep_metrics_keys_are_stable_and_dot_free():
     target, blocks = repeated_targets(2)
     metrics = sweep_metrics(target, target + 0.1, blocks, permutations=100)
     assert set(metrics) == {
-        "spearman", "p_value", "permutation_exact", "slope", "range_ratio", "mean", "std", "by_target"
+        "spearman", "spearman_se", "p_value", "permutation_exact", "slope", "range_ratio", "mean", "std", "by_target"
     }
     assert list(metrics["by_target"]) == ["target_000", "target_025", "target_050", "target_075", "target_100"]
     assert metrics["by_target"]["target_100"] == {"mean": pytest.approx(1.1), "std": 0.0, "n": 2}
     assert metrics["spearman"] == pytest.approx(1.0) and metrics["slope"] == pytest.approx(1.0)
     assert target_key(0.125) == "target_012"
+
+
+def test_block_bootstrap_se_is_zero_when_every_resample_agrees_and_shrinks_with_more_blocks():
+    target, blocks = repeated_targets(8)
+    assert block_bootstrap_se(target, np.exp(target), blocks) == 0.0  # every resample ranks perfectly
+    rng = np.random.default_rng(0)
+    few = block_bootstrap_se(target, target + rng.normal(0, 0.5, len(target)), blocks)
+    target_many, blocks_many = repeated_targets(128)
+    many = block_bootstrap_se(target_many, target_many + rng.normal(0, 0.5, len(target_many)), blocks_many)
+    assert 0.0 < many < few and many / few == pytest.approx(0.25, abs=0.12)  # ~ 1 / sqrt(16)
+
+
+def test_block_bootstrap_se_resamples_whole_blocks():
+    # Two blocks, one following the target and one against it: Spearman 0 over both. Resampling
+    # whole blocks draws AA, AB, BA or BB (Spearman 1, 0, 0, -1), so the SE is sqrt(0.5) = 0.71;
+    # resampling single images would mix the blocks and give another figure (0.41 here).
+    target, blocks = repeated_targets(2)
+    score = np.concatenate([TARGETS, 1 - TARGETS])
+    assert spearman(target, score) == pytest.approx(0.0)
+    assert block_bootstrap_se(target, score, blocks) == pytest.approx(math.sqrt(0.5), abs=0.04)
+    assert block_bootstrap_se(target, score, np.arange(len(target))) < 0.6
+    # Blocks of unequal size take the one-resample-at-a-time path, to the same definition.
+    uneven = np.array([0, 0, 0, 0, 0, 1, 1, 2, 2, 2])  # B split in two: the AB/BA mixtures gain weight
+    assert 0.5 < block_bootstrap_se(target, score, uneven) < 0.7
+    assert math.isnan(block_bootstrap_se(target, np.ones(len(target)), blocks))
+    assert math.isnan(block_bootstrap_se(target, score, np.zeros(len(target))))
 
 
 def test_sweep_metrics_rejects_targets_closer_than_the_key_resolution():
@@ -362,6 +389,8 @@ def test_evaluate_stage_end_to_end_on_the_tiny_model(tiny_sd_dir, adapter_dir, t
     assert Image.open(tmp_path / "out/time_sweep.png").width < figure.width  # 2 time targets
     report = (tmp_path / "out/report.md").read_text()
     assert "![Engagement sweep](engagement_sweep.png)" in report and "controls_ground_truth" in report
+    ec_lora_truth = json.loads((tmp_path / "out/details.json").read_text())["engagement_sweep"]["ec_lora"]["ground_truth"]
+    assert f"{ec_lora_truth['spearman']:.3f} ± {ec_lora_truth['spearman_se']:.3f}" in report
 
     details = json.loads((tmp_path / "out/details.json").read_text())
     for mode in ("ec_lora", "plain_lora", "base"):

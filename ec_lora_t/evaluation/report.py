@@ -18,6 +18,12 @@ def _number(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
+def _spearman(metrics: dict[str, Any]) -> str:
+    """The Spearman with its block-bootstrap standard error, where the run recorded one."""
+    se = metrics.get("spearman_se")
+    return _number(metrics["spearman"]) + (f" ± {se:.3f}" if isinstance(se, float) and se == se else "")
+
+
 def _by_target_table(sweep: dict[str, Any], score: str) -> list[str]:
     modes = [mode for mode in ("ec_lora", "plain_lora", "base", RETRIEVAL) if mode in sweep]
     metrics = {mode: (sweep[mode] if score == "regressor" else sweep[mode].get("ground_truth")) for mode in modes}
@@ -30,7 +36,7 @@ def _by_target_table(sweep: dict[str, Any], score: str) -> list[str]:
     for target in targets:
         cells = [f"{metrics[mode]['by_target'][target]['mean']:.3f}" for mode in modes]
         lines.append(f"| {int(target[-3:]) / 100:.2f} | " + " | ".join(cells) + " |")
-    lines.append("| Spearman | " + " | ".join(_number(metrics[mode]["spearman"]) for mode in modes) + " |")
+    lines.append("| Spearman ± block-bootstrap SE | " + " | ".join(_spearman(metrics[mode]) for mode in modes) + " |")
     return lines
 
 
@@ -45,13 +51,13 @@ def _ceilings(details: dict[str, Any]) -> list[str]:
             continue
         for score, metrics in (("ground truth", ec_lora.get("ground_truth")), ("regressor", ec_lora)):
             if metrics:
-                lines.append(f"| {sweep_name.replace('_', ' ')} | {score} | {_number(metrics['spearman'])} | "
+                lines.append(f"| {sweep_name.replace('_', ' ')} | {score} | {_spearman(metrics)} | "
                              f"{_number(metrics.get('share_of_ceiling'))} | "
                              f"{_number(metrics.get('share_of_prompt_aware_ceiling'))} |")
     if not lines:
         return []
     return ["", "## EC-LoRA-T against the ceilings", "",
-            "| sweep | score | Spearman | share of the retrieval ceiling | share of the prompt-aware ceiling |",
+            "| sweep | score | Spearman ± SE | share of the retrieval ceiling | share of the prompt-aware ceiling |",
             "|---|---|---|---|---|", *lines]
 
 
@@ -70,6 +76,8 @@ def markdown_report(details: dict[str, Any], figures: dict[str, str], title: str
             table = _by_target_table(sweep, score)
             if table:
                 lines += ["", f"## {label.capitalize()}: mean {score.replace('_', ' ')} score per target", ""] + table
+    lines += ["", "± is the block-bootstrap standard error: (prompt, sampling seed) pairs resampled, so how far",
+              "other prompts and sampling seeds of the same kind would move the figure."]
     lines += _ceilings(details)
     for key, sweep in (("adherence", "engagement"), ("time_adherence", "time")):
         adherence = details.get(key)

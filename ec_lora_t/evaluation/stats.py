@@ -1,4 +1,5 @@
-"""The statistics of a sweep: rank correlation, slope, range ratio and a blocked permutation test.
+"""The statistics of a sweep: rank correlation, slope, range ratio, a blocked permutation test
+and the block-bootstrap standard error of the rank correlation.
 
 Pure functions of (target, score) arrays, so they can be tested on tables whose answer is known.
 """
@@ -20,6 +21,50 @@ def spearman(target: np.ndarray, predicted: np.ndarray) -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", stats.ConstantInputWarning)
         return float(stats.spearmanr(target, predicted).statistic)
+
+
+def block_bootstrap_se(
+    target: np.ndarray, predicted: np.ndarray, blocks: np.ndarray, *, resamples: int = 999, seed: int = 0
+) -> float:
+    """Block-bootstrap standard error of `spearman(target, predicted)`: how much the figure would move
+    with other prompts and sampling seeds of the same kind.
+
+    Whole blocks (the (prompt, seed) pairs of the permutation test) are resampled with replacement,
+    because the images of one block share their initial noise and are not independent draws
+    (`scipy.stats.bootstrap` over block indices). Drawing the same adapter at other sampling seeds
+    moved its ground-truth Spearman by 0.05-0.12 (docs/research.md, 16y and 16z); this puts a
+    number on that noise for every run. NaN with fewer than 2 blocks or a constant side.
+    """
+    target = np.asarray(target, dtype=np.float64)
+    predicted = np.asarray(predicted, dtype=np.float64)
+    block_rows = list(pd.Series(np.arange(len(target))).groupby(np.asarray(blocks)).indices.values())
+    if len(block_rows) < 2 or np.ptp(target) == 0 or np.ptp(predicted) == 0:
+        return math.nan
+    sizes = {len(rows) for rows in block_rows}
+    if len(sizes) == 1:
+        # Blocks of one size (every sweep's): all resamples at once, a row of row indices each.
+        block_matrix = np.stack(block_rows)
+
+        def statistic(chosen: np.ndarray, axis: int = -1) -> np.ndarray:
+            rows = block_matrix[chosen].reshape(*chosen.shape[:-1], -1)
+            return _rowwise_spearman(target[rows], predicted[rows])
+    else:
+        def statistic(chosen: np.ndarray) -> float:
+            return spearman(*(side[np.concatenate([block_rows[i] for i in chosen])] for side in (target, predicted)))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)  # a resample of constant scores
+        result = stats.bootstrap((np.arange(len(block_rows)),), statistic, vectorized=len(sizes) == 1,
+                                 n_resamples=resamples, method="percentile", random_state=seed)
+    return float(result.standard_error)
+
+
+def _rowwise_spearman(target: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """Spearman of each row pair (average ranks for ties, as `spearman`); NaN where a row is constant."""
+    ranks = [stats.rankdata(side, axis=-1) for side in (target, predicted)]
+    ranks = [rank - rank.mean(axis=-1, keepdims=True) for rank in ranks]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (ranks[0] * ranks[1]).sum(-1) / np.sqrt((ranks[0] ** 2).sum(-1) * (ranks[1] ** 2).sum(-1))
 
 
 def slope(target: np.ndarray, predicted: np.ndarray) -> float:

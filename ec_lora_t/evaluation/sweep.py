@@ -41,6 +41,7 @@ from ec_lora_t.adapter.conditioning import MODES
 from ec_lora_t.data.images import image_to_pixel_values
 from ec_lora_t.encoders import encode_images
 from ec_lora_t.evaluation.stats import (
+    block_bootstrap_se,
     permutation_test_spearman,
     range_ratio,
     slope,
@@ -134,7 +135,11 @@ def sweep_metrics(
     permutations: int,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """All metrics of one mode and one sweep, for one score (regressor prediction or ground truth)."""
+    """All metrics of one mode and one sweep, for one score (regressor prediction or ground truth).
+
+    `spearman_se` is the Spearman's block-bootstrap standard error over the same blocks: what
+    other prompts and sampling seeds of the same kind would move it by (`stats.block_bootstrap_se`).
+    """
     target, score = np.asarray(target, dtype=np.float64), np.asarray(score, dtype=np.float64)
     test = permutation_test_spearman(target, score, blocks, permutations=permutations, seed=seed)
     table = target_table(target, score)
@@ -143,6 +148,7 @@ def sweep_metrics(
         raise ValueError(f"targets {list(table['target'])} do not have distinct keys at 0.01 resolution")
     return {
         "spearman": spearman(target, score),
+        "spearman_se": block_bootstrap_se(target, score, blocks, seed=seed),
         "p_value": test.p_value,
         "permutation_exact": test.exact,
         "slope": slope(target, score),
