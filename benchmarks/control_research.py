@@ -182,7 +182,8 @@ def research_summary(details: dict) -> dict:
     prompt_aware = details.get("prompt_aware_ceiling", {})
 
     def scores(metrics: dict, ceiling: dict | None, aware: dict | None) -> dict:
-        keys = ("spearman", "p_value", "range_ratio", "share_of_ceiling", "share_of_prompt_aware_ceiling", "monotone")
+        keys = ("spearman", "spearman_se", "p_value", "range_ratio", "share_of_ceiling", "share_of_prompt_aware_ceiling",
+                "monotone")
         return ({key: metrics[key] for key in keys if key in metrics}
                 | ({"ceiling": ceiling["spearman"]} if ceiling else {})
                 | ({"prompt_aware_ceiling": aware["spearman"]} if aware else {}))

@@ -228,7 +228,7 @@ def test_a_trained_adapter_is_reused_only_with_the_same_training_params(tmp_path
 
 
 def test_research_summary_reads_both_ceilings_from_the_details():
-    truth = {"spearman": 0.6, "p_value": 0.01, "range_ratio": 0.3, "share_of_ceiling": 0.75,
+    truth = {"spearman": 0.6, "spearman_se": 0.04, "p_value": 0.01, "range_ratio": 0.3, "share_of_ceiling": 0.75,
              "share_of_prompt_aware_ceiling": 0.9, "monotone": True}
     details = {"verdict": {"controls_ground_truth": True},
                "engagement_sweep": {"ec_lora": {"spearman": 0.5, "ground_truth": truth},
