@@ -389,10 +389,10 @@ def test_evaluate_stage_end_to_end_on_the_tiny_model(tiny_sd_dir, adapter_dir, t
     assert Image.open(tmp_path / "out/time_sweep.png").width < figure.width  # 2 time targets
     report = (tmp_path / "out/report.md").read_text()
     assert "![Engagement sweep](engagement_sweep.png)" in report and "controls_ground_truth" in report
-    ec_lora_truth = json.loads((tmp_path / "out/details.json").read_text())["engagement_sweep"]["ec_lora"]["ground_truth"]
-    assert f"{ec_lora_truth['spearman']:.3f} ± {ec_lora_truth['spearman_se']:.3f}" in report
 
     details = json.loads((tmp_path / "out/details.json").read_text())
+    ec_lora_truth = details["engagement_sweep"]["ec_lora"]["ground_truth"]
+    assert f"{ec_lora_truth['spearman']:.3f} ± {ec_lora_truth['spearman_se']:.3f}" in report
     for mode in ("ec_lora", "plain_lora", "base"):
         assert 0.0 <= details["style"][mode]["mean"] <= 1.0
     assert details["verdict"]["style_shift"] == (details["style"]["ec_lora"]["mean"] < details["style"]["base"]["mean"])

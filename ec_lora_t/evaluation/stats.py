@@ -32,7 +32,7 @@ def block_bootstrap_se(
     Whole blocks (the (prompt, seed) pairs of the permutation test) are resampled with replacement,
     because the images of one block share their initial noise and are not independent draws
     (`scipy.stats.bootstrap` over block indices). Drawing the same adapter at other sampling seeds
-    moved its ground-truth Spearman by 0.05-0.12 (docs/research.md, 16y and 16z); this puts a
+    moved its ground-truth Spearman by up to 0.12 (docs/research.md, 16y and 16z); this puts a
     number on that noise for every run. NaN with fewer than 2 blocks or a constant side.
     """
     target = np.asarray(target, dtype=np.float64)
