@@ -398,6 +398,22 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
+def report_header(args: argparse.Namespace, device: torch.device, resolution: int, batch_size: int,
+                  train_params: dict, training: TrainingConfig, **steps_settings: bool) -> dict:
+    """What a figure needs to be read (card, versions, settings). Every partial result is written
+    with it too, so a call cut off at its limit still leaves a complete record of what it measured."""
+    return {
+        "model": "tiny" if args.tiny else "sd15", "resolution": resolution, "batch_size": batch_size,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "diffusers": diffusers.__version__, "warmup_steps": args.warmup,
+        "timed_steps": args.steps, "train_params": train_params, "compile": training.compile,
+        "steps_compiled": steps_settings["steps_compiled"], "channels_last": training.channels_last,
+        "steps_channels_last": steps_settings["steps_channels_last"],
+        "cudnn_benchmark": torch.backends.cudnn.benchmark, "inductor": args.inductor,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
 def run_parts(args: argparse.Namespace) -> dict:
     """The parts `--parts` names, in an order that keeps the reference if a call is cut off."""
     device, unet_config, vae_config, text, resolution, batch_size = benchmark_setup(args.tiny, args.batch_size)
@@ -422,10 +438,14 @@ def run_parts(args: argparse.Namespace) -> dict:
         return TrainingConfig(**{**training.__dict__, "epochs": epochs, "batch_size": batch_size,
                                  "gradient_accumulation_steps": 1, **overrides})
 
+    header = report_header(args, device, resolution, batch_size, train_params, training,
+                           steps_compiled=compile_steps, steps_channels_last=channels_last_steps)
+
     def save(partial: dict) -> None:
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.with_suffix(".partial.json").write_text(json.dumps(partial, indent=2, default=str) + "\n")
+            record = header | {"partial": True, "results": partial}
+            args.out.with_suffix(".partial.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
 
     # The steps and the anchor before the loop: a call cut off at its limit keeps the reference.
     if "step" in parts or "anchor" in parts:
@@ -456,15 +476,7 @@ def run_parts(args: argparse.Namespace) -> dict:
                 if name.startswith("sample:"):
                     results[name]["batch_size"] = min(batch_size, 16)
 
-    report = {
-        "model": "tiny" if args.tiny else "sd15", "resolution": resolution, "batch_size": batch_size,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "diffusers": diffusers.__version__, "warmup_steps": args.warmup,
-        "timed_steps": args.steps, "train_params": train_params, "compile": training.compile,
-        "steps_compiled": compile_steps, "channels_last": training.channels_last,
-        "steps_channels_last": channels_last_steps, "cudnn_benchmark": torch.backends.cudnn.benchmark,
-        "inductor": args.inductor, "date": time.strftime("%Y-%m-%d"), "results": results,
-    }
+    report = header | {"results": results}
     loop, plain = results.get("loop:ec_lora"), results.get("loop:plain_lora")
     if loop and plain:
         report["ec_lora_over_plain_lora"] = loop["images_per_second"] / plain["images_per_second"]

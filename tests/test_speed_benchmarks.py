@@ -69,6 +69,12 @@ def test_train_throughput_runs_one_loop_and_the_anchor_when_asked(tmp_path):
     assert set(report["results"]) == {"loop:ec_lora", "peft_anchor"}
     assert report["channels_last"] is True and report["steps_channels_last"] is True
     assert report["cudnn_benchmark"] is True and report["inductor"] == "mm1x1"
+    # The partial record written after each part says what it measured on which machine, as the
+    # final report does: a call cut off at its limit leaves only that file.
+    partial = json.loads(out.with_suffix(".partial.json").read_text())
+    assert partial["partial"] is True and set(partial["results"]) == {"loop:ec_lora", "peft_anchor"}
+    assert {key: partial[key] for key in ("device", "torch", "diffusers", "inductor", "batch_size")} == {
+        key: report[key] for key in ("device", "torch", "diffusers", "inductor", "batch_size")}
 
 
 def test_speed_options_writes_a_row_per_option_and_part(tmp_path):
