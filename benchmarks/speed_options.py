@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -47,12 +46,11 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import diffusers  # noqa: E402
 from diffusers import DDPMScheduler, UNet2DConditionModel  # noqa: E402
 
 from benchmarks.train_throughput import (  # noqa: E402
-    SD15_SCHEDULER_CONFIG, benchmark_setup, build_pipeline_folder, inductor_context, peak_gb, reset_memory,
-    synchronize, synthetic_cache,
+    SD15_SCHEDULER_CONFIG, benchmark_setup, build_pipeline_folder, inductor_context, machine_record, peak_gb,
+    reset_memory, synchronize, synthetic_cache,
 )
 from ec_lora_t.adapter import ECLoRAConfig, add_ec_lora  # noqa: E402
 from ec_lora_t.generation import (  # noqa: E402
@@ -242,8 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
     batch = {name: getattr(cache, name).to(device) for name in cache.tensor_names()}
     parts, options = set(args.parts.split(",")), args.options.split(",")
     report = {"model": "tiny" if args.tiny else "sd15", "resolution": resolution, "batch_size": batch_size,
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-              "torch": torch.__version__, "diffusers": diffusers.__version__, "date": time.strftime("%Y-%m-%d"),
+              **machine_record(device),
               "warmup_steps": args.warmup, "timed_steps": args.steps,
               "sampling_dtype": str(default_sampling_dtype(device)).removeprefix("torch."), "results": {}}
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -39,14 +38,13 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import diffusers  # noqa: E402
 from diffusers import DDPMScheduler  # noqa: E402
 
 from benchmarks.control_research import (  # noqa: E402
     build_world, link_world, merged_params, run_stage, stage_command, write_params,
 )
 from benchmarks.train_throughput import (  # noqa: E402
-    SD15_SCHEDULER_CONFIG, benchmark_setup, build_pipeline_folder, measure_loop, synthetic_loop_data,
+    SD15_SCHEDULER_CONFIG, benchmark_setup, build_pipeline_folder, machine_record, measure_loop, synthetic_loop_data,
 )
 from ec_lora_t.training.config import TrainingConfig  # noqa: E402
 from stages.params.train import TrainParams, configs_from_params  # noqa: E402
@@ -94,8 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     device, unet_config, vae_config, text, resolution, batch_size = benchmark_setup(args.tiny, args.batch_size)
     train = {"batch_size": batch_size, "epochs": args.epochs, "compile": args.compile == "true"}
     report = {"model": "tiny" if args.tiny else "sd15", "resolution": resolution, "batch_size": batch_size,
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-              "torch": torch.__version__, "diffusers": diffusers.__version__, "date": time.strftime("%Y-%m-%d"),
+              **machine_record(device),
               "train_overrides": train}
 
     with tempfile.TemporaryDirectory() as scratch:

@@ -398,19 +398,24 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
+def machine_record(device: torch.device) -> dict:
+    """The card (or CPU), the versions and the date every benchmark report names: GPU speeds vary
+    between machines, so a figure without them cannot be compared."""
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "diffusers": diffusers.__version__, "date": time.strftime("%Y-%m-%d")}
+
+
 def report_header(args: argparse.Namespace, device: torch.device, resolution: int, batch_size: int,
-                  train_params: dict, training: TrainingConfig, **steps_settings: bool) -> dict:
+                  train_params: dict, training: TrainingConfig, *, steps_compiled: bool,
+                  steps_channels_last: bool) -> dict:
     """What a figure needs to be read (card, versions, settings). Every partial result is written
     with it too, so a call cut off at its limit still leaves a complete record of what it measured."""
     return {
         "model": "tiny" if args.tiny else "sd15", "resolution": resolution, "batch_size": batch_size,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "diffusers": diffusers.__version__, "warmup_steps": args.warmup,
-        "timed_steps": args.steps, "train_params": train_params, "compile": training.compile,
-        "steps_compiled": steps_settings["steps_compiled"], "channels_last": training.channels_last,
-        "steps_channels_last": steps_settings["steps_channels_last"],
+        **machine_record(device), "warmup_steps": args.warmup, "timed_steps": args.steps,
+        "train_params": train_params, "compile": training.compile, "steps_compiled": steps_compiled,
+        "channels_last": training.channels_last, "steps_channels_last": steps_channels_last,
         "cudnn_benchmark": torch.backends.cudnn.benchmark, "inductor": args.inductor,
-        "date": time.strftime("%Y-%m-%d"),
     }
 
 
