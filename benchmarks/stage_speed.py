@@ -65,6 +65,13 @@ def run_train_stage(world: Path, folder: Path, params: dict, device_index: str |
                    "steps": json.loads((folder / "metrics/train.json").read_text()).get("steps")}
 
 
+def save_partial(out: Path | None, report: dict) -> None:
+    """What a call has measured so far, beside `out` (a call cut off at its limit keeps the stage's figure)."""
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".partial.json").write_text(json.dumps(report | {"partial": True}, indent=2, default=str) + "\n")
+
+
 def multi_process_launcher(processes: int, device: torch.device) -> str:
     """`train.launcher` for `processes` processes on this machine: accelerate's launcher on
     GPUs (README, "More GPUs"), torchrun over gloo on the CPU (the smoke check's)."""
@@ -108,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
         params = merged_params([base, {"demo_data": {"audience": "vivid_bright"},
                                        "ingest": {"posts_dir": str(world / "data" / "demo_posts")}, "train": train}])
         report["stage"] = run_train_stage(world, work / f"run-compile-{args.compile}", params, device_index)
+        save_partial(args.out, report)
         if args.processes > 1:
             os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast fails on some shared machines
             launched = merged_params([params, {"train": {"launcher": multi_process_launcher(args.processes, device)}}])

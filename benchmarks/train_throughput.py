@@ -150,8 +150,11 @@ class StepClock:
     def __init__(self, device: torch.device, warmup: int) -> None:
         self.device, self.warmup = device, warmup
         self.started = self.first_images = self.last = self.last_images = None
+        self.created = time.perf_counter()
 
     def __call__(self, step: int, loss: float, **info) -> None:
+        # One line per step on stderr: a call cut off at its limit still shows how far warm-up got.
+        print(f"loop step {step} at {time.perf_counter() - self.created:.1f} s", file=sys.stderr, flush=True)
         if step == self.warmup:
             synchronize(self.device)
             self.started, self.first_images = time.perf_counter(), info["images_seen"]

@@ -108,6 +108,9 @@ def test_stage_speed_runs_the_real_train_stage_beside_the_benchmark_loop(tmp_pat
     assert report["stage"]["steady_images_per_second"] > 0
     assert report["benchmark_loop"]["loop_steady_images_per_second"] > 0
     assert report["stage_over_benchmark"]["loop_clock"] > 0
+    # The stage's figure is on disk before the benchmark loop starts (a call cut off keeps it).
+    partial = json.loads(out.with_suffix(".partial.json").read_text())
+    assert partial["partial"] and partial["stage"] == report["stage"] and "benchmark_loop" not in partial
     # A second call on the same --work (as the compiled run after the eager one) reuses the world
     # and trains in a fresh run folder; with --processes 2 it also runs the stage under a
     # 2-process launcher (torchrun over gloo here; accelerate's launcher on GPUs).
