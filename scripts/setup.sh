@@ -11,7 +11,9 @@ PYTHON="${PYTHON:-python3}"
 .venv/bin/python -m pip install -q "$TORCH_SPEC"
 # The test extra includes the app extra (Gradio; no torchvision, no other torch) and Selenium: the tests
 # drive the slider page through gradio_client and a system Chromium (apt-get install chromium chromium-driver).
-.venv/bin/python -m pip install -q -e ".[test]"
+# Every other package at the version in scripts/constraints.txt (dvc.lock's hashes depend on them).
+CONSTRAINTS="${CONSTRAINTS-scripts/constraints.txt}"
+.venv/bin/python -m pip install -q -e ".[test]" ${CONSTRAINTS:+-c "$CONSTRAINTS"}
 # `dvc exp run` commits experiments to git refs and needs an identity.
 git config user.name >/dev/null || git config user.name "ec-lora-t user"
 git config user.email >/dev/null || git config user.email "ec-lora-t@localhost"
