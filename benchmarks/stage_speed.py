@@ -45,6 +45,7 @@ from benchmarks.control_research import (  # noqa: E402
 )
 from benchmarks.train_throughput import (  # noqa: E402
     SD15_SCHEDULER_CONFIG, benchmark_setup, build_pipeline_folder, machine_record, measure_loop, synthetic_loop_data,
+    write_partial,
 )
 from ec_lora_t.training.config import TrainingConfig  # noqa: E402
 from stages.params.train import TrainParams, configs_from_params  # noqa: E402
@@ -63,13 +64,6 @@ def run_train_stage(world: Path, folder: Path, params: dict, device_index: str |
     info = json.loads((folder / "data/run_info/train.json").read_text())
     return info | {"stage_seconds": time.perf_counter() - started,
                    "steps": json.loads((folder / "metrics/train.json").read_text()).get("steps")}
-
-
-def save_partial(out: Path | None, report: dict) -> None:
-    """What a call has measured so far, beside `out` (a call cut off at its limit keeps the stage's figure)."""
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".partial.json").write_text(json.dumps(report | {"partial": True}, indent=2, default=str) + "\n")
 
 
 def multi_process_launcher(processes: int, device: torch.device) -> str:
@@ -115,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
         params = merged_params([base, {"demo_data": {"audience": "vivid_bright"},
                                        "ingest": {"posts_dir": str(world / "data" / "demo_posts")}, "train": train}])
         report["stage"] = run_train_stage(world, work / f"run-compile-{args.compile}", params, device_index)
-        save_partial(args.out, report)
+        write_partial(args.out, report)  # a call cut off during the benchmark loop keeps the stage's figure
         if args.processes > 1:
             os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast fails on some shared machines
             launched = merged_params([params, {"train": {"launcher": multi_process_launcher(args.processes, device)}}])

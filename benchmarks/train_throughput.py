@@ -408,6 +408,15 @@ def machine_record(device: torch.device) -> dict:
             "torch": torch.__version__, "diffusers": diffusers.__version__, "date": time.strftime("%Y-%m-%d")}
 
 
+def write_partial(out: Path | None, record: dict) -> None:
+    """What a call has measured so far, beside `out` as `.partial.json` (the whole report goes to
+    `out` at the end): a call cut off at its limit still leaves its figures and their header."""
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(record | {"partial": True}, indent=2, default=str)
+        out.with_suffix(".partial.json").write_text(text + "\n")
+
+
 def report_header(args: argparse.Namespace, device: torch.device, resolution: int, batch_size: int,
                   train_params: dict, training: TrainingConfig, *, steps_compiled: bool,
                   steps_channels_last: bool) -> dict:
@@ -450,10 +459,7 @@ def run_parts(args: argparse.Namespace) -> dict:
                            steps_compiled=compile_steps, steps_channels_last=channels_last_steps)
 
     def save(partial: dict) -> None:
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            record = header | {"partial": True, "results": partial}
-            args.out.with_suffix(".partial.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+        write_partial(args.out, header | {"results": partial})
 
     # The steps and the anchor before the loop: a call cut off at its limit keeps the reference.
     if "step" in parts or "anchor" in parts:
