@@ -50,7 +50,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel  # noqa: E402
 
 from benchmarks.train_throughput import (  # noqa: E402
     SD15_SCHEDULER_CONFIG, benchmark_setup, build_pipeline_folder, inductor_context, machine_record, peak_gb,
-    reset_memory, synchronize, synthetic_cache,
+    reset_memory, sdpa_context, synchronize, synthetic_cache,
 )
 from ec_lora_t.adapter import ECLoRAConfig, add_ec_lora  # noqa: E402
 from ec_lora_t.generation import (  # noqa: E402
@@ -89,20 +89,6 @@ def cudnn_benchmark_context(on: bool):
         yield
     finally:
         torch.backends.cudnn.benchmark = before
-
-
-def sdpa_context(name: str | None):
-    if name is None:
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    # The named backend first, the others after it, so a layer it has no kernel for falls back
-    # to the next. With cuDNN alone, compiled sampling stopped inside scaled_dot_product_attention
-    # on an H200; the likely cause: SD1.5's 1280-wide blocks have 8 heads of 160, and cuDNN's
-    # attention takes head dims up to 128.
-    preferred = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[name]
-    others = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
-    return sdpa_kernel([preferred] + [backend for backend in others if backend != preferred], set_priority=True)
 
 
 def timed(step: Callable[[], None], steps: int, warmup: int, device, images_per_step: int) -> dict:

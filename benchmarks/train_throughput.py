@@ -368,6 +368,23 @@ def inductor_context(name: str | None):
     return torch._inductor.config.patch(INDUCTOR_TUNING[name])
 
 
+def sdpa_context(name: str | None):
+    """Attention under `name`'s backend first ("cudnn" or "flash"), for every call inside; None: PyTorch's
+    own choice. torch.compile bakes the backend chosen at tracing into its graph, so like the Inductor
+    settings the context must hold around a compiled module's first call."""
+    if name is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # The named backend first, the others after it, so a layer it has no kernel for falls back
+    # to the next. With cuDNN alone, compiled sampling stopped inside scaled_dot_product_attention
+    # on an H200; the likely cause: SD1.5's 1280-wide blocks have 8 heads of 160, and cuDNN's
+    # attention takes head dims up to 128.
+    preferred = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[name]
+    others = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel([preferred] + [backend for backend in others if backend != preferred], set_priority=True)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=None, help="default: 32 (2 with --tiny)")
@@ -387,9 +404,12 @@ def main(argv: list[str] | None = None) -> dict:
                              "convolution algorithms for each new shape and keeps the fastest")
     parser.add_argument("--inductor", choices=("none", *INDUCTOR_TUNING), default="none",
                         help="compile every compiled part under these Inductor settings (INDUCTOR_TUNING)")
+    parser.add_argument("--sdpa", choices=("default", "cudnn", "flash"), default="default",
+                        help="every part's attention: PyTorch's own choice, or this backend first (sdpa_context)")
     parser.add_argument("--out", type=Path, default=None, help="JSON to write (a .md table beside it)")
     args = parser.parse_args(argv)
-    with inductor_context(None if args.inductor == "none" else args.inductor):
+    with inductor_context(None if args.inductor == "none" else args.inductor), \
+            sdpa_context(None if args.sdpa == "default" else args.sdpa):
         report = run_parts(args)
     text_report = json.dumps(report, indent=2, default=str)
     print(text_report)
@@ -428,6 +448,7 @@ def report_header(args: argparse.Namespace, device: torch.device, resolution: in
         "train_params": train_params, "compile": training.compile, "steps_compiled": steps_compiled,
         "channels_last": training.channels_last, "steps_channels_last": steps_channels_last,
         "cudnn_benchmark": torch.backends.cudnn.benchmark, "inductor": args.inductor,
+        "sdpa": args.sdpa,
     }
 
 

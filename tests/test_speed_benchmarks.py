@@ -64,11 +64,13 @@ def test_train_throughput_runs_one_loop_and_the_anchor_when_asked(tmp_path):
     options recorded in the report."""
     out = tmp_path / "speed.json"
     run_script("train_throughput.py", "--tiny", "--steps", "2", "--warmup", "1", "--parts", "loop:ec_lora,anchor",
-               "--channels-last", "true", "--cudnn-benchmark", "true", "--inductor", "mm1x1", "--out", str(out))
+               "--channels-last", "true", "--cudnn-benchmark", "true", "--inductor", "mm1x1", "--sdpa", "cudnn",
+               "--out", str(out))
     report = json.loads(out.read_text())
     assert set(report["results"]) == {"loop:ec_lora", "peft_anchor"}
     assert report["channels_last"] is True and report["steps_channels_last"] is True
-    assert report["cudnn_benchmark"] is True and report["inductor"] == "mm1x1"
+    # cuDNN attention first: on a CPU, which has no cuDNN kernel, the next backend runs.
+    assert report["cudnn_benchmark"] is True and report["inductor"] == "mm1x1" and report["sdpa"] == "cudnn"
     # The partial record written after each part says what it measured on which machine, as the
     # final report does: a call cut off at its limit leaves only that file.
     partial = json.loads(out.with_suffix(".partial.json").read_text())
