@@ -378,8 +378,8 @@ def sdpa_context(name: str | None):
 
     # The named backend first, the others after it, so a layer it has no kernel for falls back
     # to the next. With cuDNN alone, compiled sampling stopped inside scaled_dot_product_attention
-    # on an H200 (2026-12-05); the guess then: SD1.5's 1280-wide blocks have 8 heads of 160, more than
-    # that cuDNN took. cuDNN 9.19 (torch 2.11) runs them, and is PyTorch's own first choice on an H100
+    # on an H200 (2026-12-05); the guess then: SD1.5's 1280-wide blocks have 8 heads of 160, which that
+    # cuDNN did not take. cuDNN 9.19 (torch 2.11) runs them, and is PyTorch's own first choice on an H100
     # (docs/benchmarks.md).
     preferred = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[name]
     others = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
