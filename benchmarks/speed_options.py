@@ -15,6 +15,8 @@ anchor measured the same way:
                        (diffusers' speed guide)
     compile+cl+mm1x1   compile+cl with the 1x1 convolutions as matmuls alone (tuned's cheap part)
     compile+cl+graphs  compile+cl with CUDA graphs (torch.compile's "reduce-overhead" mode)
+    compile+cl+autotune  compile+cl with each matmul and convolution autotuned against Triton templates
+                       (INDUCTOR_TUNING["autotune"])
     compile+cl+bench   compile+cl with cudnn.benchmark: cuDNN times its convolution algorithms for each
                        new shape and keeps the fastest (its heuristic choice otherwise)
     compile+bench      compile with cudnn.benchmark (the training step's layout, contiguous)
@@ -68,6 +70,7 @@ OPTION_SETS = {
     "compile+cl+tuned": {"compile": True, "channels_last": True, "inductor": "tuned"},
     "compile+cl+mm1x1": {"compile": True, "channels_last": True, "inductor": "mm1x1"},
     "compile+cl+graphs": {"compile": True, "channels_last": True, "inductor": "cudagraphs"},
+    "compile+cl+autotune": {"compile": True, "channels_last": True, "inductor": "autotune"},
     "compile+cl+bench": {"compile": True, "channels_last": True, "cudnn_benchmark": True},
     "compile+bench": {"compile": True, "cudnn_benchmark": True},
 }

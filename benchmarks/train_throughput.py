@@ -350,11 +350,15 @@ def markdown_table(report: dict) -> str:
 # compilation, cached on disk). `mm1x1`: the 1x1 convolutions as matmuls alone (no longer to compile).
 # `cudagraphs`: what torch.compile's mode "reduce-overhead" sets (`torch._inductor.list_mode_options`):
 # each compiled graph replayed as one CUDA graph, no kernel-by-kernel launches (CUDA only).
+# `autotune`: the template half of torch.compile's mode "max-autotune-no-cudagraphs": each matmul and
+# convolution timed against Triton templates at compile time, the fastest kept; without that mode's
+# coordinate descent, whose compile did not end within a call (tuned, above).
 INDUCTOR_TUNING = {
     "tuned": {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True, "epilogue_fusion": False,
               "coordinate_descent_check_all_directions": True},
     "mm1x1": {"conv_1x1_as_mm": True},
     "cudagraphs": {"triton.cudagraphs": True},
+    "autotune": {"max_autotune": True},
 }
 
 

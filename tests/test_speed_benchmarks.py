@@ -147,7 +147,7 @@ def test_base_model_quality_scores_prompts_against_the_attribute_reader(tmp_path
     assert "full_prompts" in result.stdout
 
 
-@pytest.mark.parametrize("option", ["compile+cl+tuned", "compile+cl+mm1x1", "compile+cl+graphs"])
+@pytest.mark.parametrize("option", ["compile+cl+tuned", "compile+cl+mm1x1", "compile+cl+graphs", "compile+cl+autotune"])
 def test_an_inductor_option_sets_inductor_only_around_its_calls(option):
     import functools
 
