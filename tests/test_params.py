@@ -160,7 +160,7 @@ def test_the_train_schema_is_built_from_the_library_configs():
         "learning_rate", "ecm_learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
         "lr_warmup_ratio", "max_grad_norm", "epochs", "batch_size", "gradient_accumulation_steps", "mixed_precision",
         "gradient_checkpointing", "compile", "seed", "checkpoints_total_limit", "checkpoint_runs_limit", "caption_dropout",
-        "channels_last", "vector_dropout", "snr_gamma", "timestep_sampling", "engagement_balance", "shuffle_vectors", "conditioning", "ema_decay"}
+        "channels_last", "vector_dropout", "time_dropout", "snr_gamma", "timestep_sampling", "engagement_balance", "shuffle_vectors", "conditioning", "ema_decay"}
     # An empty section is valid and means the library's defaults.
     lora, training = configs_from_params(SCHEMAS["train"].model_validate({}))
     assert lora == ECLoRAConfig() and training == TrainingConfig()

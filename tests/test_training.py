@@ -498,6 +498,36 @@ def test_vector_dropout_one_trains_the_null_vector_only():
     assert loss(vector_dropout=1e-12) != pytest.approx(loss(vector_dropout=0.0, snr_gamma=0.5))
 
 
+def test_time_dropout_one_trains_every_sample_at_the_anchors_time():
+    """p=1: the step equals one on the same batch with every time set to the guidance anchor's
+    (0.5), engagement kept; p=0 draws nothing, so the random stream of runs without it is kept."""
+    from ec_lora_t.adapter import add_ec_lora
+    from ec_lora_t.training.objective import diffusion_training_step, drop_time
+
+    unet = micro_unet()
+    adapter = add_ec_lora(unet, ECLoRAConfig(**LORA))
+    with torch.no_grad():  # an ECM whose scales depend on the vector, and LoRA weights that show it
+        for parameter in adapter.ecm.parameters():
+            parameter.normal_()
+        for layer in adapter.layers:
+            layer.lora_B.weight.normal_()
+    accelerator = fresh_accelerator(TrainingConfig(mixed_precision="no"))
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+
+    def loss(batch, **kwargs):
+        return diffusion_training_step(accelerator, unet, adapter, adapter.ecm, scheduler, batch,
+                                       torch.Generator().manual_seed(7), **kwargs).item()
+
+    batch = step_batch()
+    at_anchor = {**batch, "engagement_time": drop_time(batch["engagement_time"], torch.ones(4, dtype=torch.bool))}
+    assert at_anchor["engagement_time"][:, 1].tolist() == [0.5] * 4
+    assert torch.equal(at_anchor["engagement_time"][:, 0], batch["engagement_time"][:, 0])
+    # both draw one number per sample for the dropout; p = 1e-12 drops none
+    assert loss(batch, time_dropout=1.0) == pytest.approx(loss(at_anchor, time_dropout=1e-12))
+    assert loss(batch, time_dropout=1.0) != pytest.approx(loss(batch, time_dropout=1e-12))
+    assert loss(batch, time_dropout=0.0) == pytest.approx(loss(batch))
+
+
 def test_min_snr_weights_downweight_the_clean_timesteps():
     from ec_lora_t.training.objective import min_snr_weights
 

@@ -65,6 +65,13 @@ class TrainingConfig:
     # instead of its own, so that the plain LoRA learns the vector-free model and sampling can
     # guide on the vector (`ec_lora_t.generation.VectorSampling.vector_guidance`). 0: never.
     vector_dropout: Probability = 0.0
+    # Probability that a sample trains with its time replaced by the guidance anchor's (0.5, the
+    # average post's; `ec_lora_t.adapter.conditioning.AVERAGE_POST`): the anchor's time then also
+    # stands for "any time", so time guidance (`evaluate.time_guidance`) pushes away from the
+    # creator's average picture rather than from the middle of the feed. 0: never. Its effect
+    # (docs/research.md, round 16aj): on the GPU recipe 0.2 with time guidance 12 raised the demo's
+    # time control and kept the prompt.
+    time_dropout: Probability = 0.0
     # Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR, gamma) / SNR per sample, which
     # gives the noisy steps, where global attributes (light, colour) are decided, their share.
     # None: plain mean squared error (the report's loss).

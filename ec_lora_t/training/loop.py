@@ -380,7 +380,7 @@ def train_epoch(run: TrainingRun, epoch: int, on_step: Callable[..., None] | Non
             loss = diffusion_training_step(
                 accelerator, run.unet, run.adapter, run.ecm, run.noise_scheduler, batch, generator,
                 mode=training.conditioning, caption_dropout=training.caption_dropout,
-                vector_dropout=training.vector_dropout, snr_gamma=training.snr_gamma, text_encoder=run.text_encoder,
+                vector_dropout=training.vector_dropout, time_dropout=training.time_dropout, snr_gamma=training.snr_gamma, text_encoder=run.text_encoder,
                 timestep_sampling=training.timestep_sampling,
             )
         if sync_every == 1:

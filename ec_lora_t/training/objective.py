@@ -18,7 +18,7 @@ from torch import nn
 
 from diffusers.training_utils import compute_snr
 
-from ec_lora_t.adapter.conditioning import engagement_conditioning, unet_rows
+from ec_lora_t.adapter.conditioning import AVERAGE_POST, engagement_conditioning, unet_rows
 from ec_lora_t.adapter.model import ECLoRAAdapter
 from ec_lora_t.training.config import TIMESTEP_SAMPLING_CHOICES
 
@@ -107,6 +107,13 @@ def caption_embeddings(
     return text_encoder(ids, return_dict=False)[0]  # the last hidden state, as encode_prompts gives it
 
 
+def drop_time(vectors: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+    """`vectors` (N, 2) with the time of the `dropped` rows set to the guidance anchor's (a copy)."""
+    vectors = vectors.clone()
+    vectors[dropped.to(vectors.device), 1] = AVERAGE_POST[1]
+    return vectors
+
+
 def diffusion_training_step(
     accelerator: Accelerator,
     unet: nn.Module,
@@ -118,6 +125,7 @@ def diffusion_training_step(
     mode: str = "ec_lora",
     caption_dropout: float = 0.0,
     vector_dropout: float = 0.0,
+    time_dropout: float = 0.0,
     snr_gamma: float | None = None,
     text_encoder: nn.Module | None = None,
     timestep_sampling: str = "uniform",
@@ -141,13 +149,18 @@ def diffusion_training_step(
     text_embeddings = caption_embeddings(batch, dropped, text_encoder)
     # 5. One row per sample (`unet_rows`, the layout sampling also uses): the ECM's scales (and
     #    time-embedding offsets) for its vector, or constants (plain LoRA); with vector dropout
-    #    some samples get the null vector (every scale 1, no offset).
+    #    some samples get the null vector (every scale 1, no offset), with time dropout the
+    #    anchor's time (`drop_time`). Each dropout draws only when on, so runs without it keep
+    #    their random stream.
     null_rows = None
     if mode == "ec_lora" and vector_dropout > 0.0:
         null_rows = torch.rand(noisy.timesteps.shape[0], generator=generator, device=noisy.timesteps.device)
         null_rows = null_rows < vector_dropout
-    rows = unet_rows(ecm, mode, text_embeddings, batch["engagement_time"] if mode == "ec_lora" else None,
-                     null_rows=null_rows)
+    vectors = batch["engagement_time"]
+    if mode == "ec_lora" and time_dropout > 0.0:
+        vectors = drop_time(vectors, torch.rand(noisy.timesteps.shape[0], generator=generator,
+                                                device=noisy.timesteps.device) < time_dropout)
+    rows = unet_rows(ecm, mode, text_embeddings, vectors if mode == "ec_lora" else None, null_rows=null_rows)
     # 6. The UNet predicts the target; min-SNR weights rebalance the timesteps.
     with engagement_conditioning(adapter, rows.scales, rows.offsets):
         prediction = unet(
